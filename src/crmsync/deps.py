@@ -1,0 +1,72 @@
+"""Dependency aliases, so that a route's signature reads like what it needs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+from fastapi.responses import Response
+
+from crmsync.auth.service import AuthedUser, authenticate
+from crmsync.config import Settings
+from crmsync.db import Connection, request_connection, request_transaction
+from crmsync.errors import BadRequest, Forbidden, Unauthenticated
+from crmsync.pagination import DEFAULT_LIMIT, MAX_LIMIT, PageRequest
+
+# Statements on Conn commit one by one (reads, single-statement writes); Tx is the
+# request's one transaction, committed before the answer leaves.
+Conn = Annotated[Connection, Depends(request_connection, scope="function")]
+Tx = Annotated[Connection, Depends(request_transaction, scope="function")]
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+AppSettings = Annotated[Settings, Depends(get_settings)]
+
+
+async def current_user(request: Request, conn: Conn, settings: AppSettings) -> AuthedUser:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("Missing bearer token")
+    user = await authenticate(conn, token.strip(), secret=settings.secret)
+    request.state.user_id = str(user.id)
+    return user
+
+
+CurrentUser = Annotated[AuthedUser, Depends(current_user)]
+
+
+async def admin_user(user: CurrentUser) -> AuthedUser:
+    if not user.is_admin:
+        raise Forbidden("Admins only")
+    return user
+
+
+AdminUser = Annotated[AuthedUser, Depends(admin_user)]
+
+
+def page_request(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    page: Annotated[int | None, Query(ge=1, description="1-based page number (page mode)")] = None,
+    cursor: Annotated[
+        str | None, Query(max_length=2000, description="next_cursor of a previous answer")
+    ] = None,
+) -> PageRequest:
+    if page is not None and cursor is not None:
+        raise BadRequest("Give either page or cursor, not both")
+    key: bytes = request.app.state.cursor_key
+    return PageRequest(limit=limit, page=page, cursor=cursor, key=key)
+
+
+Page = Annotated[PageRequest, Depends(page_request)]
+
+
+class JSONBytes(Response):
+    """An answer whose JSON PostgreSQL already built."""
+
+    media_type = "application/json"

@@ -1,0 +1,113 @@
+"""One exception tree. Every error a client sees is one of these, rendered as problem+json."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+
+class ApiError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    title: ClassVar[str] = "Internal Server Error"
+
+    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.extra = extra
+        self.headers: dict[str, str] = {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "type": "about:blank",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+            **self.extra,
+        }
+
+
+class BadRequest(ApiError):
+    status, code, title = 400, "bad_request", "Bad Request"
+
+
+class InvalidCredentials(ApiError):
+    status, code, title = 401, "invalid_credentials", "Invalid email or password"
+
+
+class Unauthenticated(ApiError):
+    status, code, title = 401, "unauthenticated", "Unauthenticated"
+
+    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.headers["WWW-Authenticate"] = "Bearer"
+
+
+class Forbidden(ApiError):
+    status, code, title = 403, "forbidden", "Forbidden"
+
+
+class HttpsRequired(ApiError):
+    status, code, title = 403, "https_required", "HTTPS required"
+
+
+class NotFound(ApiError):
+    status, code, title = 404, "not_found", "Not Found"
+
+
+class MethodNotAllowed(ApiError):
+    status, code, title = 405, "method_not_allowed", "Method Not Allowed"
+
+
+class Conflict(ApiError):
+    status, title = 409, "Conflict"
+
+
+class EmailTaken(Conflict):
+    code = "email_taken"
+
+
+class PhoneTaken(Conflict):
+    code = "phone_taken"
+
+
+class CannotDeleteSelf(Conflict):
+    code = "cannot_delete_self"
+
+
+class PreconditionFailed(ApiError):
+    status, code, title = 412, "precondition_failed", "Precondition Failed"
+
+
+class PayloadTooLarge(ApiError):
+    status, code, title = 413, "payload_too_large", "Content Too Large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, code, title = 415, "unsupported_media_type", "Unsupported Media Type"
+
+
+class ValidationFailed(ApiError):
+    status, code, title = 422, "validation_error", "Unprocessable Content"
+
+    def __init__(self, errors: Sequence[dict[str, Any]], detail: str | None = None) -> None:
+        super().__init__(detail or "Request validation failed", errors=list(errors))
+
+    @classmethod
+    def one(
+        cls, loc: Sequence[str | int], msg: str, type_: str = "value_error"
+    ) -> ValidationFailed:
+        return cls([{"loc": list(loc), "msg": msg, "type": type_}])
+
+
+class TooManyAttempts(ApiError):
+    status, code, title = 429, "too_many_attempts", "Too Many Requests"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"Too many failed logins; retry in {retry_after} s")
+        self.headers["Retry-After"] = str(retry_after)
+
+
+class ServiceUnavailable(ApiError):
+    status, code, title = 503, "unavailable", "Service Unavailable"

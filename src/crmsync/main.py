@@ -1,0 +1,175 @@
+"""The application: lifespan, routers, error handlers, middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from crmsync import __version__, db
+from crmsync.auth import service as auth_service
+from crmsync.auth.routes import router as auth_router
+from crmsync.config import Settings
+from crmsync.errors import (
+    ApiError,
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    ServiceUnavailable,
+    ValidationFailed,
+)
+from crmsync.middleware import BodyLimit
+from crmsync.observability import RequestContext
+from crmsync.users.routes import router as users_router
+
+log = logging.getLogger(__name__)
+
+MAINTENANCE_INTERVAL_SECONDS = 3600
+
+DESCRIPTION = """Contacts and call logs of a team's Android phones, synced to one shared
+phone book. Every error is RFC 9457 problem+json with a stable `code`.
+See docs/mobile.md for the sync algorithm."""
+
+
+def problem(error: ApiError) -> Response:
+    return Response(
+        orjson.dumps(error.body()),
+        status_code=error.status,
+        media_type="application/problem+json",
+        headers=error.headers,
+    )
+
+
+def _pydantic_errors(errors: Any) -> list[dict[str, Any]]:
+    return [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type", "")}
+        for e in errors
+    ]
+
+
+async def on_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    if exc.status >= 500:
+        log.error("server error: %s", exc.detail)
+    return problem(exc)
+
+
+async def on_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = _pydantic_errors(exc.errors())
+    if any(e["type"] == "json_invalid" for e in errors):
+        return problem(BadRequest("Malformed JSON body"))
+    if errors and all(e["loc"][:1] == ["path"] for e in errors):
+        return problem(NotFound("No such resource"))  # a malformed id is an unknown id
+    return problem(ValidationFailed(errors))
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc.__cause__, ApiError):
+        return problem(exc.__cause__)
+    if exc.status_code == 404:
+        return problem(NotFound("No such route"))
+    if exc.status_code == 405:
+        error: ApiError = MethodNotAllowed(f"{request.method} is not allowed here")
+        return problem(error)
+    if exc.status_code == 400:
+        return problem(BadRequest(str(exc.detail)))
+    error = ApiError(str(exc.detail))
+    error.status = exc.status_code  # type: ignore[misc]
+    return problem(error)
+
+
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.QueryCanceledError,
+)
+
+
+async def on_unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("database unavailable: %r", exc)
+    return problem(ServiceUnavailable("The database is unavailable; retry shortly"))
+
+
+async def _maintenance(pool: db.Pool) -> None:
+    while True:
+        await asyncio.sleep(MAINTENANCE_INTERVAL_SECONDS)
+        try:
+            async with pool.acquire() as conn:
+                await auth_service.prune(conn)
+                await conn.execute(
+                    "DELETE FROM idempotency_keys WHERE created_at < now() - interval '8 days'"
+                )
+        except Exception:
+            log.exception("maintenance failed")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        url = await asyncio.to_thread(db.database_url, settings)
+        app.state.pool = await db.create_pool(url, settings)
+        maintenance = asyncio.create_task(_maintenance(app.state.pool))
+        try:
+            yield
+        finally:
+            maintenance.cancel()
+            await app.state.pool.close()
+
+    app = FastAPI(
+        title="crmsync",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.cursor_key = hashlib.sha256(b"cursor:" + settings.secret.encode()).digest()
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    for unavailable in _UNAVAILABLE:
+        app.add_exception_handler(unavailable, on_unavailable)
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext)
+
+    @app.get("/healthz", tags=["operations"], summary="The process is running")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        summary="The database answers",
+        responses={503: {"description": "The database does not answer"}},
+    )
+    async def readyz(request: Request) -> Response:
+        pool: db.Pool = request.app.state.pool
+        try:
+            async with asyncio.timeout(1.5):
+                async with pool.acquire() as conn:
+                    await conn.fetchval("SELECT 1")
+        except Exception:
+            return problem(ServiceUnavailable("The database does not answer"))
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    app.include_router(auth_router)
+    app.include_router(users_router)
+    return app

@@ -1,0 +1,41 @@
+"""Alembic environment: runs migrations on the async engine, one migrator at a time."""
+
+from __future__ import annotations
+
+import asyncio
+
+from alembic import context
+from sqlalchemy import Connection, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from crmsync.tables import metadata
+
+# Several server processes may start at once; they take turns (the lock is released at
+# the end of the session), and the later ones find nothing left to do.
+MIGRATION_LOCK_ID = 0x63726D73
+
+
+def _run(connection: Connection) -> None:
+    connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+    try:
+        context.configure(connection=connection, target_metadata=metadata)
+        with context.begin_transaction():
+            context.run_migrations()
+        connection.commit()
+    finally:
+        connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID})
+        connection.commit()
+
+
+async def _main() -> None:
+    url = context.config.get_main_option("sqlalchemy.url")
+    assert url is not None
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(_run)
+    finally:
+        await engine.dispose()
+
+
+asyncio.run(_main())

@@ -1,0 +1,141 @@
+"""One way to page every list: page mode (OFFSET, exact total) or keyset cursor mode.
+
+A listing is SQL the caller writes: FROM/WHERE, the sort keys (ending in a unique one),
+and the JSON of one row, built by PostgreSQL. The answer's bytes are assembled here
+without a Python object per row.
+
+Cursors are the sort-key values of the last row, bound to the listing's scope (endpoint
+and filters) and signed, so a client can neither forge nor mix them up: anything else
+is a 400 `bad_request`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeAlias
+
+import asyncpg
+import orjson
+
+from crmsync.errors import BadRequest
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+else:
+    Connection = asyncpg.Connection
+
+MAX_LIMIT = 200
+DEFAULT_LIMIT = 50
+
+
+@dataclass(frozen=True)
+class SortKey:
+    expr: str  # SQL expression, e.g. "c.name"
+    pg_type: str  # how the cursor's text value is cast back, e.g. "text", "uuid"
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    limit: int
+    page: int | None
+    cursor: str | None
+    key: bytes = field(repr=False)
+
+    @property
+    def cursor_mode(self) -> bool:
+        return self.page is None
+
+
+@dataclass(frozen=True)
+class Listing:
+    scope: str  # endpoint and filters; a cursor made for another scope is refused
+    from_sql: str  # "FROM contacts c LEFT JOIN ..."
+    item_json: str  # SQL expression: the JSON of one row
+    keys: Sequence[SortKey]
+    where: Sequence[str] = ()
+    params: Sequence[object] = ()  # referenced from `where` as $1, $2, ...
+    descending: bool = False
+
+
+def _sign(key: bytes, payload: bytes) -> bytes:
+    return hmac.new(key, payload, hashlib.sha256).digest()[:16]
+
+
+def encode_cursor(key: bytes, scope: str, values: Sequence[str]) -> str:
+    payload = orjson.dumps([hashlib.sha256(scope.encode()).hexdigest()[:16], list(values)])
+    raw = _sign(key, payload) + payload
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode_cursor(key: bytes, scope: str, cursor: str, size: int) -> list[str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        signature, payload = raw[:16], raw[16:]
+        if not hmac.compare_digest(signature, _sign(key, payload)):
+            raise ValueError("signature")
+        scope_hash, values = orjson.loads(payload)
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise BadRequest("Invalid cursor") from None
+    if scope_hash != hashlib.sha256(scope.encode()).hexdigest()[:16]:
+        raise BadRequest("This cursor was made for another listing or other filters")
+    if not isinstance(values, list) or len(values) != size:
+        raise BadRequest("Invalid cursor")
+    return [str(v) for v in values]
+
+
+def _order_sql(listing: Listing) -> str:
+    direction = " DESC" if listing.descending else ""
+    return ", ".join(f"{k.expr}{direction}" for k in listing.keys)
+
+
+async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> bytes:
+    """The JSON answer `{items, page, limit, total, next_cursor}` for one page of a listing."""
+    where = list(listing.where)
+    args: list[object] = list(listing.params)
+    offset = 0
+    if page.cursor is not None:
+        values = decode_cursor(page.key, listing.scope, page.cursor, len(listing.keys))
+        lhs = ", ".join(k.expr for k in listing.keys)
+        placeholders = []
+        for key, value in zip(listing.keys, values, strict=True):
+            args.append(value)
+            placeholders.append(f"${len(args)}::text::{key.pg_type}")
+        op = "<" if listing.descending else ">"
+        where.append(f"({lhs}) {op} ({', '.join(placeholders)})")
+    elif page.page is not None:
+        offset = (page.page - 1) * page.limit
+    where_sql = f"WHERE {' AND '.join(where)}" if where else ""
+    key_columns = ", ".join(f"({k.expr})::text" for k in listing.keys)
+    args.append(page.limit + 1)
+    sql = (
+        f"SELECT ({listing.item_json})::text, {key_columns} {listing.from_sql} {where_sql} "
+        f"ORDER BY {_order_sql(listing)} LIMIT ${len(args)}"
+    )
+    if offset:
+        args.append(offset)
+        sql += f" OFFSET ${len(args)}"
+    rows = await conn.fetch(sql, *args)
+    total: int | None = None
+    if page.page is not None:
+        if len(rows) <= page.limit and (offset == 0 or rows):
+            total = offset + len(rows)  # the last page tells the count without a query
+        else:
+            count_sql = f"SELECT count(*) {listing.from_sql} {where_sql}"
+            total = await conn.fetchval(count_sql, *listing.params)
+    more = len(rows) > page.limit
+    items = rows[: page.limit]
+    next_cursor = (
+        encode_cursor(page.key, listing.scope, [items[-1][i + 1] for i in range(len(listing.keys))])
+        if more
+        else None
+    )
+    head = orjson.dumps(
+        {"page": page.page, "limit": page.limit, "total": total, "next_cursor": next_cursor}
+    )
+    return b'{"items":[' + ",".join(r[0] for r in items).encode() + b"]," + head[1:]

@@ -1,0 +1,32 @@
+"""RFC 3339 times as the contract wants them: an offset is required, answers are UTC."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+from pydantic import AfterValidator, AwareDatetime, BeforeValidator
+
+FUTURE_SKEW = timedelta(minutes=5)
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+def _rfc3339_text(value: object) -> object:
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _RFC3339.match(value):
+        raise ValueError("must be an RFC 3339 date-time with an offset, e.g. 2026-01-31T09:30:00Z")
+    return value
+
+
+def _not_in_future(value: datetime) -> datetime:
+    if value > datetime.now(UTC) + FUTURE_SKEW:
+        raise ValueError("must not be more than 5 minutes in the future")
+    return value
+
+
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
+PastRfc3339 = Annotated[Rfc3339, AfterValidator(_not_in_future)]

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Response
+
+from crmsync.auth.schemas import UserOut
+from crmsync.deps import AdminUser, AppSettings, Conn, JSONBytes, Page
+from crmsync.users import service
+from crmsync.users.schemas import UserCreate, UserPage, UserUpdate
+
+router = APIRouter(prefix="/users", tags=["users"])
+
+
+@router.get(
+    "",
+    response_model=UserPage,
+    summary="List users (admin)",
+    description="Live users ordered by created_at, then id.",
+)
+async def list_users(admin: AdminUser, conn: Conn, page: Page) -> Response:
+    return JSONBytes(await service.user_list(conn, page))
+
+
+@router.post("", status_code=201, response_model=UserOut, summary="Create a user (admin)")
+async def create_user(
+    body: UserCreate, admin: AdminUser, conn: Conn, settings: AppSettings
+) -> Response:
+    json = await service.user_create(
+        conn,
+        name=body.name,
+        email=body.email,
+        password=body.password,
+        is_admin=body.is_admin,
+        rounds=settings.bcrypt_rounds,
+    )
+    return JSONBytes(json, status_code=201)
+
+
+@router.patch("/{user_id}", response_model=UserOut, summary="Change a user (admin)")
+async def update_user(
+    user_id: uuid.UUID, body: UserUpdate, admin: AdminUser, conn: Conn, settings: AppSettings
+) -> Response:
+    json = await service.user_update(
+        conn,
+        user_id,
+        name=body.name,
+        email=body.email,
+        password=body.password,
+        is_admin=body.is_admin,
+        rounds=settings.bcrypt_rounds,
+    )
+    return JSONBytes(json)
+
+
+@router.delete(
+    "/{user_id}",
+    status_code=204,
+    response_class=Response,
+    summary="Delete a user (admin)",
+    description="The user can no longer sign in and its tokens are rejected at once; "
+    "its contacts, calls and sync records stay. An admin cannot delete itself (409).",
+)
+async def delete_user(user_id: uuid.UUID, admin: AdminUser, conn: Conn) -> Response:
+    await service.user_delete(conn, user_id, actor_id=admin.id)
+    return Response(status_code=204)

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+
+from crmsync.auth.schemas import UserOut
+
+
+def _bcrypt_sized(password: str) -> str:
+    if len(password.encode()) > 72:
+        raise ValueError("must be at most 72 bytes (a bcrypt limit)")
+    return password
+
+
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Password = Annotated[str, Field(min_length=8), AfterValidator(_bcrypt_sized)]
+
+
+class UserCreate(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"name": "Ana", "email": "ana@example.com", "password": "s3cret-pass"}]
+        }
+    )
+    name: Name
+    email: EmailStr
+    password: Password
+    is_admin: bool = False
+
+
+class UserUpdate(BaseModel):
+    name: Name | None = None
+    email: EmailStr | None = None
+    password: Password | None = None
+    is_admin: bool | None = None
+
+
+class UserPage(BaseModel):
+    items: list[UserOut]
+    page: int | None
+    limit: int
+    total: int | None
+    next_cursor: str | None

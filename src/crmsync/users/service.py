@@ -1,0 +1,83 @@
+"""User administration. Deleting is soft: a deleted user's data stays, its tokens die."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+
+from crmsync.auth.service import USER_JSON, hash_password
+from crmsync.db import Connection
+from crmsync.errors import CannotDeleteSelf, EmailTaken, NotFound
+from crmsync.pagination import Listing, PageRequest, SortKey, paginate
+
+
+async def user_list(conn: Connection, page: PageRequest) -> bytes:
+    listing = Listing(
+        scope="users",
+        from_sql="FROM users u",
+        item_json=USER_JSON,
+        where=["u.deleted_at IS NULL"],
+        keys=[SortKey("u.created_at", "timestamptz"), SortKey("u.id", "uuid")],
+    )
+    return await paginate(conn, listing, page)
+
+
+async def user_create(
+    conn: Connection, *, name: str, email: str, password: str, is_admin: bool, rounds: int
+) -> str:
+    password_hash = await hash_password(password, rounds=rounds)
+    try:
+        json: str = await conn.fetchval(
+            f"""INSERT INTO users AS u (name, email, password_hash, is_admin)
+                VALUES ($1, $2, $3, $4) RETURNING {USER_JSON}::text""",
+            name,
+            email,
+            password_hash,
+            is_admin,
+        )
+    except asyncpg.UniqueViolationError:
+        raise EmailTaken("That email is already used by another user") from None
+    return json
+
+
+async def user_update(
+    conn: Connection,
+    user_id: uuid.UUID,
+    *,
+    name: str | None,
+    email: str | None,
+    password: str | None,
+    is_admin: bool | None,
+    rounds: int,
+) -> str:
+    password_hash = await hash_password(password, rounds=rounds) if password else None
+    try:
+        json: str | None = await conn.fetchval(
+            f"""UPDATE users AS u SET name = coalesce($2, name), email = coalesce($3, email),
+                  password_hash = coalesce($4, password_hash),
+                  is_admin = coalesce($5, is_admin), updated_at = now()
+                WHERE id = $1 AND deleted_at IS NULL RETURNING {USER_JSON}::text""",
+            user_id,
+            name,
+            email,
+            password_hash,
+            is_admin,
+        )
+    except asyncpg.UniqueViolationError:
+        raise EmailTaken("That email is already used by another user") from None
+    if json is None:
+        raise NotFound("No such user")
+    return json
+
+
+async def user_delete(conn: Connection, user_id: uuid.UUID, *, actor_id: uuid.UUID) -> None:
+    if user_id == actor_id:
+        raise CannotDeleteSelf("An admin cannot delete its own account")
+    status = await conn.execute(
+        "UPDATE users SET deleted_at = now(), updated_at = now()"
+        " WHERE id = $1 AND deleted_at IS NULL",
+        user_id,
+    )
+    if status == "UPDATE 0":
+        raise NotFound("No such user")

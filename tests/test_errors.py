@@ -1,0 +1,66 @@
+"""Contract: Conventions (errors) and Operations (health, docs)."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.conftest import Account, assert_problem
+
+
+async def test_unknown_route_and_wrong_method_are_problems(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    assert_problem(await client.get("/nope"), 404, "not_found")
+    assert_problem(await client.put("/auth/login", json={}), 405, "method_not_allowed")
+
+
+async def test_body_over_limit_is_413_before_reading_it(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    big = b"[" + b"1," * (9 * 1024 * 1024) + b"1]"
+    r = await client.post("/auth/login", content=big, headers={"content-type": "application/json"})
+    assert_problem(r, 413, "payload_too_large")
+
+
+async def test_streamed_body_over_limit_is_413(client: httpx.AsyncClient) -> None:
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(20):
+            yield b" " * (1024 * 1024)
+
+    r = await client.post(
+        "/auth/login", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert_problem(r, 413, "payload_too_large")
+
+
+async def test_request_id_is_echoed_or_made(client: httpx.AsyncClient) -> None:
+    r = await client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert len((await client.get("/healthz")).headers["x-request-id"]) == 32
+
+
+async def test_unexpected_error_is_a_plain_500_problem(client: httpx.AsyncClient) -> None:
+    app = client.app  # type: ignore[attr-defined]
+
+    @app.get("/_boom_for_test")
+    async def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    try:
+        r = await client.get("/_boom_for_test")
+        body = assert_problem(r, 500, "internal_error")
+        assert "secret internals" not in r.text and "Traceback" not in r.text
+        assert body["detail"]
+    finally:
+        app.router.routes.pop()
+
+
+async def test_health_and_ready(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_openapi_describes_endpoints(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    assert "/auth/login" in spec["paths"] and "/users/{user_id}" in spec["paths"]
+    assert (await client.get("/docs")).status_code == 200

@@ -1,0 +1,175 @@
+"""Contract: Users (admin only)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import Account, MakeUser, assert_problem
+
+
+async def test_admin_creates_user_who_can_log_in(client: httpx.AsyncClient, admin: Account) -> None:
+    r = await client.post(
+        "/users",
+        json={"name": "Bo", "email": "bo@example.com", "password": "long-enough"},
+        headers=admin.headers,
+    )
+    assert r.status_code == 201
+    body = r.json()
+    assert body["is_admin"] is False and body["email"] == "bo@example.com"
+    assert set(body) == {"id", "name", "email", "is_admin", "created_at", "updated_at"}
+    login = await client.post(
+        "/auth/login", json={"email": "BO@example.com", "password": "long-enough"}
+    )
+    assert login.status_code == 200
+
+
+async def test_password_is_stored_as_bcrypt_hash(
+    client: httpx.AsyncClient, admin: Account, conn: object
+) -> None:
+    await client.post(
+        "/users",
+        json={"name": "Cy", "email": "cy@example.com", "password": "plain-text-pw"},
+        headers=admin.headers,
+    )
+    stored = await conn.fetchval("SELECT password_hash FROM users WHERE email = 'cy@example.com'")  # type: ignore[attr-defined]
+    assert stored.startswith("$2b$") and "plain-text-pw" not in stored
+
+
+def test_default_bcrypt_cost_is_12() -> None:
+    from crmsync.config import Settings
+
+    assert Settings(database_url="postgresql://x/y").bcrypt_rounds == 12
+
+
+async def test_duplicate_email_in_other_case_is_409(
+    client: httpx.AsyncClient, admin: Account
+) -> None:
+    payload = {"name": "D", "email": "dup@example.com", "password": "long-enough"}
+    assert (await client.post("/users", json=payload, headers=admin.headers)).status_code == 201
+    payload["email"] = "DUP@Example.com"
+    assert_problem(
+        await client.post("/users", json=payload, headers=admin.headers), 409, "email_taken"
+    )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"name": "E", "email": "e@example.com", "password": "short"},
+        {"name": "E", "email": "not-an-email", "password": "long-enough"},
+        {"name": "", "email": "e@example.com", "password": "long-enough"},
+        {"name": "x" * 201, "email": "e@example.com", "password": "long-enough"},
+        {"email": "e@example.com", "password": "long-enough"},
+        {"name": "E", "email": "e@example.com", "password": "é" * 40},
+        {"name": "E", "email": "e@example.com", "password": "long-enough", "is_admin": "maybe"},
+    ],
+)
+async def test_bad_user_bodies_are_422(
+    client: httpx.AsyncClient, admin: Account, payload: dict[str, object], conn: object
+) -> None:
+    r = await client.post("/users", json=payload, headers=admin.headers)
+    assert_problem(r, 422, "validation_error")
+    assert r.json()["errors"]
+    assert await conn.fetchval("SELECT count(*) FROM users") == 1  # type: ignore[attr-defined]
+
+
+async def test_list_is_ordered_by_created_at_and_hides_deleted(
+    client: httpx.AsyncClient, admin: Account, make_user: MakeUser
+) -> None:
+    others = [await make_user() for _ in range(3)]
+    await client.delete(f"/users/{others[1].id}", headers=admin.headers)
+    r = await client.get("/users", params={"page": 1}, headers=admin.headers)
+    body = r.json()
+    assert [u["id"] for u in body["items"]] == [admin.id, others[0].id, others[2].id]
+    assert body["total"] == 3 and body["page"] == 1 and body["next_cursor"] is None
+
+
+async def test_list_cursor_walks_every_user_once(
+    client: httpx.AsyncClient, admin: Account, make_user: MakeUser
+) -> None:
+    for _ in range(4):
+        await make_user()
+    seen: list[str] = []
+    r = await client.get("/users", params={"limit": 2}, headers=admin.headers)
+    while True:
+        body = r.json()
+        assert body["page"] is None and body["total"] is None
+        seen += [u["id"] for u in body["items"]]
+        if body["next_cursor"] is None:
+            break
+        r = await client.get(
+            "/users", params={"limit": 2, "cursor": body["next_cursor"]}, headers=admin.headers
+        )
+    assert len(seen) == 5 == len(set(seen))
+
+
+async def test_patch_changes_fields_and_password(
+    client: httpx.AsyncClient, admin: Account, user: Account
+) -> None:
+    r = await client.patch(
+        f"/users/{user.id}",
+        json={"name": "Renamed", "is_admin": True, "password": "new-password"},
+        headers=admin.headers,
+    )
+    assert r.status_code == 200
+    assert r.json()["name"] == "Renamed" and r.json()["is_admin"] is True
+    old = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    assert old.status_code == 401
+    new = await client.post("/auth/login", json={"email": user.email, "password": "new-password"})
+    assert new.status_code == 200
+
+
+async def test_patch_to_taken_email_is_409(
+    client: httpx.AsyncClient, admin: Account, user: Account
+) -> None:
+    r = await client.patch(
+        f"/users/{user.id}", json={"email": admin.email.upper()}, headers=admin.headers
+    )
+    assert_problem(r, 409, "email_taken")
+
+
+async def test_patch_unknown_or_bad_id_is_404(client: httpx.AsyncClient, admin: Account) -> None:
+    unknown = "00000000-0000-4000-8000-000000000000"
+    assert_problem(
+        await client.patch(f"/users/{unknown}", json={}, headers=admin.headers), 404, "not_found"
+    )
+    assert_problem(
+        await client.patch("/users/not-a-uuid", json={}, headers=admin.headers), 404, "not_found"
+    )
+
+
+async def test_delete_rules(
+    client: httpx.AsyncClient, admin: Account, user: Account, conn: object
+) -> None:
+    assert_problem(
+        await client.delete(f"/users/{admin.id}", headers=admin.headers), 409, "cannot_delete_self"
+    )
+    assert (await client.delete(f"/users/{user.id}", headers=admin.headers)).status_code == 204
+    assert_problem(
+        await client.delete(f"/users/{user.id}", headers=admin.headers), 404, "not_found"
+    )
+    # the row stays (its data stays linked); the email is free again
+    assert await conn.fetchval("SELECT count(*) FROM users WHERE id = $1", user.id) == 1  # type: ignore[attr-defined]
+    r = await client.post(
+        "/users",
+        json={"name": "Again", "email": user.email, "password": "long-enough"},
+        headers=admin.headers,
+    )
+    assert r.status_code == 201 and r.json()["id"] != user.id
+
+
+async def test_non_admin_gets_403_on_every_users_endpoint(
+    client: httpx.AsyncClient, user: Account, admin: Account
+) -> None:
+    h = user.headers
+    assert_problem(await client.get("/users", headers=h), 403, "forbidden")
+    r = await client.post(
+        "/users", json={"name": "X", "email": "x@example.com", "password": "long-enough"}, headers=h
+    )
+    assert_problem(r, 403, "forbidden")
+    assert_problem(
+        await client.patch(f"/users/{admin.id}", json={"name": "X"}, headers=h), 403, "forbidden"
+    )
+    assert_problem(await client.delete(f"/users/{admin.id}", headers=h), 403, "forbidden")
+    assert_problem(await client.get("/users"), 401, "unauthenticated")
