@@ -19,7 +19,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from crmsync import __version__, db
 from crmsync.auth import service as auth_service
 from crmsync.auth.routes import router as auth_router
+from crmsync.calls.routes import router as calls_router
 from crmsync.config import Settings
+from crmsync.contacts.routes import router as contacts_router
 from crmsync.errors import (
     ApiError,
     BadRequest,
@@ -30,6 +32,7 @@ from crmsync.errors import (
 )
 from crmsync.middleware import BodyLimit
 from crmsync.observability import RequestContext
+from crmsync.sync.routes import router as sync_router
 from crmsync.users.routes import router as users_router
 
 log = logging.getLogger(__name__)
@@ -172,4 +175,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(auth_router)
     app.include_router(users_router)
+    app.include_router(contacts_router)
+    app.include_router(calls_router)
+    app.include_router(sync_router)
     return app

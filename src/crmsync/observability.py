@@ -11,12 +11,24 @@ import uuid
 from typing import Any
 
 import orjson
+from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crmsync.errors import ApiError
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 access_log = logging.getLogger("crmsync.access")
+
+# Domain counters; services add to them after their transaction's work is done.
+CONTACT_RESULTS = Counter(
+    "crmsync_contacts_uploaded", "Contacts uploaded, by result", ["result"]
+)  # result: created | replaced | existing | rejected
+CALL_RESULTS = Counter(
+    "crmsync_calls_uploaded", "Calls uploaded, by result", ["result"]
+)  # result: inserted | duplicate | rejected
+LOGIN_FAILURES = Counter(
+    "crmsync_login_failures", "Failed sign-ins (wrong credentials or throttled)"
+)
 
 
 class JsonFormatter(logging.Formatter):

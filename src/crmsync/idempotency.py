@@ -1,0 +1,72 @@
+"""Idempotency-Key for uploads: a repeat with the same key and body gets the first answer.
+
+The key is claimed inside the request's transaction, before any write, and the answer
+is stored in that same transaction: a retry either finds the whole first answer or
+none of it. A concurrent repeat waits on the key's row until the first commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Awaitable, Callable
+
+from crmsync.db import Connection
+from crmsync.errors import ValidationFailed
+
+MAX_KEY_LENGTH = 200
+
+Answer = tuple[int, bytes]  # status code, JSON body
+
+
+def fingerprint(method: str, path: str, body: bytes) -> bytes:
+    return hashlib.sha256(method.encode() + b" " + path.encode() + b"\n" + body).digest()
+
+
+async def idempotent(
+    conn: Connection,
+    *,
+    user_id: uuid.UUID,
+    key: str | None,
+    request_hash: bytes,
+    produce: Callable[[], Awaitable[Answer]],
+) -> Answer:
+    """Run `produce` once per (user, key); later calls with the same key get its answer."""
+    if key is None:
+        return await produce()
+    if not 1 <= len(key) <= MAX_KEY_LENGTH:
+        raise ValidationFailed.one(
+            ["header", "Idempotency-Key"], f"must be 1..{MAX_KEY_LENGTH} characters"
+        )
+    claimed = await conn.fetchval(
+        """INSERT INTO idempotency_keys (user_id, key, request_hash) VALUES ($1, $2, $3)
+           ON CONFLICT (user_id, key) DO NOTHING RETURNING true""",
+        user_id,
+        key,
+        request_hash,
+    )
+    if not claimed:
+        stored = await conn.fetchrow(
+            "SELECT request_hash, status_code, response FROM idempotency_keys"
+            " WHERE user_id = $1 AND key = $2",
+            user_id,
+            key,
+        )
+        assert stored is not None  # the row that conflicted is committed and kept 7+ days
+        if stored["request_hash"] != request_hash:
+            raise ValidationFailed.one(
+                ["header", "Idempotency-Key"],
+                "this key was already used with another request body",
+                "idempotency_key_reused",
+            )
+        return stored["status_code"], stored["response"]
+    status, body = await produce()
+    await conn.execute(
+        "UPDATE idempotency_keys SET status_code = $3, response = $4"
+        " WHERE user_id = $1 AND key = $2",
+        user_id,
+        key,
+        status,
+        body,
+    )
+    return status, body
