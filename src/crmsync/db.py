@@ -118,7 +118,8 @@ def _sqlalchemy_url(url: str) -> str:
 
 
 def migrate(url: str, revision: str = "head") -> None:
-    """Apply pending migrations (safe to run from several processes at once)."""
+    """Move the schema to `revision`: "head" applies pending migrations (safe to run from
+    several processes at once); an older one, or "base", downgrades."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("sqlalchemy.url", _sqlalchemy_url(url).replace("%", "%%"))
@@ -127,7 +128,10 @@ def migrate(url: str, revision: str = "head") -> None:
     # Alembic's env runs its own event loop; a thread keeps it away from any running one.
     def run() -> None:
         try:
-            command.upgrade(config, revision)
+            if revision == "head":
+                command.upgrade(config, revision)
+            else:
+                command.downgrade(config, revision)
         except BaseException as exc:  # re-raised in the caller's thread
             errors.append(exc)
 
