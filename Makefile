@@ -45,6 +45,10 @@ pytest: $(VENV)/.dev
 test-pg15: $(VENV)/.dev
 	bash .ci/pg15.sh $(BIN)/pytest
 
+# The OpenAPI document, for the mobile team (tests/test_openapi.py fails when it is stale).
+openapi: $(VENV)/.runtime
+	$(BIN)/python -m crmsync.openapi > docs/openapi.json
+
 # Pins every dependency (with hashes) from pyproject.toml; uv runs from a throwaway venv.
 lock:
 	$(PYTHON) -m venv /tmp/crmsync-uv && /tmp/crmsync-uv/bin/pip install --quiet uv

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from crmsync import __version__, db
+from crmsync import __version__, db, openapi
 from crmsync.auth import service as auth_service
 from crmsync.auth.routes import router as auth_router
 from crmsync.calls.routes import router as calls_router
@@ -178,4 +178,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(contacts_router)
     app.include_router(calls_router)
     app.include_router(sync_router)
+    openapi.install(app)
     return app
