@@ -112,10 +112,13 @@ async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> byt
         offset = (page.page - 1) * page.limit
     where_sql = f"WHERE {' AND '.join(where)}" if where else ""
     key_columns = ", ".join(f"({k.expr})::text" for k in listing.keys)
+    count_sql = f"SELECT count(*) {listing.from_sql} {where_sql}"
+    # Page mode: the exact total comes from the same statement (run once, as an InitPlan).
+    total_column = f"({count_sql})" if page.page is not None else "NULL::bigint"
     args.append(page.limit + 1)
     sql = (
-        f"SELECT ({listing.item_json})::text, {key_columns} {listing.from_sql} {where_sql} "
-        f"ORDER BY {_order_sql(listing)} LIMIT ${len(args)}"
+        f"SELECT ({listing.item_json})::text, {key_columns}, {total_column} "
+        f"{listing.from_sql} {where_sql} ORDER BY {_order_sql(listing)} LIMIT ${len(args)}"
     )
     if offset:
         args.append(offset)
@@ -123,10 +126,9 @@ async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> byt
     rows = await conn.fetch(sql, *args)
     total: int | None = None
     if page.page is not None:
-        if len(rows) <= page.limit and (offset == 0 or rows):
-            total = offset + len(rows)  # the last page tells the count without a query
-        else:
-            count_sql = f"SELECT count(*) {listing.from_sql} {where_sql}"
+        if rows:
+            total = rows[0][-1]
+        else:  # past the end: no row carried the count
             total = await conn.fetchval(count_sql, *listing.params)
     more = len(rows) > page.limit
     items = rows[: page.limit]
