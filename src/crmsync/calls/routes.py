@@ -1,5 +1,136 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+import time
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+
+from crmsync.calls import service
+from crmsync.calls.schemas import MAX_CALLS, CallPage, CallUploadOut, Direction, calls_body_schema
+from crmsync.deps import AppSettings, Conn, CurrentUser, JSONBytes, Page, Tx
+from crmsync.idempotency import Answer, fingerprint, idempotent
+from crmsync.observability import CALL_RESULTS
+from crmsync.sync.service import sync_record_create
+from crmsync.times import Rfc3339
 
 router = APIRouter(prefix="/calls", tags=["calls"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(description="1..200 characters; a repeat with the same body gets the first answer"),
+]
+DeviceId = Annotated[
+    str | None, Header(description="Stable per-install id, kept on the sync record")
+]
+
+
+@router.post(
+    "",
+    response_model=CallUploadOut,
+    summary="Upload call logs",
+    description=f"1..{MAX_CALLS} calls, stored in one transaction. A call already stored "
+    "(same user, number, timestamp, direction) or repeated in the batch is a duplicate; "
+    "invalid items are rejected by index and the rest stored. Only admins may name "
+    "another user_id (403 for the whole request otherwise). Writes one sync record.",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": calls_body_schema()}},
+        }
+    },
+)
+async def upload_calls(
+    request: Request,
+    user: CurrentUser,
+    conn: Tx,
+    settings: AppSettings,
+    idempotency_key: IdempotencyKey = None,
+    x_device_id: DeviceId = None,
+) -> Response:
+    body = await request.body()
+    produced: list[service.CallBatch] = []
+
+    async def produce() -> Answer:
+        started = time.perf_counter()
+        items = service.batch_items(service.parse_json(body), loc=("body",), max_items=MAX_CALLS)
+        batch = await service.call_insert_many(
+            conn, items, user_id=user.id, is_admin=user.is_admin, region=settings.default_region
+        )
+        sync_id = await sync_record_create(
+            conn,
+            user_id=user.id,
+            kind="calls",
+            synced_contacts=0,
+            synced_calls=batch.inserted,
+            details={
+                "inserted": batch.inserted,
+                "duplicates": batch.duplicates,
+                "rejected": batch.rejected,
+                "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
+                "device_id": x_device_id[:200] if x_device_id else None,
+            },
+        )
+        produced.append(batch)
+        return 200, (
+            f'{{"sync_id":"{sync_id}","inserted":{batch.inserted},'
+            f'"duplicates":{batch.duplicates},"rejected":{batch.rejected_json}}}'
+        ).encode()
+
+    status, answer = await idempotent(
+        conn,
+        user_id=user.id,
+        key=idempotency_key,
+        request_hash=fingerprint("POST", request.url.path, body),
+        produce=produce,
+    )
+    for batch in produced:
+        count_calls(batch)
+    return JSONBytes(answer, status_code=status)
+
+
+def count_calls(batch: service.CallBatch) -> None:
+    CALL_RESULTS.labels("inserted").inc(batch.inserted)
+    CALL_RESULTS.labels("duplicate").inc(batch.duplicates)
+    CALL_RESULTS.labels("rejected").inc(batch.rejected)
+
+
+@router.get(
+    "",
+    response_model=CallPage,
+    summary="List calls",
+    description="Newest first (timestamp, then id). `since` is inclusive, `until` exclusive.",
+)
+async def list_calls(
+    user: CurrentUser,
+    conn: Conn,
+    page: Page,
+    user_id: uuid.UUID | None = None,
+    contact_id: uuid.UUID | None = None,
+    direction: Direction | None = None,
+    since: Annotated[Rfc3339 | None, Query(description="RFC 3339, inclusive")] = None,
+    until: Annotated[Rfc3339 | None, Query(description="RFC 3339, exclusive")] = None,
+) -> Response:
+    return JSONBytes(
+        await service.call_list(
+            conn,
+            page,
+            user_id=user_id,
+            contact_id=contact_id,
+            direction=direction,
+            since=since,
+            until=until,
+        )
+    )
+
+
+@router.get(
+    "/{contact_id}",
+    response_model=CallPage,
+    summary="One contact's calls",
+    description="Newest first (timestamp, then id); 404 for an unknown contact.",
+)
+async def list_contact_calls(
+    contact_id: Annotated[uuid.UUID, Path()], user: CurrentUser, conn: Conn, page: Page
+) -> Response:
+    return JSONBytes(await service.call_list_of_contact(conn, contact_id, page))

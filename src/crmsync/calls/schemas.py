@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal, NotRequired
+
+from pydantic import BaseModel, Field, StringConstraints, TypeAdapter
+from typing_extensions import TypedDict
+
+from crmsync.times import PastRfc3339
+
+MAX_CALLS = 5000
+
+Direction = Literal["incoming", "outgoing", "missed"]
+# Anything is kept as the number (withheld, short codes, junk): a call is never rejected
+# for it. The bound keeps the dedupe index's key small; PostgreSQL text cannot hold NUL.
+PhoneText = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00]*$")]
+
+
+class CallIn(TypedDict):
+    """One uploaded call. A TypedDict, not a model: a whole batch validates in pydantic-core."""
+
+    direction: Direction
+    duration_seconds: Annotated[int, Field(strict=True, ge=0, le=86400)]
+    timestamp: Annotated[PastRfc3339, Field(description="When the call started, with an offset")]
+    phone_normalized: NotRequired[
+        Annotated[PhoneText | None, Field(description="E.164 hint, parsed again by the server")]
+    ]
+    phone_raw: NotRequired[PhoneText | None]
+    contact_id: NotRequired[uuid.UUID | None]
+    user_id: NotRequired[
+        Annotated[uuid.UUID | None, Field(description="Defaults to the caller; admins only")]
+    ]
+
+
+CALL_ADAPTER: TypeAdapter[CallIn] = TypeAdapter(CallIn)
+CALLS_ADAPTER: TypeAdapter[list[CallIn]] = TypeAdapter(list[CallIn])
+
+
+def calls_body_schema(max_items: int = MAX_CALLS) -> dict[str, Any]:
+    """The request body's JSON schema, for routes that read the body themselves."""
+    return {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": max_items,
+        "items": CALL_ADAPTER.json_schema(),
+    }
+
+
+class Problem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class RejectedItem(BaseModel):
+    index: int
+    errors: list[Problem]
+
+
+class CallUploadOut(BaseModel):
+    sync_id: uuid.UUID
+    inserted: int
+    duplicates: int
+    rejected: list[RejectedItem]
+
+
+class CallOut(BaseModel):
+    id: uuid.UUID
+    user_id: uuid.UUID
+    contact_id: uuid.UUID | None
+    contact_name: str | None
+    phone_raw: str | None
+    phone_normalized: str | None
+    direction: Direction
+    duration_seconds: int
+    timestamp: datetime
+
+
+class CallPage(BaseModel):
+    items: list[CallOut]
+    page: int | None
+    limit: int
+    total: int | None
+    next_cursor: str | None

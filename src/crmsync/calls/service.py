@@ -1,0 +1,240 @@
+"""Call logs: set-based batch upload with dedupe and contact linking, and the call lists."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from crmsync.calls.schemas import CALL_ADAPTER, CALLS_ADAPTER, CallIn
+from crmsync.db import Connection
+from crmsync.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
+from crmsync.pagination import Listing, PageRequest, SortKey, paginate
+from crmsync.phone import normalize_with_hint
+
+Loc = Sequence[str | int]
+
+CALL_JSON = """json_build_object(
+    'id', l.id, 'user_id', l.user_id, 'contact_id', l.contact_id, 'contact_name', c.name,
+    'phone_raw', l.phone_raw, 'phone_normalized', l.phone_normalized,
+    'direction', l.direction, 'duration_seconds', l.duration_seconds,
+    'timestamp', api_time(l."timestamp"))"""
+
+# One statement for the whole batch. Calls without a contact_id are linked to the live
+# contact of their number right here. Rows go in in dedupe-key order, so concurrent
+# uploads of overlapping batches wait on each other's keys in one order and never
+# deadlock; the dedupe index turns repeats (stored or inside the batch) into no-ops.
+INSERT_SQL = """
+WITH ins AS (
+    INSERT INTO call_logs AS l
+        (user_id, contact_id, phone_raw, phone_normalized, direction, duration_seconds,
+         "timestamp")
+    SELECT i.user_id, coalesce(i.contact_id, c.id), i.phone_raw, i.phone_normalized,
+           i.direction, i.duration_seconds, i.ts
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int[],
+                $7::timestamptz[])
+         AS i(user_id, contact_id, phone_raw, phone_normalized, direction, duration_seconds, ts)
+    LEFT JOIN contacts c
+           ON i.contact_id IS NULL AND c.phone_normalized = i.phone_normalized AND NOT c.deleted
+    ORDER BY i.user_id, coalesce(i.phone_normalized, i.phone_raw, ''), i.ts, i.direction
+    ON CONFLICT (user_id, coalesce(phone_normalized, phone_raw, ''), "timestamp", direction)
+        DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM ins"""
+
+KNOWN_IDS_SQL = """
+SELECT (SELECT coalesce(array_agg(id), '{}') FROM users
+         WHERE id = ANY($1::uuid[]) AND deleted_at IS NULL) AS users,
+       (SELECT coalesce(array_agg(id), '{}') FROM contacts
+         WHERE id = ANY($2::uuid[])) AS contacts"""
+
+
+@dataclass(frozen=True)
+class CallBatch:
+    inserted: int
+    duplicates: int  # valid calls not stored: already there, or repeated in the batch
+    rejected: int
+    rejected_json: str  # JSON array text: [{"index", "errors": [{"loc", "msg", "type"}]}]
+
+
+def parse_json(body: bytes) -> Any:
+    if not body.strip():
+        raise ValidationFailed.one(["body"], "Field required", "missing")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("Malformed JSON body") from None
+
+
+def batch_items(
+    value: object, *, loc: Loc, max_items: int, allow_empty: bool = False
+) -> list[object]:
+    """The list a batch upload sends: 422 when it is not a list (or empty), 413 when it
+    holds more than max_items."""
+    if not isinstance(value, list):
+        raise ValidationFailed.one(loc, "Input should be a valid list", "list_type")
+    if not value and not allow_empty:
+        raise ValidationFailed.one(loc, "List should have at least 1 item", "too_short")
+    if len(value) > max_items:
+        raise PayloadTooLarge(f"At most {max_items} items in one batch, got {len(value)}")
+    return value
+
+
+def _problems(error: ValidationError, loc: tuple[str | int, ...]) -> list[dict[str, Any]]:
+    return [
+        {"loc": [*loc, *e["loc"]], "msg": e["msg"], "type": e["type"]}
+        for e in error.errors(include_url=False, include_context=False, include_input=False)
+    ]
+
+
+def _validate(
+    items: Sequence[object], loc: Loc
+) -> tuple[list[int] | None, list[CallIn], dict[int, list[dict[str, Any]]]]:
+    """(indexes of the valid items or None for "all of them", valid items, errors by index).
+
+    The whole list is validated in one pydantic-core call; only a batch with an invalid
+    item is gone through item by item to tell which ones."""
+    try:
+        return None, CALLS_ADAPTER.validate_python(items), {}
+    except ValidationError:
+        pass
+    indexes: list[int] = []
+    valid: list[CallIn] = []
+    errors: dict[int, list[dict[str, Any]]] = {}
+    for index, item in enumerate(items):
+        try:
+            valid.append(CALL_ADAPTER.validate_python(item))
+            indexes.append(index)
+        except ValidationError as exc:
+            errors[index] = _problems(exc, (*loc, index))
+    return indexes, valid, errors
+
+
+def _reject(
+    errors: dict[int, list[dict[str, Any]]], index: int, loc: list[str | int], msg: str
+) -> None:
+    errors.setdefault(index, []).append({"loc": loc, "msg": msg, "type": "not_found"})
+
+
+async def call_insert_many(
+    conn: Connection,
+    items: Sequence[object],
+    *,
+    user_id: uuid.UUID,
+    is_admin: bool,
+    region: str,
+    loc: Loc = ("body",),
+) -> CallBatch:
+    """Validate and store a batch of calls uploaded by `user_id`, in the caller's
+    transaction, in one INSERT. Writes no sync record."""
+    loc = tuple(loc)
+    indexes, calls, errors = _validate(items, loc)
+    if indexes is None:
+        indexes = list(range(len(calls)))
+
+    owners = [c.get("user_id") or user_id for c in calls]
+    named_users = {u for u in owners if u != user_id}
+    if named_users and not is_admin:
+        raise Forbidden("Only admins may upload calls of another user")
+    named_contacts = {c for call in calls if (c := call.get("contact_id")) is not None}
+    if named_users or named_contacts:
+        known = await conn.fetchrow(KNOWN_IDS_SQL, list(named_users), list(named_contacts))
+        assert known is not None
+        unknown_users = named_users - set(known["users"])
+        unknown_contacts = named_contacts - set(known["contacts"])
+        if unknown_users or unknown_contacts:
+            keep = []
+            for pos, (index, call, owner) in enumerate(zip(indexes, calls, owners, strict=True)):
+                bad = False
+                if owner in unknown_users:
+                    _reject(errors, index, [*loc, index, "user_id"], "Unknown or deleted user")
+                    bad = True
+                if call.get("contact_id") in unknown_contacts:
+                    _reject(errors, index, [*loc, index, "contact_id"], "Unknown contact")
+                    bad = True
+                if not bad:
+                    keep.append(pos)
+            indexes = [indexes[p] for p in keep]
+            calls = [calls[p] for p in keep]
+            owners = [owners[p] for p in keep]
+
+    inserted = 0
+    if calls:
+        raws = [c.get("phone_raw") or c.get("phone_normalized") for c in calls]
+        inserted = await conn.fetchval(
+            INSERT_SQL,
+            owners,
+            [c.get("contact_id") for c in calls],
+            raws,
+            [
+                normalize_with_hint(raw, c.get("phone_normalized"), region)
+                for raw, c in zip(raws, calls, strict=True)
+            ],
+            [c["direction"] for c in calls],
+            [c["duration_seconds"] for c in calls],
+            [c["timestamp"] for c in calls],
+        )
+    rejected = [{"index": i, "errors": errors[i]} for i in sorted(errors)]
+    return CallBatch(
+        inserted=inserted,
+        duplicates=len(calls) - inserted,
+        rejected=len(rejected),
+        rejected_json=orjson.dumps(rejected).decode(),
+    )
+
+
+async def call_list(
+    conn: Connection,
+    page: PageRequest,
+    *,
+    user_id: uuid.UUID | None = None,
+    contact_id: uuid.UUID | None = None,
+    direction: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> bytes:
+    """Calls newest first (timestamp, then id), each with its contact's current name."""
+    where: list[str] = []
+    params: list[object] = []
+    scope = ["calls"]
+    for column, value in (
+        ("l.user_id =", user_id),
+        ("l.contact_id =", contact_id),
+        ("l.direction =", direction),
+        ('l."timestamp" >=', since),
+        ('l."timestamp" <', until),
+    ):
+        if value is not None:
+            params.append(value)
+            where.append(f"{column} ${len(params)}")
+            text = value.astimezone(UTC).isoformat() if isinstance(value, datetime) else value
+            scope.append(f"{column}{text}")
+        else:
+            scope.append("")
+    listing = Listing(
+        scope="|".join(str(s) for s in scope),
+        from_sql="FROM call_logs l LEFT JOIN contacts c ON c.id = l.contact_id",
+        item_json=CALL_JSON,
+        keys=[SortKey('l."timestamp"', "timestamptz"), SortKey("l.id", "uuid")],
+        where=where,
+        params=params,
+        descending=True,
+    )
+    return await paginate(conn, listing, page)
+
+
+async def call_list_of_contact(conn: Connection, contact_id: uuid.UUID, page: PageRequest) -> bytes:
+    """One contact's calls (a deleted contact keeps its history); NotFound for an unknown id."""
+    answer = await call_list(conn, page, contact_id=contact_id)
+    # An empty page is the only one that can belong to an unknown id: look it up then.
+    if answer.startswith(b'{"items":[]') and not await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM contacts WHERE id = $1)", contact_id
+    ):
+        raise NotFound("No such contact")
+    return answer

@@ -1,0 +1,412 @@
+"""Contract: Call logs, POST /calls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+
+from tests.conftest import Account, MakeUser, assert_problem
+
+T0 = datetime(2026, 11, 4, 14, 0, tzinfo=UTC)
+
+
+def call(i: int = 0, **fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "direction": "outgoing",
+        "duration_seconds": 60,
+        "timestamp": (T0 + timedelta(minutes=i)).isoformat().replace("+00:00", "Z"),
+        "phone_raw": f"(415) 555-{i % 10000:04d}",
+    }
+    body.update(fields)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+async def add_contact(
+    conn: asyncpg.Connection, phone: str, *, name: str = "Bruno", deleted: bool = False
+) -> str:
+    contact_id = await conn.fetchval(
+        "INSERT INTO contacts (name, phone_raw, phone_normalized, deleted)"
+        " VALUES ($1, $2, $2, $3) RETURNING id::text",
+        name,
+        phone,
+        deleted,
+    )
+    return str(contact_id)
+
+
+async def upload(
+    client: httpx.AsyncClient, account: Account, body: Any, **headers: str
+) -> httpx.Response:
+    return await client.post("/calls", json=body, headers={**account.headers, **headers})
+
+
+async def test_upload_stores_calls_and_one_sync_record_with_its_counts(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    r = await upload(client, user, [call(0), call(1), call(2)], **{"X-Device-Id": "pixel-8"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"sync_id", "inserted", "duplicates", "rejected"}
+    assert (body["inserted"], body["duplicates"], body["rejected"]) == (3, 0, [])
+    rows = await conn.fetch("SELECT * FROM call_logs ORDER BY timestamp")
+    assert [str(r["user_id"]) for r in rows] == [user.id] * 3
+    assert rows[0]["phone_raw"] == "(415) 555-0000"
+    assert rows[0]["phone_normalized"] == "+14155550000"
+    assert rows[0]["timestamp"] == T0 and rows[0]["direction"] == "outgoing"
+    record = await conn.fetchrow("SELECT * FROM sync_audit")
+    assert str(record["id"]) == body["sync_id"] and str(record["user_id"]) == user.id
+    assert record["kind"] == "calls"
+    assert (record["synced_contacts"], record["synced_calls"]) == (0, 3)
+    details = json.loads(record["details"])
+    assert details["inserted"] == 3 and details["duplicates"] == 0 and details["rejected"] == 0
+    assert details["device_id"] == "pixel-8" and details["elapsed_ms"] >= 0
+
+
+async def test_reuploading_the_same_batch_inserts_nothing(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    batch = [call(i) for i in range(5)]
+    assert (await upload(client, user, batch)).json()["inserted"] == 5
+    again = (await upload(client, user, batch)).json()
+    assert (again["inserted"], again["duplicates"]) == (0, 5)
+    assert await conn.fetchval("SELECT count(*) FROM call_logs") == 5
+    counts = await conn.fetch("SELECT synced_calls FROM sync_audit ORDER BY created_at, id")
+    assert sorted(r["synced_calls"] for r in counts) == [0, 5]
+
+
+async def test_duplicates_inside_one_batch_are_stored_once(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    same_number_other_spelling = call(0, phone_raw="+1 415-555-0000")
+    body = (
+        await upload(client, user, [call(0), call(1), call(0), same_number_other_spelling])
+    ).json()
+    assert (body["inserted"], body["duplicates"]) == (2, 2)
+    assert await conn.fetchval("SELECT count(*) FROM call_logs") == 2
+
+
+async def test_dedupe_key_is_user_number_timestamp_direction(
+    client: httpx.AsyncClient, admin: Account, user: Account, conn: asyncpg.Connection
+) -> None:
+    base = call(0)
+    variants = [
+        base,
+        call(0, direction="incoming"),
+        call(0, user_id=user.id),
+        call(0, phone_raw="(415) 555-0001"),
+        call(0, timestamp="2026-11-04T14:00:00.000001Z"),
+        call(0, duration_seconds=61),  # duration is not part of the key
+        call(0, timestamp="2026-11-04T16:00:00+02:00"),  # the same instant
+    ]
+    body = (await upload(client, admin, variants)).json()
+    assert (body["inserted"], body["duplicates"]) == (5, 2)
+
+
+async def test_calls_without_a_number_count_as_one_number(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    withheld = [
+        call(0, phone_raw=...),
+        call(0, phone_raw=None),
+        call(0, phone_raw=None, phone_normalized=None),
+        call(1, phone_raw=""),
+    ]
+    body = (await upload(client, user, withheld)).json()
+    assert (body["inserted"], body["duplicates"], body["rejected"]) == (2, 2, [])
+    rows = await conn.fetch("SELECT phone_raw, phone_normalized, contact_id FROM call_logs")
+    assert all(r["phone_normalized"] is None and r["contact_id"] is None for r in rows)
+
+
+@pytest.mark.parametrize("number", ["911", "*123#", "abc", "12345", "+", "Private"])
+async def test_withheld_numbers_and_short_codes_are_stored_not_rejected(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, number: str
+) -> None:
+    body = (await upload(client, user, [call(0, phone_raw=number)])).json()
+    assert (body["inserted"], body["rejected"]) == (1, [])
+    row = await conn.fetchrow("SELECT phone_raw, phone_normalized, contact_id FROM call_logs")
+    assert (row["phone_raw"], row["phone_normalized"], row["contact_id"]) == (number, None, None)
+
+
+async def test_only_phone_normalized_sent_is_kept_as_phone_raw_too(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    body = [call(0, phone_raw=..., phone_normalized="+14155550123")]
+    assert (await upload(client, user, body)).json()["inserted"] == 1
+    row = await conn.fetchrow("SELECT phone_raw, phone_normalized FROM call_logs")
+    assert (row["phone_raw"], row["phone_normalized"]) == ("+14155550123", "+14155550123")
+
+
+async def test_phone_normalized_is_a_hint_never_trusted(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    lying = call(0, phone_raw="(415) 555-0150", phone_normalized="+14155559999")
+    junk_hint = call(1, phone_raw=..., phone_normalized="not a number")
+    assert (await upload(client, user, [lying, junk_hint])).json()["inserted"] == 2
+    rows = await conn.fetch("SELECT phone_raw, phone_normalized FROM call_logs ORDER BY timestamp")
+    assert rows[0]["phone_normalized"] == "+14155550150"
+    assert (rows[1]["phone_raw"], rows[1]["phone_normalized"]) == ("not a number", None)
+
+
+async def test_call_without_contact_id_is_linked_to_the_live_contact_of_its_number(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    live = await add_contact(conn, "+14155550150", name="Carla")
+    await add_contact(conn, "+14155550160", name="Gone", deleted=True)
+    other = await add_contact(conn, "+14155550170", name="Other")
+    batch = [
+        call(0, phone_raw="(415) 555-0150"),
+        call(1, phone_raw=..., phone_normalized="+14155550150"),
+        call(2, phone_raw="415.555.0160"),  # its contact is deleted: no link
+        call(3, phone_raw="(415) 555-0150", contact_id=other),  # explicit id wins
+        call(4, phone_raw="(415) 555-0199"),  # no contact
+    ]
+    assert (await upload(client, user, batch)).json()["inserted"] == 5
+    links = [
+        None if r["contact_id"] is None else str(r["contact_id"])
+        for r in await conn.fetch("SELECT contact_id FROM call_logs ORDER BY timestamp")
+    ]
+    assert links == [live, live, None, other, None]
+
+
+async def test_call_uploaded_before_its_contact_is_linked_when_the_contact_is_created(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    assert (await upload(client, user, [call(0, phone_raw="(415) 555-0150")])).json()[
+        "inserted"
+    ] == 1
+    r = await client.post(
+        "/contacts",
+        json={"name": "Carla", "phone_raw": "+1 415 555 0150"},
+        headers=user.headers,
+    )
+    assert r.status_code == 201, r.text
+    contact_id = r.json()["contact"]["id"]
+    assert str(await conn.fetchval("SELECT contact_id FROM call_logs")) == contact_id
+    listed = (await client.get(f"/calls/{contact_id}", headers=user.headers)).json()
+    assert [c["contact_name"] for c in listed["items"]] == ["Carla"]
+
+
+BAD_ITEMS: list[tuple[dict[str, Any], str, str]] = [
+    (call(0, direction="sideways"), "direction", "literal_error"),
+    (call(0, direction=None), "direction", "literal_error"),
+    (call(0, duration_seconds=-1), "duration_seconds", "greater_than_equal"),
+    (call(0, duration_seconds=86401), "duration_seconds", "less_than_equal"),
+    (call(0, duration_seconds=1.5), "duration_seconds", "int_type"),
+    (call(0, duration_seconds="60"), "duration_seconds", "int_type"),
+    (call(0, duration_seconds=True), "duration_seconds", "int_type"),
+    (call(0, duration_seconds=...), "duration_seconds", "missing"),
+    (call(0, timestamp=...), "timestamp", "missing"),
+    (call(0, timestamp=None), "timestamp", "value_error"),
+    (call(0, timestamp="2026-11-04T14:00:00"), "timestamp", "value_error"),
+    (call(0, timestamp="2026-11-04"), "timestamp", "value_error"),
+    (call(0, timestamp=1762264800), "timestamp", "value_error"),
+    (call(0, timestamp="2026-02-30T10:00:00Z"), "timestamp", "datetime_from_date_parsing"),
+    (call(0, contact_id="not-a-uuid"), "contact_id", "uuid_parsing"),
+    (call(0, phone_raw=12345), "phone_raw", "string_type"),
+    (call(0, phone_raw="x" * 300), "phone_raw", "string_too_long"),
+    (call(0, phone_raw="415\x00555"), "phone_raw", "string_pattern_mismatch"),
+]
+
+
+@pytest.mark.parametrize(("bad", "field", "error_type"), BAD_ITEMS)
+async def test_an_invalid_item_is_rejected_by_index_and_the_rest_stored(
+    client: httpx.AsyncClient,
+    user: Account,
+    conn: asyncpg.Connection,
+    bad: dict[str, Any],
+    field: str,
+    error_type: str,
+) -> None:
+    r = await upload(client, user, [call(1), bad, call(2)])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["inserted"] == 2 and body["duplicates"] == 0
+    [rejected] = body["rejected"]
+    assert rejected["index"] == 1
+    error = rejected["errors"][0]
+    assert set(error) == {"loc", "msg", "type"}
+    assert error["loc"] == ["body", 1, field] and error["type"] == error_type, error
+    assert await conn.fetchval("SELECT count(*) FROM call_logs") == 2
+    assert await conn.fetchval("SELECT synced_calls FROM sync_audit") == 2
+    details = await conn.fetchval("SELECT details->>'rejected' FROM sync_audit")
+    assert details == "1"
+
+
+async def test_a_timestamp_more_than_five_minutes_ahead_is_rejected(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    now = datetime.now(UTC)
+    soon = (now + timedelta(minutes=4)).isoformat()
+    late = (now + timedelta(minutes=6)).isoformat()
+    body = (await upload(client, user, [call(0, timestamp=soon), call(1, timestamp=late)])).json()
+    assert body["inserted"] == 1
+    assert body["rejected"][0]["index"] == 1
+    assert body["rejected"][0]["errors"][0]["loc"] == ["body", 1, "timestamp"]
+
+
+async def test_every_error_of_an_item_is_reported(client: httpx.AsyncClient, user: Account) -> None:
+    bad = {"direction": "sideways", "duration_seconds": -1, "timestamp": "2026-11-04T17:00:00"}
+    body = (await upload(client, user, [bad])).json()
+    assert body["inserted"] == 0
+    fields = [e["loc"][-1] for e in body["rejected"][0]["errors"]]
+    assert fields == ["direction", "duration_seconds", "timestamp"]
+
+
+async def test_unknown_contact_id_is_a_rejected_item(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    known = await add_contact(conn, "+14155550150")
+    unknown = str(uuid.uuid4())
+    batch = [call(0, contact_id=known), call(1, contact_id=unknown), call(2, contact_id=unknown)]
+    body = (await upload(client, user, batch)).json()
+    assert body["inserted"] == 1
+    assert [r["index"] for r in body["rejected"]] == [1, 2]
+    assert body["rejected"][0]["errors"] == [
+        {"loc": ["body", 1, "contact_id"], "msg": "Unknown contact", "type": "not_found"}
+    ]
+    assert str(await conn.fetchval("SELECT contact_id FROM call_logs")) == known
+
+
+async def test_non_admin_naming_another_user_is_403_for_the_whole_request(
+    client: httpx.AsyncClient, user: Account, admin: Account, conn: asyncpg.Connection
+) -> None:
+    r = await upload(client, user, [call(0), call(1, user_id=admin.id)])
+    assert_problem(r, 403, "forbidden")
+    assert await conn.fetchval("SELECT count(*) FROM call_logs") == 0
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0
+    own = await upload(client, user, [call(0, user_id=user.id)])
+    assert own.json()["inserted"] == 1
+
+
+async def test_admin_uploads_for_another_user_and_unknown_or_deleted_users_are_rejected(
+    client: httpx.AsyncClient, admin: Account, make_user: MakeUser, conn: asyncpg.Connection
+) -> None:
+    member = await make_user()
+    gone = await make_user()
+    await conn.execute("UPDATE users SET deleted_at = now() WHERE id = $1", uuid.UUID(gone.id))
+    batch = [
+        call(0, user_id=member.id),
+        call(1, user_id=gone.id),
+        call(2, user_id=str(uuid.uuid4())),
+    ]
+    body = (await upload(client, admin, batch)).json()
+    assert body["inserted"] == 1
+    assert [(r["index"], r["errors"][0]["loc"]) for r in body["rejected"]] == [
+        (1, ["body", 1, "user_id"]),
+        (2, ["body", 2, "user_id"]),
+    ]
+    assert str(await conn.fetchval("SELECT user_id FROM call_logs")) == member.id
+    record = await conn.fetchrow("SELECT user_id, synced_calls FROM sync_audit")
+    assert (str(record["user_id"]), record["synced_calls"]) == (admin.id, 1)
+
+
+@pytest.mark.parametrize("body", [{}, {"direction": "incoming"}, "calls", 5, None, []])
+async def test_a_body_that_is_not_a_non_empty_list_is_422(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, body: Any
+) -> None:
+    r = await client.post("/calls", content=json.dumps(body).encode(), headers=user.headers)
+    assert_problem(r, 422, "validation_error")
+    empty = await client.post("/calls", content=b"", headers=user.headers)
+    assert_problem(empty, 422, "validation_error")
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0
+
+
+async def test_malformed_json_is_400(client: httpx.AsyncClient, user: Account) -> None:
+    r = await client.post("/calls", content=b"[{", headers=user.headers)
+    assert_problem(r, 400, "bad_request")
+
+
+async def test_more_than_5000_calls_is_413_and_5000_pass(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    batch = [call(i) for i in range(5001)]
+    assert_problem(await upload(client, user, batch), 413, "payload_too_large")
+    assert await conn.fetchval("SELECT count(*) FROM call_logs") == 0
+    body = (await upload(client, user, batch[:5000])).json()
+    assert body["inserted"] == 5000
+
+
+async def test_same_idempotency_key_and_body_returns_the_first_answer_and_stores_nothing(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    batch = [call(0), call(1)]
+    first = await upload(client, user, batch, **{"Idempotency-Key": "k-1"})
+    again = await upload(client, user, batch, **{"Idempotency-Key": "k-1"})
+    assert first.status_code == again.status_code == 200
+    assert again.json() == first.json() and first.json()["inserted"] == 2
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 1
+    other = await upload(client, user, [call(5)], **{"Idempotency-Key": "k-1"})
+    assert_problem(other, 422, "validation_error")
+    assert await conn.fetchval("SELECT count(*) FROM call_logs") == 2
+    fresh = await upload(client, user, batch, **{"Idempotency-Key": "k-2"})
+    assert fresh.json()["sync_id"] != first.json()["sync_id"]
+    assert fresh.json()["duplicates"] == 2
+
+
+async def test_a_database_error_mid_batch_stores_nothing_and_no_sync_record(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await conn.execute(
+        """CREATE FUNCTION test_fail_on_4242() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+               IF NEW.duration_seconds = 4242 THEN RAISE EXCEPTION 'boom'; END IF;
+               RETURN NEW;
+           END $$"""
+    )
+    await conn.execute(
+        "CREATE TRIGGER test_fail_on_4242 BEFORE INSERT ON call_logs"
+        " FOR EACH ROW EXECUTE FUNCTION test_fail_on_4242()"
+    )
+    try:
+        batch = [call(i) for i in range(10)] + [call(10, duration_seconds=4242), call(11)]
+        r = await upload(client, user, batch, **{"Idempotency-Key": "boom"})
+        assert r.status_code >= 500
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert await conn.fetchval("SELECT count(*) FROM call_logs") == 0
+        assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0
+        assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 0
+    finally:
+        await conn.execute("DROP TRIGGER test_fail_on_4242 ON call_logs")
+        await conn.execute("DROP FUNCTION test_fail_on_4242()")
+    retry = await upload(client, user, batch, **{"Idempotency-Key": "boom"})
+    assert retry.json()["inserted"] == 12
+
+
+async def test_concurrent_overlapping_uploads_never_store_a_duplicate(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    # 20 phones (or retries) upload overlapping windows of one log at once, half reversed.
+    batches = []
+    for n in range(20):
+        window = [call(i) for i in range(n * 10, n * 10 + 60)]
+        batches.append(window if n % 2 else window[::-1])
+    distinct = len({c["timestamp"] for b in batches for c in b})
+    answers = await asyncio.gather(*(upload(client, user, b) for b in batches))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    assert sum(a.json()["inserted"] for a in answers) == distinct
+    assert sum(a.json()["duplicates"] for a in answers) == sum(map(len, batches)) - distinct
+    assert await conn.fetchval("SELECT count(*) FROM call_logs") == distinct
+    synced = await conn.fetchval("SELECT sum(synced_calls) FROM sync_audit")
+    assert synced == distinct
+
+
+def _metric(result: str) -> float:
+    value = REGISTRY.get_sample_value("crmsync_calls_uploaded_total", {"result": result})
+    return value or 0.0
+
+
+async def test_uploads_count_results_in_metrics(client: httpx.AsyncClient, user: Account) -> None:
+    before = {r: _metric(r) for r in ("inserted", "duplicate", "rejected")}
+    await upload(client, user, [call(0), call(0), call(1, direction="x")])
+    await upload(client, user, [call(0)], **{"Idempotency-Key": "m"})
+    await upload(client, user, [call(0)], **{"Idempotency-Key": "m"})  # a replay counts nothing
+    after = {r: _metric(r) - before[r] for r in before}
+    assert after == {"inserted": 1, "duplicate": 2, "rejected": 1}
