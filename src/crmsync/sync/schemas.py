@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from crmsync.calls.schemas import RejectedItem
+
+
+class SyncRecordOut(BaseModel):
+    id: uuid.UUID
+    user_id: uuid.UUID
+    synced_contacts: int = Field(description="Contacts created or replaced")
+    synced_calls: int = Field(description="Calls inserted")
+    created_at: datetime
+    kind: Literal["contacts", "calls", "sync"]
+    details: dict[str, Any] = Field(
+        description="Counts (created, replaced, existing, rejected, inserted, duplicates, "
+        "rejected_calls as applicable), elapsed_ms and device_id (X-Device-Id)"
+    )
+
+
+class SyncPage(BaseModel):
+    items: list[SyncRecordOut]
+    page: int | None
+    limit: int
+    total: int | None
+    next_cursor: str | None
+
+
+class SyncStateOut(BaseModel):
+    server_time: datetime
+    last_call_timestamp: datetime | None = Field(description="The caller's newest stored call")
+    last_sync_at: datetime | None = Field(description="The caller's last upload")
+    contacts_cursor: str | None = Field(
+        description="The end of the contacts changes feed now; null when there are no contacts"
+    )
+
+
+class SyncCallsOut(BaseModel):
+    inserted: int
+    duplicates: int
+    rejected: list[RejectedItem]
+
+
+class SyncChangesOut(BaseModel):
+    items: list[dict[str, Any]] = Field(description="Contacts, as GET /contacts/changes")
+    next_cursor: str
+    has_more: bool
+
+
+class SyncOut(BaseModel):
+    sync_id: uuid.UUID
+    contacts: list[dict[str, Any]] = Field(description="Results as POST /contacts/batch")
+    calls: SyncCallsOut
+    changes: SyncChangesOut
