@@ -207,6 +207,8 @@ BAD_ITEMS: list[tuple[dict[str, Any], str, str]] = [
     (call(0, timestamp=None), "timestamp", "value_error"),
     (call(0, timestamp="2026-11-04T14:00:00"), "timestamp", "value_error"),
     (call(0, timestamp="2026-11-04"), "timestamp", "value_error"),
+    (call(0, timestamp="2026-11-04T14:00Z"), "timestamp", "value_error"),
+    (call(0, timestamp="2026-11-04T14:00:00+0200"), "timestamp", "value_error"),
     (call(0, timestamp=1762264800), "timestamp", "value_error"),
     (call(0, timestamp="2026-02-30T10:00:00Z"), "timestamp", "datetime_from_date_parsing"),
     (call(0, contact_id="not-a-uuid"), "contact_id", "uuid_parsing"),
@@ -216,6 +218,7 @@ BAD_ITEMS: list[tuple[dict[str, Any], str, str]] = [
 ]
 
 
+# Each bad item sits between two good ones: the whole-batch check must refuse it too.
 @pytest.mark.parametrize(("bad", "field", "error_type"), BAD_ITEMS)
 async def test_an_invalid_item_is_rejected_by_index_and_the_rest_stored(
     client: httpx.AsyncClient,

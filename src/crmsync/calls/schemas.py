@@ -4,10 +4,19 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, NotRequired
 
-from pydantic import BaseModel, Field, StringConstraints, TypeAdapter
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    Field,
+    GetCoreSchemaHandler,
+    GetPydanticSchema,
+    StringConstraints,
+    TypeAdapter,
+)
+from pydantic_core import core_schema
 from typing_extensions import TypedDict
 
-from crmsync.times import PastRfc3339
+from crmsync.times import _RFC3339, PastRfc3339
 
 MAX_CALLS = 5000
 
@@ -33,8 +42,28 @@ class CallIn(TypedDict):
     ]
 
 
+def _rfc3339_in_core(source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+    return core_schema.chain_schema(
+        [core_schema.str_schema(pattern=_RFC3339.pattern), handler(source)]
+    )
+
+
+class _BatchCallIn(TypedDict):
+    """CallIn for a whole batch at once: the same checks, all inside pydantic-core (the
+    timestamp's format and offset too), except "not in the future", which the caller
+    checks once for the batch's newest timestamp."""
+
+    direction: Direction
+    duration_seconds: Annotated[int, Field(strict=True, ge=0, le=86400)]
+    timestamp: Annotated[AwareDatetime, GetPydanticSchema(_rfc3339_in_core)]
+    phone_normalized: NotRequired[PhoneText | None]
+    phone_raw: NotRequired[PhoneText | None]
+    contact_id: NotRequired[uuid.UUID | None]
+    user_id: NotRequired[uuid.UUID | None]
+
+
 CALL_ADAPTER: TypeAdapter[CallIn] = TypeAdapter(CallIn)
-CALLS_ADAPTER: TypeAdapter[list[CallIn]] = TypeAdapter(list[CallIn])
+BATCH_ADAPTER: TypeAdapter[list[CallIn]] = TypeAdapter(list[_BatchCallIn])
 
 
 def calls_body_schema(max_items: int = MAX_CALLS) -> dict[str, Any]:

@@ -11,11 +11,12 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from crmsync.calls.schemas import CALL_ADAPTER, CALLS_ADAPTER, CallIn
+from crmsync.calls.schemas import BATCH_ADAPTER, CALL_ADAPTER, CallIn
 from crmsync.db import Connection
 from crmsync.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from crmsync.pagination import Listing, PageRequest, SortKey, paginate
 from crmsync.phone import normalize_with_hint
+from crmsync.times import FUTURE_SKEW
 
 Loc = Sequence[str | int]
 
@@ -101,9 +102,12 @@ def _validate(
     The whole list is validated in one pydantic-core call; only a batch with an invalid
     item is gone through item by item to tell which ones."""
     try:
-        return None, CALLS_ADAPTER.validate_python(items), {}
+        calls = BATCH_ADAPTER.validate_python(items)
     except ValidationError:
         pass
+    else:
+        if not calls or max(c["timestamp"] for c in calls) <= datetime.now(UTC) + FUTURE_SKEW:
+            return None, calls, {}
     indexes: list[int] = []
     valid: list[CallIn] = []
     errors: dict[int, list[dict[str, Any]]] = {}
