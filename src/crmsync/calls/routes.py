@@ -10,7 +10,6 @@ from crmsync.calls import service
 from crmsync.calls.schemas import MAX_CALLS, CallPage, CallUploadOut, Direction, calls_body_schema
 from crmsync.deps import AppSettings, Conn, CurrentUser, JSONBytes, Page, Tx
 from crmsync.idempotency import Answer, fingerprint, idempotent
-from crmsync.observability import CALL_RESULTS
 from crmsync.sync.service import sync_record_create
 from crmsync.times import Rfc3339
 
@@ -84,15 +83,9 @@ async def upload_calls(
         request_hash=fingerprint("POST", request.url.path, body),
         produce=produce,
     )
-    for batch in produced:
-        count_calls(batch)
+    for batch in produced:  # none when the answer was a stored one
+        service.call_count_metrics(batch)
     return JSONBytes(answer, status_code=status)
-
-
-def count_calls(batch: service.CallBatch) -> None:
-    CALL_RESULTS.labels("inserted").inc(batch.inserted)
-    CALL_RESULTS.labels("duplicate").inc(batch.duplicates)
-    CALL_RESULTS.labels("rejected").inc(batch.rejected)
 
 
 @router.get(

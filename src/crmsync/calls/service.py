@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from crmsync.calls.schemas import BATCH_ADAPTER, CALL_ADAPTER, CallIn
 from crmsync.db import Connection
 from crmsync.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
+from crmsync.observability import CALL_RESULTS
 from crmsync.pagination import Listing, PageRequest, SortKey, paginate
 from crmsync.phone import normalize_with_hint
 from crmsync.times import FUTURE_SKEW
@@ -191,6 +192,13 @@ async def call_insert_many(
         rejected=len(rejected),
         rejected_json=orjson.dumps(rejected).decode(),
     )
+
+
+def call_count_metrics(batch: CallBatch) -> None:
+    """Count an upload's results; called once its work is done (not for a replayed answer)."""
+    CALL_RESULTS.labels("inserted").inc(batch.inserted)
+    CALL_RESULTS.labels("duplicate").inc(batch.duplicates)
+    CALL_RESULTS.labels("rejected").inc(batch.rejected)
 
 
 async def call_list(
