@@ -1,12 +1,15 @@
-"""The command line: `crmsync serve | migrate | create-admin`. Calls the same services as
-the routes."""
+"""The command line: `crmsync serve | migrate | create-admin | backup | restore`. Calls the
+same services as the routes."""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -39,12 +42,23 @@ def serve(
     import uvicorn
 
     settings = _settings()
+    try:
+        settings.secret  # noqa: B018 - a missing or short secret stops us before any work
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
     url = db.database_url(settings)
     db.migrate(url)
     # Workers are fresh processes configured from the environment: hand them the
     # database and the signing key this process settled on.
     os.environ["CRMSYNC_DATABASE_URL"] = url
     os.environ["CRMSYNC_JWT_SECRET"] = settings.secret
+    if workers > 1:
+        # Workers are separate processes: their metrics meet in files in a fresh directory,
+        # set before any worker imports prometheus_client.
+        metrics_dir = tempfile.mkdtemp(prefix="crmsync-metrics-")
+        atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exiting normally instead
     # lets atexit stop the embedded PostgreSQL.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -124,3 +138,64 @@ def create_admin(
         typer.echo(f"admin {data.email} created")
     else:
         typer.echo(f"a user with email {data.email} already exists; nothing changed")
+
+
+@app.command("backup")
+def backup_command(
+    out: Annotated[
+        Path | None, typer.Option(help="Directory to write to [default: CRMSYNC_BACKUP_DIR]")
+    ] = None,
+    keep: Annotated[
+        int, typer.Option(min=1, help="Newest backups to keep; older are deleted")
+    ] = 14,
+) -> None:
+    """Write a timestamped pg_dump (custom format) of the database, then prune old ones."""
+    from crmsync import backup
+
+    settings = _settings()
+    url = db.database_url(settings)
+    major = asyncio.run(backup.server_major(url))
+    tool = backup.pg_tool("pg_dump", server_major=major, embedded=settings.embedded)
+    try:
+        path = backup.backup(url, out or settings.backup_dir, keep=keep, tool=tool)
+    except backup.BackupError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"backup written to {path} ({path.stat().st_size} bytes)")
+
+
+@app.command("restore")
+def restore_command(
+    file: Annotated[Path, typer.Argument(help="A file written by `crmsync backup`")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Drop everything in a non-empty database first")
+    ] = False,
+) -> None:
+    """Restore a backup into the database, which must be empty unless --force is given.
+    Stop the server first."""
+    from crmsync import backup
+
+    settings = _settings()
+    if not file.is_file():
+        typer.echo(f"no such backup file: {file}", err=True)
+        raise typer.Exit(1)
+    url = db.database_url(settings)
+    existing = asyncio.run(backup.user_relations(url))
+    if existing and not force:
+        typer.echo(
+            f"the database is not empty ({len(existing)} tables and sequences, e.g. "
+            f"{existing[0]}); restore into an empty one, or give --force to replace "
+            "everything in it",
+            err=True,
+        )
+        raise typer.Exit(1)
+    if existing:
+        asyncio.run(backup.empty_public_schema(url))
+    major = asyncio.run(backup.server_major(url))
+    tool = backup.pg_tool("pg_restore", server_major=major, embedded=settings.embedded)
+    try:
+        backup.restore(url, file, tool=tool)
+    except backup.BackupError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"restored {file}")

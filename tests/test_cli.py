@@ -1,0 +1,162 @@
+"""Contract: Command line (`crmsync serve`, `create-admin`) as real processes, and the
+graceful SIGTERM shutdown of Operations. Also the helpers other process tests share."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+
+from tests.conftest import TEST_SECRET
+
+CRMSYNC = str(Path(sys.executable).parent / "crmsync")
+PASSWORD = "admin-password-1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    """This environment without crmsync's or prometheus' settings, plus values."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("CRMSYNC_") and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
+    env.update({"CRMSYNC_BCRYPT_ROUNDS": "4", **values})
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CRMSYNC, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+@contextlib.contextmanager
+def serving(
+    *args: str, env: dict[str, str], cwd: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`crmsync serve` on a free port, up and answering /healthz; killed if still running
+    afterwards. Its stderr goes to cwd/serve.log."""
+    port = free_port()
+    log = (cwd / "serve.log").open("wb")
+    process = subprocess.Popen(
+        [CRMSYNC, "serve", "--port", str(port), *args], env=env, cwd=cwd, stdout=log, stderr=log
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, (cwd / "serve.log").read_text()
+            assert time.monotonic() < deadline, "crmsync serve did not come up"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        yield process, base
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        log.close()
+
+
+def postgres_processes(pgdata: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["name"] == "postgres" and any(str(pgdata) in part for part in cmdline):
+            found.append(proc)
+    return found
+
+
+def create_admin(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return run_cli(
+        "create-admin",
+        "--email",
+        "Boss@Example.com",
+        "--name",
+        "Boss",
+        env={**env, "CRMSYNC_ADMIN_PASSWORD": PASSWORD},
+        cwd=cwd,
+    )
+
+
+def check_create_admin_and_login(env: dict[str, str], cwd: Path, base: str) -> str:
+    first = create_admin(env, cwd)
+    assert first.returncode == 0, first.stderr
+    assert "created" in first.stdout
+    second = create_admin(env, cwd)
+    assert second.returncode == 0, second.stderr
+    assert "already exists" in second.stdout
+    r = httpx.post(base + "/auth/login", json={"email": "boss@example.com", "password": PASSWORD})
+    assert r.status_code == 200, r.text
+    token: str = r.json()["token"]
+    me = httpx.get(base + "/auth/me", headers={"Authorization": f"Bearer {token}"})
+    assert me.status_code == 200 and me.json()["is_admin"] is True
+    return token
+
+
+def test_serve_embedded_create_admin_login_and_sigterm(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    # Slow hashes, so the sign-in below is still running when SIGTERM arrives.
+    env = clean_env(CRMSYNC_DATA_DIR=str(data_dir), CRMSYNC_BCRYPT_ROUNDS="13")
+    with serving(env=env, cwd=tmp_path) as (process, base):
+        check_create_admin_and_login(env, tmp_path, base)
+        pgdata = (data_dir / "pgdata").resolve()
+        assert postgres_processes(pgdata)
+
+        in_flight: list[httpx.Response] = []
+        login = threading.Thread(
+            target=lambda: in_flight.append(
+                httpx.post(
+                    base + "/auth/login",
+                    json={"email": "boss@example.com", "password": PASSWORD},
+                    timeout=30,
+                )
+            )
+        )
+        login.start()
+        time.sleep(0.25)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, (tmp_path / "serve.log").read_text()
+        login.join(10)
+        assert in_flight and in_flight[0].status_code == 200  # finished, not cut off
+
+    assert not postgres_processes(pgdata)
+    assert not (pgdata / "postmaster.pid").exists()
+
+
+def test_serve_with_database_url(
+    tmp_path: Path, make_database: Callable[[str], Awaitable[str]]
+) -> None:
+    url = asyncio.run(make_database(f"crmsync_cli_{os.getpid()}"))
+    env = clean_env(CRMSYNC_DATABASE_URL=url, CRMSYNC_JWT_SECRET=TEST_SECRET)
+    with serving(env=env, cwd=tmp_path) as (process, base):
+        check_create_admin_and_login(env, tmp_path, base)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    assert not (tmp_path / "data").exists()  # no embedded server was started
+
+
+def test_serve_refuses_to_start_without_a_secret_for_a_database_url(tmp_path: Path) -> None:
+    env = clean_env(CRMSYNC_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
+    result = run_cli("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "CRMSYNC_JWT_SECRET is required" in result.stderr
