@@ -198,4 +198,7 @@ def restore_command(
     except backup.BackupError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
+    used = asyncio.run(backup.advance_transaction_ids(url))
+    if used:
+        typer.echo(f"advanced the transaction counter by {used} for the contacts changes feed")
     typer.echo(f"restored {file}")

@@ -1,0 +1,147 @@
+"""Operations: `crmsync backup` and `crmsync restore` give back every row of every table."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from crmsync import backup, db
+from tests.test_cli import clean_env, run_cli
+
+SEED = """
+INSERT INTO users (id, name, email, password_hash, is_admin, deleted_at) VALUES
+  ('00000000-0000-0000-0000-000000000001', 'Ann', 'ann@example.com', '$2b$04$hash', true, NULL),
+  ('00000000-0000-0000-0000-000000000002', 'Bob', 'bob@example.com', '$2b$04$hash', false, NULL),
+  ('00000000-0000-0000-0000-000000000003', 'Gone', 'gone@example.com', 'x', false, now());
+INSERT INTO contacts (name, phone_raw, phone_normalized, created_by, created_at, deleted)
+  SELECT 'Contact ' || i, '(415) 555-' || lpad(i::text, 4, '0'), '+1415555' || lpad(i::text, 4, '0'),
+         '00000000-0000-0000-0000-000000000001', '2026-01-01T00:00:00.123456Z'::timestamptz + i * interval '1 minute',
+         i % 7 = 0
+  FROM generate_series(1, 50) i;
+INSERT INTO call_logs (user_id, contact_id, phone_raw, phone_normalized, direction, duration_seconds, "timestamp")
+  SELECT '00000000-0000-0000-0000-000000000002', c.id, c.phone_raw, c.phone_normalized,
+         (ARRAY['incoming', 'outgoing', 'missed'])[1 + c.n % 3], c.n * 7, c.created_at + interval '1 day'
+  FROM (SELECT *, row_number() OVER (ORDER BY phone_normalized) AS n FROM contacts) c;
+INSERT INTO call_logs (user_id, phone_raw, direction, duration_seconds, "timestamp")
+  VALUES ('00000000-0000-0000-0000-000000000001', '*123#', 'outgoing', 3, '2026-02-01T10:00:00Z'),
+         ('00000000-0000-0000-0000-000000000001', NULL, 'missed', 0, '2026-02-01T11:00:00Z');
+INSERT INTO sync_audit (user_id, synced_contacts, synced_calls, kind, details)
+  VALUES ('00000000-0000-0000-0000-000000000001', 3, 0, 'contacts', '{"created": 2, "replaced": 1}'),
+         ('00000000-0000-0000-0000-000000000002', 0, 9, 'calls', '{"inserted": 9, "duplicates": 0}'),
+         ('00000000-0000-0000-0000-000000000002', 1, 2, 'sync', '{}');
+INSERT INTO idempotency_keys (user_id, key, request_hash, status_code, response)
+  VALUES ('00000000-0000-0000-0000-000000000002', 'k1', '\\x00ff10', 200, '{"ok":true}'::bytea);
+INSERT INTO login_throttle VALUES ('bob@example.com', 2, now(), NULL);
+INSERT INTO revoked_tokens VALUES (gen_random_uuid(), now() + interval '1 day');
+"""
+
+
+async def snapshot(url: str) -> dict[str, list[str]]:
+    """Every row of every table (and the sequences' positions), in a stable order."""
+    conn = await asyncpg.connect(url)
+    try:
+        tables = await conn.fetch(
+            "SELECT table_name FROM information_schema.tables"
+            " WHERE table_schema = 'public' AND table_type = 'BASE TABLE' ORDER BY 1"
+        )
+        rows = {
+            t["table_name"]: [
+                r[0]
+                for r in await conn.fetch(
+                    f'SELECT row_to_json(t)::text FROM "{t["table_name"]}" t ORDER BY 1'
+                )
+            ]
+            for t in tables
+        }
+        rows["<sequences>"] = [
+            f"{r['sequencename']}={r['last_value']}"
+            for r in await conn.fetch(
+                "SELECT sequencename, last_value FROM pg_sequences ORDER BY 1"
+            )
+        ]
+        return rows
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def source(make_database: Callable[[str], Awaitable[str]]) -> str:
+    url = asyncio.run(make_database(f"crmsync_backup_src_{os.getpid()}"))
+    db.migrate(url)
+
+    async def seed() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(SEED)
+        finally:
+            await conn.close()
+
+    asyncio.run(seed())
+    return url
+
+
+def test_backup_restore_round_trip(
+    source: str, make_database: Callable[[str], Awaitable[str]], tmp_path: Path
+) -> None:
+    target = asyncio.run(make_database(f"crmsync_backup_dst_{os.getpid()}"))
+    out = tmp_path / "backups"
+    for _ in range(2):
+        made = run_cli(
+            "backup",
+            "--out",
+            str(out),
+            "--keep",
+            "1",
+            env=clean_env(CRMSYNC_DATABASE_URL=source),
+            cwd=tmp_path,
+        )
+        assert made.returncode == 0, made.stderr
+        assert "backup written to" in made.stdout
+    files = backup.backups(out)
+    assert len(files) == 1  # pruned to --keep
+    assert files[0].name.startswith("crmsync-") and files[0].read_bytes()[:5] == b"PGDMP"
+    assert stat.S_IMODE(files[0].stat().st_mode) == 0o600  # it holds password hashes
+    assert not list(out.glob(".*partial"))
+
+    restore_env = clean_env(CRMSYNC_DATABASE_URL=target)
+    restored = run_cli("restore", str(files[0]), env=restore_env, cwd=tmp_path)
+    assert restored.returncode == 0, restored.stderr
+    expected = asyncio.run(snapshot(source))
+    assert expected["contacts"] and expected["call_logs"] and expected["sync_audit"]
+    assert asyncio.run(snapshot(target)) == expected
+
+    refused = run_cli("restore", str(files[0]), env=restore_env, cwd=tmp_path)
+    assert refused.returncode == 1
+    assert "not empty" in refused.stderr
+
+    forced = run_cli("restore", "--force", str(files[0]), env=restore_env, cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert asyncio.run(snapshot(target)) == expected
+
+
+def test_restore_moves_transaction_ids_past_the_changes_feed(source: str) -> None:
+    """A dump restored into a younger cluster: new contact writes must still sort last."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(source)
+        try:
+            await conn.execute("ALTER TABLE contacts DISABLE TRIGGER contacts_track_change")
+            ahead = await conn.fetchval(
+                "UPDATE contacts SET change_xid = pg_current_xact_id()::text::bigint + 3000"
+                " WHERE name = 'Contact 1' RETURNING change_xid"
+            )
+            await conn.execute("ALTER TABLE contacts ENABLE TRIGGER contacts_track_change")
+            assert await backup.advance_transaction_ids(source) > 0
+            now = await conn.fetchval("SELECT pg_current_xact_id()::text::bigint")
+            assert now > ahead
+            assert await backup.advance_transaction_ids(source) == 0
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
