@@ -1,0 +1,130 @@
+"""Operations: one JSON log line per request, and no secret in any log line."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import asyncpg
+import httpx
+import pytest
+
+from crmsync.observability import JsonFormatter, redact
+from tests.conftest import Account
+
+
+class JsonLog:
+    """What the server writes to stderr: every record, formatted as it is emitted."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+        self.handler = logging.StreamHandler(self.stream)
+        self.handler.setFormatter(JsonFormatter())
+
+    def lines(self) -> list[str]:
+        return self.stream.getvalue().splitlines()
+
+
+@pytest.fixture
+def log() -> Iterator[JsonLog]:
+    captured = JsonLog()
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(captured.handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield captured
+    finally:
+        root.removeHandler(captured.handler)
+        root.setLevel(level)
+
+
+async def test_one_json_access_line_per_request(
+    client: httpx.AsyncClient, user: Account, log: JsonLog
+) -> None:
+    r = await client.get(
+        "/auth/me", headers={**user.headers, "X-Request-ID": "req-42", "X-Device-ID": "pixel-7"}
+    )
+    assert r.status_code == 200 and r.headers["x-request-id"] == "req-42"
+    access = [json.loads(line) for line in log.lines() if '"crmsync.access"' in line]
+    assert len(access) == 1
+    entry = access[0]
+    assert entry["time"].endswith("Z") and entry["level"] == "info"
+    assert entry["request_id"] == "req-42"
+    assert (entry["method"], entry["route"], entry["status"]) == ("GET", "/auth/me", 200)
+    assert entry["user_id"] == user.id and entry["device_id"] == "pixel-7"
+    assert isinstance(entry["duration_ms"], float)
+
+
+async def test_errors_are_logged_as_json_with_the_request_id(
+    client: httpx.AsyncClient, log: JsonLog
+) -> None:
+    app = client.app  # type: ignore[attr-defined]
+
+    @app.get("/_log_boom_for_test")
+    async def boom() -> None:
+        raise RuntimeError("kaboom")
+
+    try:
+        r = await client.get("/_log_boom_for_test", headers={"X-Request-ID": "boom-1"})
+        assert r.status_code == 500
+    finally:
+        app.router.routes.pop()
+    entries = [json.loads(line) for line in log.lines()]
+    error = next(e for e in entries if e["level"] == "error")
+    assert error["request_id"] == "boom-1" and "kaboom" in error["exc"]
+    assert any(e.get("status") == 500 and e["request_id"] == "boom-1" for e in entries)
+
+
+async def test_no_password_token_or_hash_in_any_log_line(
+    client: httpx.AsyncClient,
+    admin: Account,
+    conn: asyncpg.Connection,
+    log: JsonLog,
+) -> None:
+    new_password = "n3w-user-pa55word"
+    r = await client.post(
+        "/users",
+        json={"name": "New", "email": "new@example.com", "password": new_password},
+        headers=admin.headers,
+    )
+    assert r.status_code == 201, r.text
+    login = await client.post(
+        "/auth/login", json={"email": "new@example.com", "password": new_password}
+    )
+    token = login.json()["token"]
+    wrong = "wr0ng-pa55word-guess"
+    assert (
+        await client.post("/auth/login", json={"email": "new@example.com", "password": wrong})
+    ).status_code == 401
+    short = "short"
+    assert (
+        await client.post(
+            "/users",
+            json={"name": "X", "email": "x@example.com", "password": short},
+            headers=admin.headers,
+        )
+    ).status_code == 422
+    forged = token[:-4] + "AAAA"
+    for bad in (forged, "not-a-token"):
+        r = await client.get("/auth/me", headers={"Authorization": f"Bearer {bad}"})
+        assert r.status_code == 401
+    assert (await client.get("/auth/me", headers={"Authorization": f"Bearer {token}"})).is_success
+    assert (await client.post("/auth/logout", headers=admin.headers)).status_code == 204
+
+    hashes = [row[0] for row in await conn.fetch("SELECT password_hash FROM users")]
+    secrets = [new_password, wrong, token, forged, admin.token, admin.password, *hashes]
+    logged = log.lines()
+    assert len([line for line in logged if '"crmsync.access"' in line]) >= 7
+    for line in logged:
+        for secret in secrets:
+            assert secret not in line, line
+
+
+def test_redaction_net_catches_tokens_and_hashes_in_messages() -> None:
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2lnbmF0dXJlLXBhcnQ"
+    bcrypt = "$2b$12$" + "a" * 53
+    assert redact(f"bad {jwt} and {bcrypt}!") == "bad [redacted] and [redacted]!"
+    assert redact("plain message") == "plain message"
