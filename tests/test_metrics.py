@@ -13,7 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 
+from crmsync import observability
 from crmsync.main import create_app
 from tests.conftest import Account, assert_problem, make_settings
 from tests.test_cli import clean_env, serving
@@ -199,6 +201,8 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
             r = await get(app, "/readyz")
             assert time.monotonic() - started < 2
             assert_problem(r, 503, "unavailable")
+            await observability.probe_database(app.state.pool)
+            assert REGISTRY.get_sample_value("crmsync_database_up") == 0
             pg_ctl(
                 ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(server.log), "start"],
                 pgdata=server.pgdata,
@@ -208,5 +212,7 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
             while (r := await get(app, "/readyz")).status_code != 200:
                 assert time.monotonic() < deadline, r.text
                 await asyncio.sleep(0.1)
+            await observability.probe_database(app.state.pool)
+            assert REGISTRY.get_sample_value("crmsync_database_up") == 1
     finally:
         server.cleanup()

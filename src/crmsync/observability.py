@@ -78,6 +78,11 @@ POOL_MAX = Gauge(
     "Most connections the pools may open",
     multiprocess_mode="livesum",
 )
+DATABASE_UP = Gauge(
+    "crmsync_database_up",
+    "1 when the database answered the last probe, else 0",
+    multiprocess_mode="livemin",
+)
 POOL_SAMPLE_SECONDS = 5.0
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -105,11 +110,23 @@ def _sample_pool(pool: Pool) -> None:
     POOL_MAX.set(pool.get_max_size())
 
 
+async def probe_database(pool: Pool) -> None:
+    try:
+        async with asyncio.timeout(2):
+            await pool.fetchval("SELECT 1")
+    except Exception:
+        DATABASE_UP.set(0)
+    else:
+        DATABASE_UP.set(1)
+
+
 async def sample_pool(pool: Pool) -> None:
-    """Keeps the pool gauges current (every worker's, for a scrape that reaches one)."""
+    """Keeps the pool gauges current (every worker's, for a scrape that reaches one) and
+    probes the database."""
     try:
         while True:
             _sample_pool(pool)
+            await probe_database(pool)
             await asyncio.sleep(POOL_SAMPLE_SECONDS)
     finally:
         if MULTIPROCESS:
