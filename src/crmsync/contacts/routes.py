@@ -1,5 +1,287 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+import time
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+
+from crmsync.calls.service import batch_items, parse_json
+from crmsync.contacts import service
+from crmsync.contacts.schemas import (
+    MAX_BATCH,
+    MAX_QUERY_LENGTH,
+    ContactBatchOut,
+    ContactChangesOut,
+    ContactCreate,
+    ContactOut,
+    ContactPage,
+    ContactUpdate,
+    ContactUpsertOut,
+    contacts_body_schema,
+)
+from crmsync.deps import AppSettings, Conn, CurrentUser, JSONBytes, Page, Tx
+from crmsync.idempotency import Answer, fingerprint, idempotent
+from crmsync.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from crmsync.sync.service import sync_record_create
 
 router = APIRouter(prefix="/contacts", tags=["contacts"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(description="1..200 characters; a repeat with the same body gets the first answer"),
+]
+DeviceId = Annotated[
+    str | None, Header(description="Stable per-install id, kept on the sync record")
+]
+IfMatch = Annotated[
+    str | None,
+    Header(description="The contact's ETag: a stale one is 412 and nothing changes"),
+]
+
+
+def etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def if_match_versions(header: str | None) -> list[int] | None:
+    """The versions an If-Match header names; None when it sets no condition (absent, `*`).
+    An entity tag this server never made names no version, so it never matches."""
+    if header is None or header.strip() == "*":
+        return None
+    versions = []
+    for tag in header.split(","):
+        tag = tag.strip().removeprefix("W/")
+        if len(tag) >= 3 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
+            versions.append(int(tag[1:-1]))
+    return versions
+
+
+@router.get(
+    "",
+    response_model=ContactPage,
+    summary="List contacts",
+    description="Live contacts ordered by name, then id.",
+)
+async def list_contacts(user: CurrentUser, conn: Conn, page: Page) -> Response:
+    return JSONBytes(await service.contact_list(conn, page))
+
+
+@router.get(
+    "/search",
+    response_model=ContactPage,
+    summary="Search contacts",
+    description="Mostly digits (at least 3, making up at least 60% of the non-space "
+    "characters): live contacts whose E.164 digits contain them, ordered by name. "
+    "Otherwise a case-insensitive substring match on the name, names starting with `q` "
+    "first, then by name.",
+)
+async def search_contacts(
+    user: CurrentUser,
+    conn: Conn,
+    page: Page,
+    q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_LENGTH)],
+) -> Response:
+    return JSONBytes(await service.contact_search(conn, page, q=q))
+
+
+@router.get(
+    "/lookup",
+    response_model=ContactOut,
+    summary="Caller ID: the contact of a number",
+    description="The live contact with that number in any spelling; 404 when none, 422 "
+    "for an impossible number.",
+    responses={404: {"description": "`not_found`: no live contact has that number"}},
+)
+async def lookup_contact(
+    user: CurrentUser,
+    conn: Conn,
+    settings: AppSettings,
+    phone: Annotated[str, Query(min_length=1, max_length=200)],
+) -> Response:
+    return JSONBytes(
+        await service.contact_lookup(conn, phone=phone, region=settings.default_region)
+    )
+
+
+@router.get(
+    "/changes",
+    response_model=ContactChangesOut,
+    summary="Contacts changed since a cursor",
+    description="Every contact created, changed or deleted after `cursor` (tombstones "
+    "included), oldest change first; no cursor: from the beginning. `next_cursor` is "
+    "always set; `has_more` says whether to follow it now. A contact changed twice appears "
+    "once, at its latest state; changes committed during a pull are never missed.",
+)
+async def contact_changes(
+    request: Request,
+    user: CurrentUser,
+    conn: Conn,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    cursor: Annotated[str | None, Query(max_length=2000)] = None,
+) -> Response:
+    changes = await service.contact_changes_page(
+        conn, cursor=cursor, limit=limit, key=request.app.state.cursor_key
+    )
+    has_more = b"true" if changes.has_more else b"false"
+    return JSONBytes(
+        b'{"items":'
+        + changes.items_json.encode()
+        + f',"limit":{limit},"next_cursor":"{changes.next_cursor}","has_more":'.encode()
+        + has_more
+        + b"}"
+    )
+
+
+@router.get(
+    "/{contact_id}",
+    response_model=ContactOut,
+    summary="One contact",
+    description="With an `ETag` header, for `If-Match` on PUT and DELETE. A deleted "
+    "contact is 404.",
+)
+async def get_contact(contact_id: uuid.UUID, user: CurrentUser, conn: Conn) -> Response:
+    contact = await service.contact_get(conn, contact_id)
+    return JSONBytes(contact.json, headers={"ETag": etag(contact.version)})
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ContactUpsertOut,
+    summary="Create a contact (older wins)",
+    description="No live contact with that number: 201 `created` (a deleted contact of "
+    "that number is revived with its id). One exists and the incoming `created_at` is "
+    "strictly older: 200 `replaced` (it takes the incoming name, phone_raw, created_at and "
+    "the caller as created_by). Otherwise 200 `existing` with the server's version.",
+    responses={200: {"model": ContactUpsertOut, "description": "`replaced` or `existing`"}},
+)
+async def create_contact(
+    body: ContactCreate, user: CurrentUser, conn: Tx, settings: AppSettings
+) -> Response:
+    upsert = await service.contact_upsert(
+        conn,
+        name=body.name,
+        phone_raw=body.phone_raw,
+        phone_hint=body.phone_normalized,
+        created_at=body.created_at,
+        user_id=user.id,
+        region=settings.default_region,
+    )
+    service.contact_count_metrics({upsert.result: 1})
+    return JSONBytes(upsert.json, status_code=201 if upsert.result == "created" else 200)
+
+
+@router.post(
+    "/batch",
+    response_model=ContactBatchOut,
+    summary="Upload contacts",
+    description=f"1..{MAX_BATCH} contacts as for POST /contacts, in one transaction; "
+    "results by index in request order, invalid items `rejected` and the rest stored. "
+    "Items of one number are resolved by the same older-wins rule in request order; each "
+    "answers its number's contact as the batch leaves it. Writes one sync record.",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": contacts_body_schema()}},
+        }
+    },
+)
+async def upload_contacts(
+    request: Request,
+    user: CurrentUser,
+    conn: Tx,
+    settings: AppSettings,
+    idempotency_key: IdempotencyKey = None,
+    x_device_id: DeviceId = None,
+) -> Response:
+    body = await request.body()
+    produced: list[service.ContactBatch] = []
+
+    async def produce() -> Answer:
+        started = time.perf_counter()
+        items = batch_items(parse_json(body), loc=("body",), max_items=MAX_BATCH)
+        batch = await service.contact_upsert_many(
+            conn, items, user_id=user.id, region=settings.default_region
+        )
+        counts = batch.counts
+        sync_id = await sync_record_create(
+            conn,
+            user_id=user.id,
+            kind="contacts",
+            synced_contacts=counts["created"] + counts["replaced"],
+            synced_calls=0,
+            details={
+                **counts,
+                "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
+                "device_id": x_device_id[:200] if x_device_id else None,
+            },
+        )
+        produced.append(batch)
+        return 200, f'{{"sync_id":"{sync_id}","results":{batch.results_json}}}'.encode()
+
+    status, answer = await idempotent(
+        conn,
+        user_id=user.id,
+        key=idempotency_key,
+        request_hash=fingerprint("POST", request.url.path, body),
+        produce=produce,
+    )
+    for batch in produced:  # none when the answer was a stored one
+        service.contact_count_metrics(batch.counts)
+    return JSONBytes(answer, status_code=status)
+
+
+@router.put(
+    "/{contact_id}",
+    response_model=ContactOut,
+    summary="Change a contact (owner or admin)",
+    description="`If-Match` with the contact's ETag: a stale one is 412 and nothing "
+    "changes; without it the last write wins. A number another contact has (deleted ones "
+    "included) is 409 `phone_taken` with that contact in `contact`.",
+    responses={
+        409: {"description": "`phone_taken`: another contact has that number"},
+        412: {"description": "`precondition_failed`: If-Match does not match the ETag"},
+    },
+)
+async def update_contact(
+    contact_id: uuid.UUID,
+    body: ContactUpdate,
+    user: CurrentUser,
+    conn: Conn,
+    settings: AppSettings,
+    if_match: IfMatch = None,
+) -> Response:
+    contact = await service.contact_update(
+        conn,
+        contact_id,
+        name=body.name,
+        phone_raw=body.phone_raw,
+        user_id=user.id,
+        is_admin=user.is_admin,
+        if_match=if_match_versions(if_match),
+        region=settings.default_region,
+    )
+    return JSONBytes(contact.json, headers={"ETag": etag(contact.version)})
+
+
+@router.delete(
+    "/{contact_id}",
+    status_code=204,
+    response_class=Response,
+    summary="Delete a contact (owner or admin)",
+    description="Soft delete: the contact stays as a tombstone (`deleted: true`) that the "
+    "changes feed reports, and keeps its calls. `If-Match` as for PUT.",
+    responses={412: {"description": "`precondition_failed`: If-Match does not match the ETag"}},
+)
+async def delete_contact(
+    contact_id: uuid.UUID, user: CurrentUser, conn: Conn, if_match: IfMatch = None
+) -> Response:
+    await service.contact_delete(
+        conn,
+        contact_id,
+        user_id=user.id,
+        is_admin=user.is_admin,
+        if_match=if_match_versions(if_match),
+    )
+    return Response(status_code=204)

@@ -1,0 +1,551 @@
+"""Contacts: the older-wins upsert (single and batch), reads, edits, soft deletes and the
+changes feed. One number is one contact: phone_normalized is unique over all rows,
+tombstones included, so a deleted contact keeps its calls and comes back with its id."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+from pydantic import ValidationError
+
+from crmsync.contacts.schemas import BATCH_ADAPTER, CONTACT_ADAPTER, ContactIn, Result
+from crmsync.db import Connection
+from crmsync.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    PhoneTaken,
+    PreconditionFailed,
+    ValidationFailed,
+)
+from crmsync.observability import CONTACT_RESULTS
+from crmsync.pagination import Listing, PageRequest, SortKey, decode_cursor, encode_cursor, paginate
+from crmsync.phone import normalize, normalize_with_hint
+
+Loc = Sequence[str | int]
+
+CONTACT_JSON = """json_build_object(
+    'id', c.id, 'name', c.name, 'phone_raw', c.phone_raw,
+    'phone_normalized', c.phone_normalized, 'created_by', c.created_by,
+    'created_at', api_time(c.created_at), 'updated_at', api_time(c.updated_at),
+    'deleted', c.deleted)"""
+
+NOT_A_PHONE = "Not a possible phone number"
+
+# The older-wins rule, in two statements of the caller's transaction.
+#
+# 1. One upsert of the batch's winner per number, as if that number were new: the first
+#    item of a number creates it (no created_at: the server's time), a later item with a
+#    strictly older created_at takes its place. A number nobody has is inserted; a
+#    tombstone is revived in place (same id, so its calls stay linked). A live row is
+#    left alone, but ON CONFLICT DO UPDATE locks it even when its WHERE is false. Calls
+#    waiting for a created or revived number are linked in the same statement.
+#    Rows go in in number order, so concurrent batches lock them in one order.
+UPSERT_SQL = """
+WITH item AS (
+    SELECT * FROM json_to_recordset($1::json)
+        AS i(i int, name text, phone_raw text, phone text, created_at timestamptz)
+), effective AS (
+    SELECT *, CASE WHEN row_number() OVER (PARTITION BY phone ORDER BY i) = 1
+                   THEN coalesce(created_at, now()) ELSE created_at END AS eff
+    FROM item
+), winner AS (
+    SELECT DISTINCT ON (phone) phone, name, phone_raw, eff
+    FROM effective ORDER BY phone, eff NULLS LAST, i
+), created AS (
+    INSERT INTO contacts AS c (name, phone_raw, phone_normalized, created_by, created_at)
+    SELECT name, phone_raw, phone, $2::uuid, eff FROM winner ORDER BY phone
+    ON CONFLICT (phone_normalized) DO UPDATE
+        SET name = excluded.name, phone_raw = excluded.phone_raw,
+            created_by = excluded.created_by, created_at = excluded.created_at, deleted = false
+        WHERE c.deleted
+    RETURNING c.id, c.phone_normalized
+), linked AS (
+    UPDATE call_logs l SET contact_id = created.id FROM created
+    WHERE l.contact_id IS NULL AND l.phone_normalized IS NOT NULL
+      AND l.phone_normalized = created.phone_normalized
+)
+SELECT coalesce(array_agg(phone_normalized), '{}') FROM created"""
+
+# 2. Every other number of the batch now has a live row that this transaction holds
+#    locked, so this statement's snapshot shows its final state before the batch: an
+#    item strictly older than it and than every earlier item of its number replaces it.
+#    Each item's result is that rule replayed in request order (window functions); every
+#    item answers its number's contact as the batch leaves it.
+RESULTS_SQL = f"""
+WITH item AS (
+    SELECT * FROM json_to_recordset($1::json)
+        AS i(i int, name text, phone_raw text, phone text, created_at timestamptz)
+), old AS (
+    SELECT c.id, c.phone_normalized AS phone, c.created_at
+    FROM contacts c
+    WHERE c.phone_normalized IN (SELECT phone FROM item)
+      AND c.phone_normalized <> ALL($3::text[])
+), winner AS (
+    SELECT DISTINCT ON (o.id) o.id, it.name, it.phone_raw, it.created_at
+    FROM item it JOIN old o USING (phone)
+    WHERE it.created_at < o.created_at
+    ORDER BY o.id, it.created_at, it.i
+), replaced AS (
+    UPDATE contacts c
+    SET name = w.name, phone_raw = w.phone_raw, created_by = $2::uuid, created_at = w.created_at
+    FROM winner w WHERE c.id = w.id
+    RETURNING c.phone_normalized AS phone, {CONTACT_JSON} AS json
+), current AS (
+    SELECT c.phone_normalized AS phone, {CONTACT_JSON} AS json
+    FROM contacts c WHERE c.phone_normalized IN (SELECT phone FROM item)
+), effective AS (
+    SELECT it.i, it.phone, it.created_at, o.created_at AS base,
+           o.id IS NULL AND row_number() OVER (PARTITION BY it.phone ORDER BY it.i) = 1
+               AS creates
+    FROM item it LEFT JOIN old o USING (phone)
+), judged AS (
+    SELECT i, phone, CASE
+        WHEN creates THEN 'created'
+        WHEN created_at < least(base, min(CASE WHEN creates THEN coalesce(created_at, now())
+                                               ELSE created_at END)
+                                      OVER (PARTITION BY phone ORDER BY i
+                                            ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING))
+        THEN 'replaced'
+        ELSE 'existing' END AS result
+    FROM effective
+), answer AS (
+    SELECT j.i, j.result, CASE WHEN $5::bool
+        THEN json_build_object('index', j.i, 'result', j.result,
+                               'contact', coalesce(r.json, cur.json))
+        ELSE json_build_object('result', j.result, 'contact', coalesce(r.json, cur.json))
+        END AS json
+    FROM judged j JOIN current cur USING (phone) LEFT JOIN replaced r USING (phone)
+    UNION ALL
+    SELECT (x ->> 'index')::int, 'rejected', x FROM json_array_elements($4::json) x
+)
+SELECT coalesce(json_agg(json ORDER BY i), '[]')::text AS results,
+       count(*) FILTER (WHERE result = 'created') AS created,
+       count(*) FILTER (WHERE result = 'replaced') AS replaced,
+       count(*) FILTER (WHERE result = 'existing') AS existing,
+       count(*) FILTER (WHERE result = 'rejected') AS rejected
+FROM answer"""
+
+
+@dataclass(frozen=True)
+class ContactBatch:
+    results_json: str  # JSON array, request order: {index, result, contact} | {index, result: "rejected", errors}
+    counts: dict[str, int]  # created, replaced, existing, rejected
+
+
+@dataclass(frozen=True)
+class ContactUpsert:
+    result: Result
+    json: str  # {"result", "contact"}
+
+
+@dataclass(frozen=True)
+class ContactVersion:
+    json: str  # the contact
+    version: int  # change_seq: moves on every write, so it makes the ETag
+
+
+def _problems(error: ValidationError, loc: tuple[str | int, ...]) -> list[dict[str, Any]]:
+    return [
+        {"loc": [*loc, *e["loc"]], "msg": e["msg"], "type": e["type"]}
+        for e in error.errors(include_url=False, include_context=False, include_input=False)
+    ]
+
+
+def _validate(
+    items: Sequence[object], loc: tuple[str | int, ...], region: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows to store, rejected results). The whole list is validated in one call; only a
+    list with an invalid item is gone through item by item to tell which ones."""
+    valid: list[tuple[int, ContactIn]] = []
+    rejected: list[dict[str, Any]] = []
+    try:
+        valid = list(enumerate(BATCH_ADAPTER.validate_python(items)))
+    except ValidationError:
+        for index, item in enumerate(items):
+            try:
+                valid.append((index, CONTACT_ADAPTER.validate_python(item)))
+            except ValidationError as exc:
+                rejected.append(
+                    {"index": index, "result": "rejected", "errors": _problems(exc, (*loc, index))}
+                )
+    rows: list[dict[str, Any]] = []
+    for index, contact in valid:
+        phone = normalize_with_hint(contact["phone_raw"], contact.get("phone_normalized"), region)
+        if phone is None:
+            error = {"loc": [*loc, index, "phone_raw"], "msg": NOT_A_PHONE, "type": "phone"}
+            rejected.append({"index": index, "result": "rejected", "errors": [error]})
+            continue
+        rows.append(
+            {
+                "i": index,
+                "name": contact["name"],
+                "phone_raw": contact["phone_raw"],
+                "phone": phone,
+                "created_at": contact.get("created_at"),
+            }
+        )
+    return rows, rejected
+
+
+async def _upsert(
+    conn: Connection,
+    rows: list[dict[str, Any]],
+    rejected: list[dict[str, Any]],
+    *,
+    user_id: uuid.UUID,
+    indexed: bool,
+) -> tuple[str, dict[str, int]]:
+    # The row locks taken by the first statement must last until the second has run.
+    assert conn.is_in_transaction(), "contacts are upserted inside a transaction"
+    rejected.sort(key=lambda r: int(r["index"]))
+    rejected_json = orjson.dumps(rejected).decode()
+    if not rows:
+        counts = {"created": 0, "replaced": 0, "existing": 0, "rejected": len(rejected)}
+        return rejected_json, counts
+    rows_json = orjson.dumps(rows).decode()
+    created = await conn.fetchval(UPSERT_SQL, rows_json, user_id)
+    record = await conn.fetchrow(RESULTS_SQL, rows_json, user_id, created, rejected_json, indexed)
+    assert record is not None
+    counts = {k: int(record[k]) for k in ("created", "replaced", "existing", "rejected")}
+    return str(record["results"]), counts
+
+
+async def contact_upsert_many(
+    conn: Connection,
+    items: Sequence[object],
+    *,
+    user_id: uuid.UUID,
+    region: str,
+    loc: Loc = ("body",),
+) -> ContactBatch:
+    """Validate and store uploaded contacts by the older-wins rule, in the caller's
+    transaction; items of one number are resolved in request order. Writes no sync record."""
+    rows, rejected = _validate(items, tuple(loc), region)
+    results, counts = await _upsert(conn, rows, rejected, user_id=user_id, indexed=True)
+    return ContactBatch(results_json=results, counts=counts)
+
+
+async def contact_upsert(
+    conn: Connection,
+    *,
+    name: str,
+    phone_raw: str,
+    phone_hint: str | None,
+    created_at: datetime | None,
+    user_id: uuid.UUID,
+    region: str,
+) -> ContactUpsert:
+    """One validated contact by the older-wins rule (POST /contacts), in the caller's
+    transaction."""
+    phone = normalize_with_hint(phone_raw, phone_hint, region)
+    if phone is None:
+        raise ValidationFailed.one(["body", "phone_raw"], NOT_A_PHONE, "phone")
+    row = {"i": 0, "name": name, "phone_raw": phone_raw, "phone": phone, "created_at": created_at}
+    results, counts = await _upsert(conn, [row], [], user_id=user_id, indexed=False)
+    result: Result = next(r for r in ("created", "replaced", "existing") if counts[r])
+    return ContactUpsert(result=result, json=results[1:-1])
+
+
+def contact_count_metrics(counts: dict[str, int]) -> None:
+    """Count an upload's results; called once its work is done (not for a replayed answer)."""
+    for result, count in counts.items():
+        if count:
+            CONTACT_RESULTS.labels(result).inc(count)
+
+
+# Reads
+
+
+async def contact_list(conn: Connection, page: PageRequest) -> bytes:
+    listing = Listing(
+        scope="contacts",
+        from_sql="FROM contacts c",
+        item_json=CONTACT_JSON,
+        where=["NOT c.deleted"],
+        keys=[SortKey("c.name", "text"), SortKey("c.id", "uuid")],
+    )
+    return await paginate(conn, listing, page)
+
+
+_NON_DIGIT = re.compile(r"\D")
+
+
+def phone_digits(q: str) -> str | None:
+    """The digits to look for when q is mostly digits: at least 3, making up at least 60%
+    of its non-space characters."""
+    digits = _NON_DIGIT.sub("", q)
+    significant = len("".join(q.split()))
+    if len(digits) >= 3 and len(digits) >= 0.6 * significant:
+        return digits
+    return None
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+async def contact_search(conn: Connection, page: PageRequest, *, q: str) -> bytes:
+    """Live contacts whose E.164 digits contain q's digits (q mostly digits), ordered by
+    name; else whose name contains q (any case), names starting with q first."""
+    digits = phone_digits(q)
+    if digits is not None:
+        listing = Listing(
+            scope=f"contacts/search|phone|{digits}",
+            from_sql="FROM contacts c",
+            item_json=CONTACT_JSON,
+            where=["NOT c.deleted", "c.phone_normalized LIKE $1"],
+            params=[f"%{digits}%"],
+            keys=[SortKey("c.name", "text"), SortKey("c.id", "uuid")],
+        )
+    else:
+        listing = Listing(
+            scope=f"contacts/search|name|{q}",
+            from_sql="FROM contacts c",
+            item_json=CONTACT_JSON,
+            # $1 is '%q%' (served by the trigram index); without its leading '%' it is the
+            # prefix pattern 'q%' that ranks name prefixes first.
+            where=["NOT c.deleted", "c.name ILIKE $1"],
+            params=[f"%{_like_escape(q)}%"],
+            keys=[
+                SortKey("(CASE WHEN c.name ILIKE substr($1, 2) THEN 0 ELSE 1 END)", "int"),
+                SortKey("c.name", "text"),
+                SortKey("c.id", "uuid"),
+            ],
+        )
+    return await paginate(conn, listing, page)
+
+
+async def contact_lookup(conn: Connection, *, phone: str, region: str) -> str:
+    """The live contact with this number in any spelling (caller ID)."""
+    normalized = normalize(phone, region)
+    if normalized is None:
+        raise ValidationFailed.one(["query", "phone"], NOT_A_PHONE, "phone")
+    json: str | None = await conn.fetchval(
+        f"SELECT {CONTACT_JSON}::text FROM contacts c"
+        " WHERE c.phone_normalized = $1 AND NOT c.deleted",
+        normalized,
+    )
+    if json is None:
+        raise NotFound("No contact has that number")
+    return json
+
+
+async def contact_get(conn: Connection, contact_id: uuid.UUID) -> ContactVersion:
+    row = await conn.fetchrow(
+        f"SELECT {CONTACT_JSON}::text AS json, c.change_seq FROM contacts c"
+        " WHERE c.id = $1 AND NOT c.deleted",
+        contact_id,
+    )
+    if row is None:
+        raise NotFound("No such contact")
+    return ContactVersion(row["json"], row["change_seq"])
+
+
+# Writes to one contact. Each is one statement: the checks (live, owner or admin, If-Match,
+# number free) are in its WHERE, evaluated on the row's latest version, so a concurrent
+# write either happens before (and the check sees it) or waits.
+
+UPDATE_SQL = f"""
+WITH cur AS (
+    SELECT c.deleted, c.created_by, c.change_seq FROM contacts c WHERE c.id = $1
+), taken AS (
+    SELECT {CONTACT_JSON}::text AS json FROM contacts c
+    WHERE $4::text IS NOT NULL AND c.phone_normalized = $4::text AND c.id <> $1
+), upd AS (
+    UPDATE contacts c SET name = coalesce($2::text, c.name),
+        phone_raw = coalesce($3::text, c.phone_raw),
+        phone_normalized = coalesce($4::text, c.phone_normalized)
+    WHERE c.id = $1 AND NOT c.deleted AND ($5::bool OR c.created_by = $6::uuid)
+      AND ($7::bigint[] IS NULL OR c.change_seq = ANY($7::bigint[]))
+      AND NOT EXISTS (SELECT 1 FROM taken)
+    RETURNING c.id, c.phone_normalized, {CONTACT_JSON}::text AS json, c.change_seq
+), linked AS (
+    UPDATE call_logs l SET contact_id = u.id FROM upd u
+    WHERE $4::text IS NOT NULL AND l.contact_id IS NULL AND l.phone_normalized IS NOT NULL
+      AND l.phone_normalized = u.phone_normalized
+)
+SELECT (SELECT json FROM upd) AS json, (SELECT change_seq FROM upd) AS version,
+       (SELECT json FROM taken LIMIT 1) AS taken, cur.deleted, cur.created_by,
+       cur.change_seq AS current_version
+FROM (SELECT 1) one LEFT JOIN cur ON true"""
+
+DELETE_SQL = """
+WITH cur AS (
+    SELECT c.deleted, c.created_by, c.change_seq FROM contacts c WHERE c.id = $1
+), upd AS (
+    UPDATE contacts c SET deleted = true
+    WHERE c.id = $1 AND NOT c.deleted AND ($2::bool OR c.created_by = $3::uuid)
+      AND ($4::bigint[] IS NULL OR c.change_seq = ANY($4::bigint[]))
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM upd) AS done, NULL::text AS taken, cur.deleted, cur.created_by,
+       cur.change_seq AS current_version
+FROM (SELECT 1) one LEFT JOIN cur ON true"""
+
+
+def _refusal(
+    row: Any, *, user_id: uuid.UUID, is_admin: bool, if_match: Sequence[int] | None
+) -> Exception:
+    """Why a write to one contact changed nothing, in the order a client should hear it."""
+    if row["deleted"] is None or row["deleted"]:
+        return NotFound("No such contact")
+    if not is_admin and row["created_by"] != user_id:
+        return Forbidden("Only the contact's owner or an admin may change it")
+    if if_match is not None and row["current_version"] not in if_match:
+        return PreconditionFailed("The contact changed since that ETag")
+    if row["taken"] is not None:
+        return PhoneTaken("Another contact has that number", contact=orjson.Fragment(row["taken"]))
+    # The row changed between this statement's snapshot and its write.
+    if if_match is not None:
+        return PreconditionFailed("The contact changed since that ETag")
+    return NotFound("No such contact")
+
+
+async def contact_update(
+    conn: Connection,
+    contact_id: uuid.UUID,
+    *,
+    name: str | None,
+    phone_raw: str | None,
+    user_id: uuid.UUID,
+    is_admin: bool,
+    if_match: Sequence[int] | None,
+    region: str,
+) -> ContactVersion:
+    """Change a live contact's name or number (owner or admin). if_match: the versions the
+    client's If-Match names (None: last write wins)."""
+    phone = None
+    if phone_raw is not None:
+        phone = normalize(phone_raw, region)
+        if phone is None:
+            raise ValidationFailed.one(["body", "phone_raw"], NOT_A_PHONE, "phone")
+    try:
+        row = await conn.fetchrow(
+            UPDATE_SQL,
+            contact_id,
+            name,
+            phone_raw,
+            phone,
+            is_admin,
+            user_id,
+            None if if_match is None else list(if_match),
+        )
+    except asyncpg.UniqueViolationError:
+        # Another transaction gave the number to a contact after this one looked.
+        taken = await conn.fetchval(
+            f"SELECT {CONTACT_JSON}::text FROM contacts c WHERE c.phone_normalized = $1", phone
+        )
+        raise PhoneTaken(
+            "Another contact has that number", contact=orjson.Fragment(taken or "null")
+        ) from None
+    assert row is not None
+    if row["json"] is None:
+        raise _refusal(row, user_id=user_id, is_admin=is_admin, if_match=if_match)
+    return ContactVersion(row["json"], row["version"])
+
+
+async def contact_delete(
+    conn: Connection,
+    contact_id: uuid.UUID,
+    *,
+    user_id: uuid.UUID,
+    is_admin: bool,
+    if_match: Sequence[int] | None,
+) -> None:
+    """Soft delete (owner or admin): the row stays as a tombstone the changes feed reports."""
+    row = await conn.fetchrow(
+        DELETE_SQL, contact_id, is_admin, user_id, None if if_match is None else list(if_match)
+    )
+    assert row is not None
+    if not row["done"]:
+        raise _refusal(row, user_id=user_id, is_admin=is_admin, if_match=if_match)
+
+
+# The changes feed.
+#
+# A write's feed position is (change_xid, change_seq): its transaction's id, then a
+# sequence number, both set by the contacts_track_change trigger. Positions are not
+# committed in order: a transaction that started earlier (smaller xid) can commit after a
+# pull has passed a later one. So a pull returns only rows whose transaction is below the
+# xmin of its own snapshot: every transaction below xmin has finished, so nothing can
+# still appear in that prefix, and a cursor inside it never skips a change. A row that a
+# later transaction writes again moves out of the prefix to a position after every
+# cursor handed out so far, and reappears there at its latest state.
+
+CHANGES_SCOPE = "contacts/changes"
+_BEGINNING = ("0", "0")
+
+CHANGES_SQL = f"""
+WITH page AS (
+    SELECT c.change_xid, c.change_seq, {CONTACT_JSON} AS json,
+           row_number() OVER (ORDER BY c.change_xid, c.change_seq) AS n
+    FROM contacts c
+    WHERE (c.change_xid, c.change_seq) > ($1::bigint, $2::bigint)
+      AND c.change_xid < (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint)
+    ORDER BY c.change_xid, c.change_seq
+    LIMIT $3 + 1
+)
+SELECT coalesce(json_agg(json ORDER BY n) FILTER (WHERE n <= $3), '[]')::text AS items,
+       count(*) > $3 AS has_more,
+       (array_agg(change_xid ORDER BY n DESC) FILTER (WHERE n <= $3))[1] AS xid,
+       (array_agg(change_seq ORDER BY n DESC) FILTER (WHERE n <= $3))[1] AS seq
+FROM page"""
+
+HEAD_SQL = """
+SELECT EXISTS (SELECT 1 FROM contacts) AS any, last.change_xid AS xid, last.change_seq AS seq
+FROM (SELECT 1) one LEFT JOIN LATERAL (
+    SELECT c.change_xid, c.change_seq FROM contacts c
+    WHERE c.change_xid < (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint)
+    ORDER BY c.change_xid DESC, c.change_seq DESC LIMIT 1
+) last ON true"""
+
+
+@dataclass(frozen=True)
+class ChangesPage:
+    items_json: str  # JSON array of contacts, oldest change first
+    next_cursor: str
+    has_more: bool
+
+
+def _changes_position(cursor: str | None, key: bytes) -> tuple[int, int]:
+    if cursor is None:
+        return 0, 0
+    xid, seq = decode_cursor(key, CHANGES_SCOPE, cursor, 2)
+    try:
+        return int(xid), int(seq)
+    except ValueError:
+        raise BadRequest("Invalid cursor") from None
+
+
+async def contact_changes_page(
+    conn: Connection, *, cursor: str | None, limit: int, key: bytes
+) -> ChangesPage:
+    """Contacts written after `cursor` (None: from the beginning), oldest change first."""
+    xid, seq = _changes_position(cursor, key)
+    row = await conn.fetchrow(CHANGES_SQL, xid, seq, limit)
+    assert row is not None
+    if row["xid"] is not None:
+        xid, seq = row["xid"], row["seq"]
+    return ChangesPage(
+        items_json=row["items"],
+        next_cursor=encode_cursor(key, CHANGES_SCOPE, [str(xid), str(seq)]),
+        has_more=row["has_more"],
+    )
+
+
+async def contact_changes_head(conn: Connection, *, key: bytes) -> str | None:
+    """A cursor at the current end of the changes feed; None when there are no contacts."""
+    row = await conn.fetchrow(HEAD_SQL)
+    assert row is not None
+    if not row["any"]:
+        return None
+    position = _BEGINNING if row["xid"] is None else (str(row["xid"]), str(row["seq"]))
+    return encode_cursor(key, CHANGES_SCOPE, list(position))

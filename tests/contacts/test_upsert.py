@@ -1,0 +1,229 @@
+"""Contract: Contacts, POST /contacts (the older-wins rule) and Phone numbers."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+
+from tests.conftest import Account, MakeUser, assert_problem
+
+T0 = datetime(2026, 10, 1, 8, 0, tzinfo=UTC)
+
+
+def at(minutes: int) -> str:
+    return (T0 + timedelta(minutes=minutes)).isoformat().replace("+00:00", "Z")
+
+
+def contact(name: str = "Bruno", phone: str = "(415) 555-0123", **fields: Any) -> dict[str, Any]:
+    return {"name": name, "phone_raw": phone, **fields}
+
+
+async def post(client: httpx.AsyncClient, account: Account, body: Any) -> httpx.Response:
+    return await client.post("/contacts", json=body, headers=account.headers)
+
+
+async def test_new_number_is_created_with_201_and_server_normalized_phone(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    r = await post(client, user, contact(created_at=at(0), phone_normalized="+19999999999"))
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["result"] == "created"
+    c = body["contact"]
+    assert set(c) == {
+        "id",
+        "name",
+        "phone_raw",
+        "phone_normalized",
+        "created_by",
+        "created_at",
+        "updated_at",
+        "deleted",
+    }
+    assert c["phone_normalized"] == "+14155550123"  # the hint is not trusted over phone_raw
+    assert (c["name"], c["phone_raw"], c["created_by"], c["deleted"]) == (
+        "Bruno",
+        "(415) 555-0123",
+        user.id,
+        False,
+    )
+    assert c["created_at"] == "2026-10-01T08:00:00.000000Z"
+    row = await conn.fetchrow("SELECT * FROM contacts")
+    assert str(row["id"]) == c["id"] and row["phone_normalized"] == "+14155550123"
+
+
+async def test_two_spellings_of_one_number_are_one_contact(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    first = await post(client, user, contact(phone="(415) 555-0123", created_at=at(0)))
+    second = await post(client, user, contact(phone="+1 415-555-0123", created_at=at(5)))
+    assert second.status_code == 200
+    assert second.json()["result"] == "existing"
+    assert second.json()["contact"]["id"] == first.json()["contact"]["id"]
+    assert await conn.fetchval("SELECT count(*) FROM contacts") == 1
+
+
+async def test_strictly_older_created_at_replaces_and_keeps_the_id(
+    client: httpx.AsyncClient, user: Account, make_user: MakeUser
+) -> None:
+    first = (await post(client, user, contact("Bruno", created_at=at(10)))).json()["contact"]
+    other = await make_user(name="Other")
+    r = await post(client, other, contact("Bruno C.", "+1 415-555-0123", created_at=at(0)))
+    assert r.status_code == 200
+    body = r.json()
+    assert body["result"] == "replaced"
+    c = body["contact"]
+    assert c["id"] == first["id"]
+    assert (c["name"], c["phone_raw"], c["created_by"], c["created_at"]) == (
+        "Bruno C.",
+        "+1 415-555-0123",
+        other.id,
+        "2026-10-01T08:00:00.000000Z",
+    )
+
+
+async def test_equal_newer_or_missing_created_at_answers_the_server_version(
+    client: httpx.AsyncClient, user: Account, make_user: MakeUser
+) -> None:
+    stored = (await post(client, user, contact("Bruno", created_at=at(10)))).json()["contact"]
+    other = await make_user()
+    for created_at in (at(10), at(11), None):
+        body = contact("Someone else", created_at=created_at)
+        r = await post(client, other, body)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"result": "existing", "contact": stored}
+
+
+async def test_contact_without_created_at_is_stored_with_the_server_time(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    before = datetime.now(UTC)
+    c = (await post(client, user, contact())).json()["contact"]
+    created = datetime.fromisoformat(c["created_at"])
+    assert before - timedelta(seconds=5) <= created <= datetime.now(UTC)
+
+
+async def test_number_of_a_deleted_contact_revives_the_same_row_as_created(
+    client: httpx.AsyncClient, user: Account, make_user: MakeUser, conn: asyncpg.Connection
+) -> None:
+    first = (await post(client, user, contact("Old", created_at=at(0)))).json()["contact"]
+    assert (
+        await client.delete(f"/contacts/{first['id']}", headers=user.headers)
+    ).status_code == 204
+    other = await make_user()
+    r = await post(client, other, contact("New", created_at=at(30)))
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["result"] == "created"
+    assert body["contact"]["id"] == first["id"]
+    assert (body["contact"]["name"], body["contact"]["created_by"]) == ("New", other.id)
+    assert body["contact"]["deleted"] is False
+    assert await conn.fetchval("SELECT count(*) FROM contacts") == 1
+
+
+async def test_creating_a_contact_links_its_numbers_earlier_unlinked_calls(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    calls = [
+        {"direction": "incoming", "duration_seconds": 5, "timestamp": at(i), "phone_raw": phone}
+        for i, phone in enumerate(["(415) 555-0123", "+14155550123", "(415) 555-0199"])
+    ]
+    assert (await client.post("/calls", json=calls, headers=user.headers)).status_code == 200
+    c = (await post(client, user, contact())).json()["contact"]
+    rows = await conn.fetch("SELECT phone_normalized, contact_id::text FROM call_logs")
+    linked = {(r["phone_normalized"], r["contact_id"]) for r in rows}
+    assert linked == {("+14155550123", c["id"]), ("+14155550199", None)}
+
+
+async def test_reviving_a_contact_links_calls_stored_while_it_was_deleted(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    c = (await post(client, user, contact())).json()["contact"]
+    await client.delete(f"/contacts/{c['id']}", headers=user.headers)
+    call = {
+        "direction": "missed",
+        "duration_seconds": 0,
+        "timestamp": at(1),
+        "phone_raw": "4155550123",
+    }
+    await client.post("/calls", json=[call], headers=user.headers)
+    assert await conn.fetchval("SELECT contact_id FROM call_logs") is None
+    await post(client, user, contact())
+    assert str(await conn.fetchval("SELECT contact_id FROM call_logs")) == c["id"]
+
+
+async def test_fifty_concurrent_creates_of_one_number_leave_one_contact_with_the_oldest_time(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    offsets = list(range(50))
+    offsets.reverse()  # the oldest is sent last
+    answers = await asyncio.gather(
+        *(post(client, user, contact(f"Name {m}", created_at=at(m))) for m in offsets)
+    )
+    assert all(r.status_code in (200, 201) for r in answers), [r.text for r in answers]
+    assert sum(r.status_code == 201 for r in answers) == 1
+    assert len({r.json()["contact"]["id"] for r in answers}) == 1
+    rows = await conn.fetch("SELECT name, created_at, deleted FROM contacts")
+    assert len(rows) == 1
+    assert (rows[0]["name"], rows[0]["created_at"], rows[0]["deleted"]) == ("Name 0", T0, False)
+
+
+async def test_impossible_number_is_422_and_nothing_is_written(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    for phone in ("abc", "12345", ""):
+        r = await post(client, user, contact(phone=phone))
+        body = assert_problem(r, 422, "validation_error")
+        assert body["errors"][0]["loc"] == ["body", "phone_raw"], body
+    assert await conn.fetchval("SELECT count(*) FROM contacts") == 0
+
+
+async def test_phone_hint_is_used_only_when_phone_raw_cannot_be_read(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    r = await post(client, user, contact(phone="call me", phone_normalized="+1 415 555 0177"))
+    assert r.status_code == 201, r.text
+    assert r.json()["contact"]["phone_normalized"] == "+14155550177"
+
+
+async def test_bad_names_and_times_are_422_and_nothing_is_written(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    future = (datetime.now(UTC) + timedelta(minutes=6)).isoformat()
+    bad = [
+        (contact(name=""), "name"),
+        (contact(name="   "), "name"),
+        (contact(name="x" * 201), "name"),
+        (contact(name="a\x00b"), "name"),
+        (contact(created_at=future), "created_at"),
+        (contact(created_at="2026-10-01T08:00:00"), "created_at"),  # no offset
+        (contact(created_at="2026-02-30T08:00:00Z"), "created_at"),  # no such day
+        (contact(phone="1" * 65), "phone_raw"),
+        ({"name": "Bruno"}, "phone_raw"),
+    ]
+    for body, field in bad:
+        r = await post(client, user, body)
+        problem = assert_problem(r, 422, "validation_error")
+        assert problem["errors"][0]["loc"][:2] == ["body", field], (body, problem)
+    assert await conn.fetchval("SELECT count(*) FROM contacts") == 0
+
+
+async def test_created_at_up_to_five_minutes_ahead_and_200_char_names_are_accepted(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    soon = (datetime.now(UTC) + timedelta(minutes=4)).isoformat()
+    r = await post(client, user, contact(name="x" * 200, created_at=soon))
+    assert r.status_code == 201, r.text
+
+
+async def test_malformed_json_is_400(client: httpx.AsyncClient, user: Account) -> None:
+    r = await client.post(
+        "/contacts",
+        content=b'{"name": ',
+        headers={**user.headers, "Content-Type": "application/json"},
+    )
+    assert_problem(r, 400, "bad_request")
