@@ -1,0 +1,226 @@
+"""Contract: Contacts, POST /contacts/batch (and the shared seams: sync record, Idempotency-Key)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+import httpx
+from prometheus_client import REGISTRY
+
+from crmsync.contacts.service import contact_upsert_many
+from tests.conftest import Account, MakeUser, assert_problem
+from tests.contacts.test_upsert import at, contact, post
+
+
+async def upload(
+    client: httpx.AsyncClient, account: Account, body: Any, **headers: str
+) -> httpx.Response:
+    return await client.post("/contacts/batch", json=body, headers={**account.headers, **headers})
+
+
+def uploaded(result: str) -> float:
+    return REGISTRY.get_sample_value("crmsync_contacts_uploaded_total", {"result": result}) or 0.0
+
+
+async def test_batch_answers_results_in_request_order_and_stores_valid_items(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    batch = [
+        contact("Carla Dias", "(415) 555-0150", created_at=at(0)),
+        contact("Alice Moreira", "+1 415 555 0177", created_at=at(5)),
+        contact("Typo", "abc"),
+        {"name": "No phone"},
+        "not an object",
+    ]
+    r = await upload(client, user, batch, **{"X-Device-Id": "pixel-8"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"sync_id", "results"}
+    results = body["results"]
+    assert [x["index"] for x in results] == [0, 1, 2, 3, 4]
+    assert [x["result"] for x in results] == [
+        "created",
+        "created",
+        "rejected",
+        "rejected",
+        "rejected",
+    ]
+    assert results[0]["contact"]["name"] == "Carla Dias"
+    assert results[1]["contact"]["phone_normalized"] == "+14155550177"
+    assert results[2]["errors"] == [
+        {"loc": ["body", 2, "phone_raw"], "msg": "Not a possible phone number", "type": "phone"}
+    ]
+    assert results[3]["errors"][0]["loc"] == ["body", 3, "phone_raw"]
+    assert results[4]["errors"][0]["loc"] == ["body", 4]
+    assert "contact" not in results[2]
+    names = await conn.fetch("SELECT name FROM contacts ORDER BY name")
+    assert [n["name"] for n in names] == ["Alice Moreira", "Carla Dias"]
+
+
+async def test_batch_writes_one_sync_record_with_its_counts(
+    client: httpx.AsyncClient, user: Account, make_user: MakeUser, conn: asyncpg.Connection
+) -> None:
+    await post(client, user, contact("Old", "(415) 555-0101", created_at=at(10)))
+    await post(client, user, contact("Kept", "(415) 555-0102", created_at=at(0)))
+    other = await make_user()
+    batch = [
+        contact("New", "(415) 555-0100"),
+        contact("Older", "(415) 555-0101", created_at=at(0)),
+        contact("Newer", "(415) 555-0102", created_at=at(5)),
+        contact("Bad", "12345"),
+    ]
+    r = await upload(client, other, batch, **{"X-Device-Id": "pixel-8"})
+    assert [x["result"] for x in r.json()["results"]] == [
+        "created",
+        "replaced",
+        "existing",
+        "rejected",
+    ]
+    records = await conn.fetch("SELECT * FROM sync_audit")
+    assert len(records) == 1
+    record = records[0]
+    assert str(record["id"]) == r.json()["sync_id"] and str(record["user_id"]) == other.id
+    assert record["kind"] == "contacts"
+    assert (record["synced_contacts"], record["synced_calls"]) == (2, 0)
+    details = json.loads(record["details"])
+    assert {k: details[k] for k in ("created", "replaced", "existing", "rejected")} == {
+        "created": 1,
+        "replaced": 1,
+        "existing": 1,
+        "rejected": 1,
+    }
+    assert details["device_id"] == "pixel-8" and details["elapsed_ms"] >= 0
+
+
+async def test_items_of_one_number_in_a_batch_are_resolved_in_request_order(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    phone = "(415) 555-0123"
+    batch = [
+        contact("A", phone, created_at=at(20)),  # creates
+        contact("B", "+14155550123", created_at=at(30)),  # newer: existing
+        contact("C", phone, created_at=at(10)),  # older than A: replaces
+        contact("D", phone),  # no created_at: existing
+        contact("E", phone, created_at=at(10)),  # equal to C: existing
+        contact("F", phone, created_at=at(5)),  # older than C: replaces
+        contact("G", phone, created_at=at(15)),  # existing
+    ]
+    r = await upload(client, user, batch)
+    results = r.json()["results"]
+    assert [x["result"] for x in results] == [
+        "created",
+        "existing",
+        "replaced",
+        "existing",
+        "existing",
+        "replaced",
+        "existing",
+    ]
+    # Every item answers the number's contact as the batch leaves it.
+    assert {x["contact"]["name"] for x in results} == {"F"}
+    rows = await conn.fetch("SELECT name, created_at FROM contacts")
+    assert [(x["name"], x["created_at"].isoformat()) for x in rows] == [
+        ("F", "2026-10-01T08:05:00+00:00")
+    ]
+
+
+async def test_same_number_items_meet_an_existing_contact_by_the_same_rule(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await post(client, user, contact("Stored", created_at=at(10)))
+    batch = [contact("A"), contact("B", created_at=at(12)), contact("C", created_at=at(8))]
+    results = (await upload(client, user, batch)).json()["results"]
+    assert [x["result"] for x in results] == ["existing", "existing", "replaced"]
+    assert await conn.fetchval("SELECT name FROM contacts") == "C"
+
+
+async def test_first_item_without_created_at_creates_with_server_time_later_older_replaces(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    results = (await upload(client, user, [contact("A"), contact("B", created_at=at(0))])).json()
+    assert [x["result"] for x in results["results"]] == ["created", "replaced"]
+    assert await conn.fetchval("SELECT name FROM contacts") == "B"
+
+
+async def test_batch_revives_a_deleted_contact_as_created(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    first = (await post(client, user, contact("Old"))).json()["contact"]
+    await client.delete(f"/contacts/{first['id']}", headers=user.headers)
+    results = (await upload(client, user, [contact("New", created_at=at(99))])).json()["results"]
+    assert results[0]["result"] == "created"
+    assert results[0]["contact"]["id"] == first["id"]
+    assert results[0]["contact"]["deleted"] is False
+
+
+async def test_batch_of_only_rejected_items_stores_nothing_and_still_records_the_sync(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    r = await upload(client, user, [contact(phone="abc"), contact(name="")])
+    assert r.status_code == 200, r.text
+    assert [x["result"] for x in r.json()["results"]] == ["rejected", "rejected"]
+    assert await conn.fetchval("SELECT count(*) FROM contacts") == 0
+    assert await conn.fetchval("SELECT synced_contacts FROM sync_audit") == 0
+
+
+async def test_batch_over_1000_items_is_413_and_empty_batch_is_422(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    many = [contact(phone=f"(415) 555-{i:04d}") for i in range(1001)]
+    assert_problem(await upload(client, user, many), 413, "payload_too_large")
+    assert_problem(await upload(client, user, []), 422, "validation_error")
+    assert_problem(await upload(client, user, {"name": "x"}), 422, "validation_error")
+    assert await conn.fetchval("SELECT count(*) FROM contacts") == 0
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0
+
+
+async def test_batch_of_1000_items_is_accepted(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    many = [contact(f"N{i}", phone=f"(415) 555-{i:04d}") for i in range(1000)]
+    r = await upload(client, user, many)
+    assert r.status_code == 200, r.text
+    assert {x["result"] for x in r.json()["results"]} == {"created"}
+    assert await conn.fetchval("SELECT count(*) FROM contacts") == 1000
+
+
+async def test_idempotency_key_replays_the_first_answer_and_stores_nothing_new(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    batch = [contact("A", created_at=at(5))]
+    first = await upload(client, user, batch, **{"Idempotency-Key": "k-1"})
+    again = await upload(client, user, batch, **{"Idempotency-Key": "k-1"})
+    assert again.status_code == 200 and again.content == first.content
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 1
+    other_body = await upload(client, user, [contact("B")], **{"Idempotency-Key": "k-1"})
+    assert_problem(other_body, 422, "validation_error")
+    fresh = await upload(client, user, batch, **{"Idempotency-Key": "k-2"})
+    assert fresh.json()["results"][0]["result"] == "existing"
+
+
+async def test_batch_counts_results_in_metrics(client: httpx.AsyncClient, user: Account) -> None:
+    before = {k: uploaded(k) for k in ("created", "existing", "rejected")}
+    await upload(client, user, [contact(), contact(), contact(phone="abc")])
+    after = {k: uploaded(k) for k in ("created", "existing", "rejected")}
+    assert {k: after[k] - before[k] for k in after} == {"created": 1, "existing": 1, "rejected": 1}
+
+
+async def test_upsert_many_service_nests_error_locations_under_the_callers_loc(
+    user: Account, conn: asyncpg.Connection
+) -> None:
+    import uuid
+
+    async with conn.transaction():
+        batch = await contact_upsert_many(
+            conn,
+            [contact(), 7],
+            user_id=uuid.UUID(user.id),
+            region="US",
+            loc=("body", "contacts"),
+        )
+    results = json.loads(batch.results_json)
+    assert results[0]["result"] == "created"
+    assert results[1]["errors"][0]["loc"] == ["body", "contacts", 1]
+    assert batch.counts == {"created": 1, "replaced": 0, "existing": 0, "rejected": 1}

@@ -1,0 +1,253 @@
+"""Contract: Contacts, GET /contacts, /contacts/search, /contacts/lookup, /contacts/{id};
+Pagination."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import asyncpg
+import httpx
+
+from crmsync.contacts.service import contact_search, phone_digits
+from crmsync.pagination import PageRequest
+from tests.conftest import Account, assert_problem
+from tests.contacts.test_upsert import contact, post
+
+
+async def walk(client: httpx.AsyncClient, account: Account, path: str, **params: Any) -> list[Any]:
+    """Every item, following next_cursor from the first page."""
+    body = (await client.get(path, params=params, headers=account.headers)).json()
+    items = list(body["items"])
+    while body["next_cursor"]:
+        params = {**params, "cursor": body["next_cursor"]}
+        body = (await client.get(path, params=params, headers=account.headers)).json()
+        items += body["items"]
+    return items
+
+
+async def add(conn: asyncpg.Connection, *names_and_phones: tuple[str, str]) -> None:
+    await conn.executemany(
+        "INSERT INTO contacts (name, phone_raw, phone_normalized) VALUES ($1, $2, $2)",
+        names_and_phones,
+    )
+
+
+async def test_list_is_live_contacts_by_name_then_id(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await add(conn, ("Bruno", "+14155550001"), ("Alice", "+14155550002"), ("Bruno", "+14155550003"))
+    await conn.execute(
+        "INSERT INTO contacts (name, phone_raw, phone_normalized, deleted)"
+        " VALUES ('Aaron', '+14155550004', '+14155550004', true)"
+    )
+    body = (await client.get("/contacts", headers=user.headers)).json()
+    assert (body["page"], body["total"], body["next_cursor"], body["limit"]) == (
+        None,
+        None,
+        None,
+        50,
+    )
+    names = [(c["name"], c["id"]) for c in body["items"]]
+    brunos = sorted(i for n, i in names if n == "Bruno")
+    assert names == [("Alice", names[0][1]), ("Bruno", brunos[0]), ("Bruno", brunos[1])]
+
+
+async def test_following_next_cursor_walks_every_contact_once(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await add(conn, *[(f"Name {i % 7}", f"+1415555{i:04d}") for i in range(23)])
+    items = await walk(client, user, "/contacts", limit=5)
+    assert len(items) == 23 and len({c["id"] for c in items}) == 23
+    assert items == sorted(items, key=lambda c: (c["name"], c["id"]))
+
+
+async def test_page_mode_counts_and_page_with_cursor_is_400(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await add(conn, *[(f"N{i:02d}", f"+1415555{i:04d}") for i in range(12)])
+    body = (await client.get("/contacts?page=3&limit=5", headers=user.headers)).json()
+    assert (body["page"], body["total"], [c["name"] for c in body["items"]]) == (
+        3,
+        12,
+        ["N10", "N11"],
+    )
+    assert body["next_cursor"] is None
+    past = (await client.get("/contacts?page=9&limit=5", headers=user.headers)).json()
+    assert (past["items"], past["total"]) == ([], 12)
+    first = (await client.get("/contacts?limit=5", headers=user.headers)).json()
+    r = await client.get(f"/contacts?page=2&cursor={first['next_cursor']}", headers=user.headers)
+    assert_problem(r, 400, "bad_request")
+
+
+async def test_garbage_or_foreign_cursor_is_400(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await add(conn, *[(f"N{i}", f"+1415555{i:04d}") for i in range(3)])
+    assert_problem(
+        await client.get("/contacts?cursor=garbage", headers=user.headers), 400, "bad_request"
+    )
+    search = (await client.get("/contacts/search?q=N&limit=1", headers=user.headers)).json()
+    r = await client.get(f"/contacts?cursor={search['next_cursor']}", headers=user.headers)
+    assert_problem(r, 400, "bad_request")
+    r = await client.get(
+        f"/contacts/search?q=M&cursor={search['next_cursor']}", headers=user.headers
+    )
+    assert_problem(r, 400, "bad_request")
+
+
+async def test_limit_outside_1_to_200_is_422(client: httpx.AsyncClient, user: Account) -> None:
+    for limit in (0, 201):
+        r = await client.get(f"/contacts?limit={limit}", headers=user.headers)
+        assert_problem(r, 422, "validation_error")
+
+
+async def test_search_ranks_name_prefix_before_inner_substring_then_name(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await add(
+        conn,
+        ("Natalia", "+14155550001"),
+        ("alina", "+14155550002"),
+        ("Bali Tours", "+14155550003"),
+        ("Alicia", "+14155550004"),
+        ("Bob", "+14155550005"),
+    )
+    items = await walk(client, user, "/contacts/search", q="ALI", limit=2)
+    assert [c["name"] for c in items] == ["Alicia", "alina", "Bali Tours", "Natalia"]
+
+
+async def test_search_escapes_like_wildcards(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await add(
+        conn, ("100% Bruno", "+14155550001"), ("Bruno", "+14155550002"), ("A_B", "+14155550003")
+    )
+    for q, expected in (("%", ["100% Bruno"]), ("_", ["A_B"]), ("\\", [])):
+        items = await walk(client, user, "/contacts/search", q=q)
+        assert [c["name"] for c in items] == expected, q
+
+
+async def test_search_by_mostly_digits_matches_e164_digits_ordered_by_name(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await add(
+        conn,
+        ("Zed", "+14155550123"),
+        ("Amy", "+14155550124"),
+        ("Room 555", "+12125559999"),
+        ("Other", "+14085550000"),
+    )
+    items = await walk(client, user, "/contacts/search", q="(415) 555-012")
+    assert [c["name"] for c in items] == ["Amy", "Zed"]
+    items = await walk(client, user, "/contacts/search", q="555")
+    assert [c["name"] for c in items] == ["Amy", "Other", "Room 555", "Zed"]
+    # Not mostly digits: a name search.
+    items = await walk(client, user, "/contacts/search", q="Room 555")
+    assert [c["name"] for c in items] == ["Room 555"]
+
+
+def test_mostly_digits_means_three_digits_and_sixty_percent_of_non_space_characters() -> None:
+    assert phone_digits("415") == "415"
+    assert phone_digits("41") is None
+    assert phone_digits("+1 (415)") is None  # 4 of 7 non-space characters: 57%
+    assert phone_digits("(415) 555") == "415555"  # 6 of 9
+    assert phone_digits("4 1 5 a b") == "415"  # spaces do not count
+    assert phone_digits("41a5b") == "415"  # 60%
+    assert phone_digits("41ab5c") is None  # 50%
+
+
+async def test_search_q_must_be_1_to_100_characters(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    assert_problem(
+        await client.get("/contacts/search?q=", headers=user.headers), 422, "validation_error"
+    )
+    r = await client.get("/contacts/search", params={"q": "x" * 101}, headers=user.headers)
+    assert_problem(r, 422, "validation_error")
+    r = await client.get("/contacts/search", params={"q": "x" * 100}, headers=user.headers)
+    assert r.status_code == 200
+
+
+async def test_search_excludes_deleted_contacts(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await conn.execute(
+        "INSERT INTO contacts (name, phone_raw, phone_normalized, deleted)"
+        " VALUES ('Alice', '+14155550004', '+14155550004', true)"
+    )
+    assert await walk(client, user, "/contacts/search", q="Ali") == []
+    assert await walk(client, user, "/contacts/search", q="4155550004") == []
+
+
+async def test_lookup_finds_the_live_contact_in_any_spelling(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    created = (await post(client, user, contact("Carla", "(415) 555-0150"))).json()["contact"]
+    for spelling in ("+14155550150", "415.555.0150", "+1 (415) 555-0150"):
+        r = await client.get("/contacts/lookup", params={"phone": spelling}, headers=user.headers)
+        assert r.status_code == 200 and r.json() == created, spelling
+    r = await client.get("/contacts/lookup", params={"phone": "4155550151"}, headers=user.headers)
+    assert_problem(r, 404, "not_found")
+    r = await client.get("/contacts/lookup", params={"phone": "12345"}, headers=user.headers)
+    assert_problem(r, 422, "validation_error")
+    await client.delete(f"/contacts/{created['id']}", headers=user.headers)
+    r = await client.get("/contacts/lookup", params={"phone": "4155550150"}, headers=user.headers)
+    assert_problem(r, 404, "not_found")
+
+
+async def test_get_answers_the_contact_with_an_etag_and_404_for_deleted_unknown_malformed(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    created = (await post(client, user, contact())).json()["contact"]
+    r = await client.get(f"/contacts/{created['id']}", headers=user.headers)
+    assert r.status_code == 200 and r.json() == created
+    assert r.headers["etag"].startswith('"') and r.headers["etag"].endswith('"')
+    assert_problem(
+        await client.get("/contacts/7d1c4a52-8f7e-4b0a-9a43-1f0f4b7f2d11", headers=user.headers),
+        404,
+        "not_found",
+    )
+    assert_problem(await client.get("/contacts/not-a-uuid", headers=user.headers), 404, "not_found")
+    await client.delete(f"/contacts/{created['id']}", headers=user.headers)
+    r = await client.get(f"/contacts/{created['id']}", headers=user.headers)
+    assert_problem(r, 404, "not_found")
+
+
+async def test_contacts_need_a_token(client: httpx.AsyncClient) -> None:
+    for path in ("/contacts", "/contacts/search?q=a", "/contacts/changes"):
+        assert_problem(await client.get(path), 401, "unauthenticated")
+
+
+class Recorder:
+    """A connection that remembers the statements it ran."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.statements: list[tuple[str, tuple[Any, ...]]] = []
+
+    async def fetch(self, sql: str, *args: Any) -> Any:
+        self.statements.append((sql, args))
+        return await self.conn.fetch(sql, *args)
+
+
+async def test_name_search_uses_the_trigram_index_at_100k_contacts(
+    conn: asyncpg.Connection,
+) -> None:
+    started = time.monotonic()
+    await conn.execute(
+        """INSERT INTO contacts (name, phone_raw, phone_normalized)
+           SELECT 'Contact ' || i, '+1' || (2000000000 + i), '+1' || (2000000000 + i)
+           FROM generate_series(1, 100000) i"""
+    )
+    await add(conn, ("Alice Moreira", "+14155550001"), ("Natalia", "+14155550002"))
+    await conn.execute("ANALYZE contacts")
+    for q in ("ali", "ice mo"):
+        recorder = Recorder(conn)
+        page = PageRequest(limit=50, page=None, cursor=None, key=b"k" * 32)
+        answer = await contact_search(recorder, page, q=q)  # type: ignore[arg-type]
+        assert b"Alice Moreira" in answer
+        sql, args = recorder.statements[0]
+        plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
+        assert "ix_contacts_name_trgm" in plan, plan
+    assert time.monotonic() - started < 10
