@@ -19,7 +19,7 @@ import typer
 from crmsync import db
 from crmsync.config import Settings
 from crmsync.errors import EmailTaken
-from crmsync.observability import configure_logging
+from crmsync.observability import configure_logging, logging_config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="crmsync server")
 
@@ -76,7 +76,8 @@ def serve(
         proxy_headers=False,  # crmsync.middleware decides which proxies to trust
         server_header=False,
         date_header=True,
-        log_config=None,
+        log_config=logging_config(settings.log_level),  # applied in each worker too
+        access_log=False,  # crmsync.access writes the request lines
         timeout_graceful_shutdown=20,
     )
 

