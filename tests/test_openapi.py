@@ -32,8 +32,10 @@ async def test_every_operation_is_described(client: httpx.AsyncClient) -> None:
             if not ok:
                 missing.append(f"{where}: no success answer")
             for status in ok:
-                if status != "204" and "application/json" not in responses[status].get(
-                    "content", {}
+                if (
+                    status != "204"
+                    and path != "/metrics"
+                    and "application/json" not in responses[status].get("content", {})
                 ):
                     missing.append(f"{where}: {status} has no JSON schema")
             problems = [s for s in responses if s[0] in "45"]

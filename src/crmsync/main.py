@@ -185,7 +185,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Open to loopback and trusted proxies, else `Authorization: Bearer "
         "<CRMSYNC_METRICS_TOKEN>`.",
         response_class=Response,
-        responses={200: {"content": {"text/plain": {}}}, 403: {"description": "Not allowed"}},
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+            403: {
+                "description": "`forbidden`: not loopback, a trusted proxy or the metrics token",
+                "content": {
+                    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+                },
+            },
+        },
     )
     def metrics(request: Request) -> Response:
         return metrics_response(request)

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-PUBLIC = {("post", "/auth/login"), ("get", "/healthz"), ("get", "/readyz")}
+PUBLIC = {("post", "/auth/login"), ("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics")}
 
 PROBLEM_SCHEMA: dict[str, Any] = {
     "title": "Problem",
