@@ -1,0 +1,148 @@
+"""Contract: Contacts, GET /contacts/changes (and contact_changes_head for GET /sync/state)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import httpx
+
+from crmsync.contacts.service import contact_changes_head, contact_changes_page
+from tests.conftest import Account, assert_problem
+from tests.contacts.test_upsert import contact, post
+
+
+async def pull(
+    client: httpx.AsyncClient, account: Account, cursor: str | None = None, limit: int = 50
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"limit": limit}
+    if cursor is not None:
+        params["cursor"] = cursor
+    r = await client.get("/contacts/changes", params=params, headers=account.headers)
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def pull_all(
+    client: httpx.AsyncClient, account: Account, cursor: str | None = None, limit: int = 50
+) -> tuple[list[dict[str, Any]], str]:
+    """Follow next_cursor while has_more; (items, the cursor to resume from)."""
+    items: list[dict[str, Any]] = []
+    while True:
+        body = await pull(client, account, cursor, limit)
+        items += body["items"]
+        cursor = body["next_cursor"]
+        assert cursor
+        if not body["has_more"]:
+            return items, cursor
+
+
+async def test_empty_feed_answers_a_cursor_meaning_the_beginning(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    body = await pull(client, user)
+    assert body == {"items": [], "limit": 50, "next_cursor": body["next_cursor"], "has_more": False}
+    assert isinstance(body["next_cursor"], str) and body["next_cursor"]
+    created = (await post(client, user, contact())).json()["contact"]
+    later = await pull(client, user, body["next_cursor"])
+    assert later["items"] == [created]
+
+
+async def test_following_next_cursor_returns_each_change_once_oldest_first(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    ids = [
+        (await post(client, user, contact(f"N{i}", f"(415) 555-01{i:02d}"))).json()["contact"]["id"]
+        for i in range(5)
+    ]
+    first = await pull(client, user, limit=2)
+    assert first["has_more"] is True and len(first["items"]) == 2 and first["limit"] == 2
+    items, cursor = await pull_all(client, user, limit=2)
+    assert [c["id"] for c in items] == ids
+    resumed = await pull(client, user, cursor)
+    assert (resumed["items"], resumed["has_more"], resumed["next_cursor"]) == ([], False, cursor)
+
+
+async def test_changed_and_deleted_contacts_reappear_once_at_their_latest_state(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    a = (await post(client, user, contact("A", "(415) 555-0101"))).json()["contact"]
+    b = (await post(client, user, contact("B", "(415) 555-0102"))).json()["contact"]
+    _, cursor = await pull_all(client, user)
+    await client.put(f"/contacts/{a['id']}", json={"name": "A1"}, headers=user.headers)
+    await client.put(f"/contacts/{a['id']}", json={"name": "A2"}, headers=user.headers)
+    await client.delete(f"/contacts/{b['id']}", headers=user.headers)
+    items, _ = await pull_all(client, user, cursor)
+    assert [(c["id"], c["name"], c["deleted"]) for c in items] == [
+        (a["id"], "A2", False),
+        (b["id"], "B", True),
+    ]
+    # From the beginning: each contact once, in the order of its latest change.
+    everything, _ = await pull_all(client, user)
+    assert [c["id"] for c in everything] == [a["id"], b["id"]]
+
+
+async def test_a_change_committed_during_a_pull_is_never_missed(
+    client: httpx.AsyncClient, user: Account, database_url: str
+) -> None:
+    early = await asyncpg.connect(database_url)
+    late = await asyncpg.connect(database_url)
+    insert = (
+        "INSERT INTO contacts (name, phone_raw, phone_normalized) VALUES ($1, $2, $2)"
+        " RETURNING id::text"
+    )
+    try:
+        early_tx = early.transaction()
+        await early_tx.start()
+        await early.execute("SELECT pg_current_xact_id()")  # takes its transaction id first
+        late_tx = late.transaction()
+        await late_tx.start()
+        late_id = await late.fetchval(insert, "Late", "+14155550102")
+        early_id = await early.fetchval(insert, "Early", "+14155550101")
+        await late_tx.commit()  # the later-started transaction commits first
+
+        during = await pull(client, user)
+        assert late_id not in {c["id"] for c in during["items"]}
+
+        await early_tx.commit()
+        items, cursor = await pull_all(client, user, during["next_cursor"])
+        assert sorted(c["id"] for c in items) == sorted([early_id, late_id])
+        assert (await pull(client, user, cursor))["items"] == []
+    finally:
+        await early.close()
+        await late.close()
+
+
+async def test_garbage_or_foreign_cursor_is_400(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    r = await client.get("/contacts/changes?cursor=garbage", headers=user.headers)
+    assert_problem(r, 400, "bad_request")
+    await conn.executemany(
+        "INSERT INTO contacts (name, phone_raw, phone_normalized) VALUES ($1, $2, $2)",
+        [("A", "+14155550101"), ("B", "+14155550102")],
+    )
+    listing = (await client.get("/contacts?limit=1", headers=user.headers)).json()
+    r = await client.get(
+        "/contacts/changes", params={"cursor": listing["next_cursor"]}, headers=user.headers
+    )
+    assert_problem(r, 400, "bad_request")
+    for limit in (0, 201):
+        r = await client.get(f"/contacts/changes?limit={limit}", headers=user.headers)
+        assert_problem(r, 422, "validation_error")
+
+
+async def test_head_is_none_without_contacts_then_the_end_of_the_feed(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    key: bytes = client.app.state.cursor_key  # type: ignore[attr-defined]
+    assert await contact_changes_head(conn, key=key) is None
+    a = (await post(client, user, contact("A", "(415) 555-0101"))).json()["contact"]
+    head = await contact_changes_head(conn, key=key)
+    assert head is not None
+    page = await contact_changes_page(conn, cursor=head, limit=10, key=key)
+    assert (page.items_json, page.has_more, page.next_cursor) == ("[]", False, head)
+    await client.put(f"/contacts/{a['id']}", json={"name": "A1"}, headers=user.headers)
+    items, _ = await pull_all(client, user, head)
+    assert [c["name"] for c in items] == ["A1"]

@@ -1,0 +1,185 @@
+"""Contract: Contacts, PUT /contacts/{id} and DELETE /contacts/{id} (owner or admin,
+If-Match, phone_taken, soft delete)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import httpx
+
+from tests.conftest import Account, MakeUser, assert_problem
+from tests.contacts.test_upsert import at, contact, post
+
+UNKNOWN = "7d1c4a52-8f7e-4b0a-9a43-1f0f4b7f2d11"
+
+
+async def create(client: httpx.AsyncClient, account: Account, **fields: Any) -> dict[str, Any]:
+    r = await post(client, account, contact(**fields))
+    assert r.status_code == 201, r.text
+    created: dict[str, Any] = r.json()["contact"]
+    return created
+
+
+async def put(
+    client: httpx.AsyncClient, account: Account, contact_id: str, body: Any, **headers: str
+) -> httpx.Response:
+    return await client.put(
+        f"/contacts/{contact_id}", json=body, headers={**account.headers, **headers}
+    )
+
+
+async def delete(
+    client: httpx.AsyncClient, account: Account, contact_id: str, **headers: str
+) -> httpx.Response:
+    return await client.delete(f"/contacts/{contact_id}", headers={**account.headers, **headers})
+
+
+async def etag_of(client: httpx.AsyncClient, account: Account, contact_id: str) -> str:
+    return (await client.get(f"/contacts/{contact_id}", headers=account.headers)).headers["etag"]
+
+
+async def test_owner_changes_name_and_phone_and_gets_a_new_etag(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    c = await create(client, user, created_at=at(0))
+    before = await etag_of(client, user, c["id"])
+    r = await put(client, user, c["id"], {"name": "Bruno Costa", "phone_raw": "+1 415 555 0999"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["id"], body["name"], body["phone_raw"], body["phone_normalized"]) == (
+        c["id"],
+        "Bruno Costa",
+        "+1 415 555 0999",
+        "+14155550999",
+    )
+    assert body["created_at"] == c["created_at"] and body["updated_at"] > c["updated_at"]
+    assert r.headers["etag"] != before
+    assert r.headers["etag"] == await etag_of(client, user, c["id"])
+
+
+async def test_admin_may_edit_and_delete_anyones_contact_others_get_403(
+    client: httpx.AsyncClient, user: Account, admin: Account, make_user: MakeUser
+) -> None:
+    c = await create(client, user)
+    stranger = await make_user()
+    assert_problem(await put(client, stranger, c["id"], {"name": "X"}), 403, "forbidden")
+    assert_problem(await delete(client, stranger, c["id"]), 403, "forbidden")
+    assert (await put(client, admin, c["id"], {"name": "By admin"})).json()["name"] == "By admin"
+    assert (await delete(client, admin, c["id"])).status_code == 204
+
+
+async def test_stale_if_match_is_412_and_nothing_changes(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    c = await create(client, user)
+    first = await etag_of(client, user, c["id"])
+    r = await put(client, user, c["id"], {"name": "Carla Dias (Acme)"}, **{"If-Match": first})
+    assert r.status_code == 200, r.text
+    r = await put(client, user, c["id"], {"name": "Carla"}, **{"If-Match": first})
+    assert_problem(r, 412, "precondition_failed")
+    assert_problem(
+        await delete(client, user, c["id"], **{"If-Match": first}), 412, "precondition_failed"
+    )
+    assert_problem(
+        await put(client, user, c["id"], {"name": "Y"}, **{"If-Match": '"junk"'}),
+        412,
+        "precondition_failed",
+    )
+    row = await conn.fetchrow("SELECT name, deleted FROM contacts")
+    assert (row["name"], row["deleted"]) == ("Carla Dias (Acme)", False)
+    current = r.headers.get("etag") or await etag_of(client, user, c["id"])
+    assert (await delete(client, user, c["id"], **{"If-Match": current})).status_code == 204
+
+
+async def test_if_match_accepts_a_list_and_star(client: httpx.AsyncClient, user: Account) -> None:
+    c = await create(client, user)
+    tag = await etag_of(client, user, c["id"])
+    r = await put(client, user, c["id"], {"name": "A"}, **{"If-Match": f'"1", {tag}'})
+    assert r.status_code == 200, r.text
+    r = await put(client, user, c["id"], {"name": "B"}, **{"If-Match": "*"})
+    assert r.status_code == 200, r.text
+
+
+async def test_without_if_match_the_last_write_wins(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    c = await create(client, user)
+    await put(client, user, c["id"], {"name": "First"})
+    r = await put(client, user, c["id"], {"name": "Second"})
+    assert r.json()["name"] == "Second"
+
+
+async def test_phone_another_contact_has_is_409_with_that_contact_deleted_ones_too(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    carla = await create(client, user, name="Carla", phone="(415) 555-0150")
+    bruno = await create(client, user, name="Bruno", phone="(415) 555-0123")
+    r = await put(client, user, carla["id"], {"phone_raw": "415-555-0123"})
+    body = assert_problem(r, 409, "phone_taken")
+    assert body["contact"] == bruno
+    await delete(client, user, bruno["id"])
+    r = await put(client, user, carla["id"], {"phone_raw": "+14155550123"})
+    body = assert_problem(r, 409, "phone_taken")
+    assert body["contact"]["id"] == bruno["id"] and body["contact"]["deleted"] is True
+    assert await conn.fetchval("SELECT phone_normalized FROM contacts WHERE name = 'Carla'") == (
+        "+14155550150"
+    )
+    # Its own number again is no conflict.
+    assert (await put(client, user, carla["id"], {"phone_raw": "415 555 0150"})).status_code == 200
+
+
+async def test_put_validates_like_create(client: httpx.AsyncClient, user: Account) -> None:
+    c = await create(client, user)
+    for body, field in (
+        ({"phone_raw": "abc"}, "phone_raw"),
+        ({"name": ""}, "name"),
+        ({"name": "x" * 201}, "name"),
+    ):
+        problem = assert_problem(await put(client, user, c["id"], body), 422, "validation_error")
+        assert problem["errors"][0]["loc"][:2] == ["body", field]
+
+
+async def test_put_and_delete_of_unknown_deleted_or_malformed_ids_are_404(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    c = await create(client, user)
+    assert (await delete(client, user, c["id"])).status_code == 204
+    for contact_id in (UNKNOWN, c["id"], "nope"):
+        assert_problem(await put(client, user, contact_id, {"name": "X"}), 404, "not_found")
+        assert_problem(await delete(client, user, contact_id), 404, "not_found")
+
+
+async def test_delete_is_soft_the_tombstone_keeps_its_calls(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    c = await create(client, user)
+    call = {
+        "direction": "outgoing",
+        "duration_seconds": 3,
+        "timestamp": at(0),
+        "phone_raw": c["phone_raw"],
+    }
+    await client.post("/calls", json=[call], headers=user.headers)
+    r = await delete(client, user, c["id"])
+    assert r.status_code == 204 and r.content == b""
+    row = await conn.fetchrow("SELECT deleted FROM contacts WHERE id = $1", c["id"])
+    assert row["deleted"] is True
+    assert str(await conn.fetchval("SELECT contact_id FROM call_logs")) == c["id"]
+    listed = (await client.get("/contacts", headers=user.headers)).json()["items"]
+    assert listed == []
+
+
+async def test_changing_a_number_links_calls_waiting_for_the_new_number(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    c = await create(client, user)
+    call = {
+        "direction": "incoming",
+        "duration_seconds": 3,
+        "timestamp": at(0),
+        "phone_raw": "(415) 555-0999",
+    }
+    await client.post("/calls", json=[call], headers=user.headers)
+    await put(client, user, c["id"], {"phone_raw": "(415) 555-0999"})
+    assert str(await conn.fetchval("SELECT contact_id FROM call_logs")) == c["id"]
