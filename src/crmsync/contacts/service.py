@@ -98,9 +98,11 @@ WITH item AS (
     SET name = w.name, phone_raw = w.phone_raw, created_by = $2::uuid, created_at = w.created_at
     FROM winner w WHERE c.id = w.id
     RETURNING c.phone_normalized AS phone, {CONTACT_JSON} AS json
-), current AS (
-    SELECT c.phone_normalized AS phone, {CONTACT_JSON} AS json
-    FROM contacts c WHERE c.phone_normalized IN (SELECT phone FROM item)
+), final AS (  -- keyed by distinct number, so the planner hash-joins the CTEs
+    SELECT p.phone, coalesce(r.json, {CONTACT_JSON}) AS json
+    FROM (SELECT DISTINCT phone FROM item) p
+    JOIN contacts c ON c.phone_normalized = p.phone
+    LEFT JOIN replaced r ON r.phone = p.phone
 ), effective AS (
     SELECT it.i, it.phone, it.created_at, o.created_at AS base,
            o.id IS NULL AND row_number() OVER (PARTITION BY it.phone ORDER BY it.i) = 1
@@ -118,11 +120,10 @@ WITH item AS (
     FROM effective
 ), answer AS (
     SELECT j.i, j.result, CASE WHEN $5::bool
-        THEN json_build_object('index', j.i, 'result', j.result,
-                               'contact', coalesce(r.json, cur.json))
-        ELSE json_build_object('result', j.result, 'contact', coalesce(r.json, cur.json))
+        THEN json_build_object('index', j.i, 'result', j.result, 'contact', f.json)
+        ELSE json_build_object('result', j.result, 'contact', f.json)
         END AS json
-    FROM judged j JOIN current cur USING (phone) LEFT JOIN replaced r USING (phone)
+    FROM judged j JOIN final f USING (phone)
     UNION ALL
     SELECT (x ->> 'index')::int, 'rejected', x FROM json_array_elements($4::json) x
 )
