@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -11,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from crmsync.contacts.service import contact_upsert_many
 from tests.conftest import Account, MakeUser, assert_problem
-from tests.contacts.test_upsert import at, contact, post
+from tests.contacts.test_upsert import T0, at, contact, post
 
 
 async def upload(
@@ -224,3 +226,31 @@ async def test_upsert_many_service_nests_error_locations_under_the_callers_loc(
     assert results[0]["result"] == "created"
     assert results[1]["errors"][0]["loc"] == ["body", "contacts", 1]
     assert batch.counts == {"created": 1, "replaced": 0, "existing": 0, "rejected": 1}
+
+
+async def test_batch_rejects_future_or_offsetless_times_and_keeps_the_rest(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    future = (datetime.now(UTC) + timedelta(minutes=6)).isoformat()
+    batch = [
+        contact("Future", "(415) 555-0101", created_at=future),
+        contact("Naive", "(415) 555-0102", created_at="2026-10-01T08:00:00"),
+        contact("Fine", "(415) 555-0103", created_at=at(0)),
+    ]
+    results = (await upload(client, user, batch)).json()["results"]
+    assert [x["result"] for x in results] == ["rejected", "rejected", "created"]
+    assert results[0]["errors"][0]["loc"] == ["body", 0, "created_at"]
+    assert results[1]["errors"][0]["loc"] == ["body", 1, "created_at"]
+    assert await conn.fetchval("SELECT array_agg(name) FROM contacts") == ["Fine"]
+
+
+async def test_concurrent_batches_of_the_same_numbers_in_opposite_orders_both_succeed(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    batch = [contact(f"N{i}", f"(415) 555-{i:04d}", created_at=at(i)) for i in range(300)]
+    older = [{**c, "created_at": at(-1)} for c in reversed(batch)]
+    answers = await asyncio.gather(*(upload(client, user, b) for b in (batch, older, batch, older)))
+    assert [r.status_code for r in answers] == [200] * 4, [r.text[:200] for r in answers]
+    assert await conn.fetchval("SELECT count(*) FROM contacts") == 300
+    oldest = T0 - timedelta(minutes=1)
+    assert await conn.fetchval("SELECT count(*) FROM contacts WHERE created_at <> $1", oldest) == 0

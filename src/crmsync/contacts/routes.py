@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
@@ -34,6 +34,14 @@ IdempotencyKey = Annotated[
 DeviceId = Annotated[
     str | None, Header(description="Stable per-install id, kept on the sync record")
 ]
+
+
+def problem_answer(description: str) -> dict[str, Any]:
+    """An error answer for the OpenAPI document: problem+json, as every error is."""
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {"description": description, "content": {"application/problem+json": {"schema": schema}}}
+
+
 IfMatch = Annotated[
     str | None,
     Header(description="The contact's ETag: a stale one is 412 and nothing changes"),
@@ -91,7 +99,7 @@ async def search_contacts(
     summary="Caller ID: the contact of a number",
     description="The live contact with that number in any spelling; 404 when none, 422 "
     "for an impossible number.",
-    responses={404: {"description": "`not_found`: no live contact has that number"}},
+    responses={404: problem_answer("`not_found`: no live contact has that number")},
 )
 async def lookup_contact(
     user: CurrentUser,
@@ -240,8 +248,8 @@ async def upload_contacts(
     "changes; without it the last write wins. A number another contact has (deleted ones "
     "included) is 409 `phone_taken` with that contact in `contact`.",
     responses={
-        409: {"description": "`phone_taken`: another contact has that number"},
-        412: {"description": "`precondition_failed`: If-Match does not match the ETag"},
+        409: problem_answer("`phone_taken`: another contact has that number, in `contact`"),
+        412: problem_answer("`precondition_failed`: If-Match does not match the ETag"),
     },
 )
 async def update_contact(
@@ -272,7 +280,7 @@ async def update_contact(
     summary="Delete a contact (owner or admin)",
     description="Soft delete: the contact stays as a tombstone (`deleted: true`) that the "
     "changes feed reports, and keeps its calls. `If-Match` as for PUT.",
-    responses={412: {"description": "`precondition_failed`: If-Match does not match the ETag"}},
+    responses={412: problem_answer("`precondition_failed`: If-Match does not match the ETag")},
 )
 async def delete_contact(
     contact_id: uuid.UUID, user: CurrentUser, conn: Conn, if_match: IfMatch = None
