@@ -117,6 +117,24 @@ async def test_search_ranks_name_prefix_before_inner_substring_then_name(
     assert [c["name"] for c in items] == ["Alicia", "alina", "Bali Tours", "Natalia"]
 
 
+async def test_search_pages_count_and_walk_every_match(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await add(conn, *[(f"Ana {i:02d}", f"+1415555{i:04d}") for i in range(7)])
+    await add(conn, ("Bob", "+14155559999"))
+    for q in ("ana", "4155550"):
+        body = (
+            await client.get(f"/contacts/search?q={q}&page=2&limit=5", headers=user.headers)
+        ).json()
+        assert (body["total"], [c["name"] for c in body["items"]]) == (7, ["Ana 05", "Ana 06"])
+        past = (
+            await client.get(f"/contacts/search?q={q}&page=5&limit=5", headers=user.headers)
+        ).json()
+        assert (past["items"], past["total"]) == ([], 7)
+        items = await walk(client, user, "/contacts/search", q=q, limit=3)
+        assert [c["name"] for c in items] == [f"Ana {i:02d}" for i in range(7)]
+
+
 async def test_search_escapes_like_wildcards(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:

@@ -85,9 +85,8 @@ WITH item AS (
         AS i(i int, name text, phone_raw text, phone text, created_at timestamptz)
 ), old AS (
     SELECT c.id, c.phone_normalized AS phone, c.created_at
-    FROM contacts c
-    WHERE c.phone_normalized IN (SELECT phone FROM item)
-      AND c.phone_normalized <> ALL($3::text[])
+    FROM (SELECT phone FROM item EXCEPT SELECT unnest($3::text[])) p
+    JOIN contacts c ON c.phone_normalized = p.phone
 ), winner AS (
     SELECT DISTINCT ON (o.id) o.id, it.name, it.phone_raw, it.created_at
     FROM item it JOIN old o USING (phone)
