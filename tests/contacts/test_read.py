@@ -185,6 +185,8 @@ async def test_search_q_must_be_1_to_100_characters(
     assert_problem(r, 422, "validation_error")
     r = await client.get("/contacts/search", params={"q": "x" * 100}, headers=user.headers)
     assert r.status_code == 200
+    r = await client.get("/contacts/search", params={"q": "a\x00"}, headers=user.headers)
+    assert_problem(r, 422, "validation_error")
 
 
 async def test_search_excludes_deleted_contacts(

@@ -88,7 +88,7 @@ async def search_contacts(
     user: CurrentUser,
     conn: Conn,
     page: Page,
-    q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_LENGTH)],
+    q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_LENGTH, pattern=r"^[^\x00]*$")],
 ) -> Response:
     return JSONBytes(await service.contact_search(conn, page, q=q))
 
