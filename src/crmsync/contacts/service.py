@@ -39,7 +39,10 @@ CONTACT_JSON = """json_build_object(
 
 NOT_A_PHONE = "Not a possible phone number"
 
-# The older-wins rule, in two statements of the caller's transaction.
+# The older-wins rule, in two statements of the caller's transaction. Never read then
+# write: each decision is a WHERE evaluated on the row's latest version under its lock.
+# Two, because one upsert cannot tell a revived tombstone from a replaced live row
+# without RETURNING old.* (PostgreSQL 18; CI runs 15), and the results need to know.
 #
 # 1. One upsert of the batch's winner per number, as if that number were new: the first
 #    item of a number creates it (no created_at: the server's time), a later item with a
