@@ -7,6 +7,7 @@ import asyncio
 import re
 import shutil
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -26,19 +27,21 @@ COPY_COLUMNS = [
 ]
 
 
-def copy_rate(pg: Postgres, database: str, scratch: Path) -> dict[str, Any]:
-    """COPY the seeded call rows into an empty table shaped like call_logs, with the same
-    indexes (CREATE TABLE ... LIKE ... INCLUDING ALL; no foreign keys), in one COPY."""
+def copy_rate(pg: Postgres, database: str, scratch: Path, since: str) -> dict[str, Any]:
+    """COPY the seeded call rows (those at or after `since`: the load scripts' calls are
+    older) into an empty table shaped like call_logs, with the same indexes (CREATE TABLE
+    ... LIKE ... INCLUDING ALL; no foreign keys), in one COPY."""
 
     async def go() -> dict[str, Any]:
         conn = await asyncpg.connect(pg.url(database))
         try:
             path = scratch / "calls.copy"
             columns = ", ".join(f'"{c}"' for c in COPY_COLUMNS)
-            await conn.copy_from_query(f"SELECT {columns} FROM call_logs", output=str(path))
+            query = f"SELECT {columns} FROM call_logs WHERE \"timestamp\" >= '{since}'"
+            await conn.copy_from_query(query, output=str(path))
             await conn.execute("DROP TABLE IF EXISTS bench_copy")
             await conn.execute("CREATE TABLE bench_copy (LIKE call_logs INCLUDING ALL)")
-            rows = int(await conn.fetchval("SELECT count(*) FROM call_logs"))
+            rows = int(await conn.fetchval(query.replace(f"SELECT {columns}", "SELECT count(*)")))
             started = time.perf_counter()
             await conn.copy_to_table("bench_copy", source=str(path), columns=COPY_COLUMNS)
             seconds = time.perf_counter() - started
@@ -179,13 +182,15 @@ def plan_requests(files: Path) -> dict[str, str]:
     """One request per read query shape, ids and cursors from the load scripts' files."""
 
     def line(name: str, at: float = 0.0) -> str:
-        lines = (files / name).read_text().split()
+        lines = (files / name).read_text().splitlines()
         return lines[min(int(len(lines) * at), len(lines) - 1)]
 
     contact_path = line("contact_get")
     contact_id = contact_path.rsplit("/", 1)[1]
-    phone = line("phones").replace("-", "").replace("+1", "")
-    since, until = "2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z"
+    digits = re.sub(r"\D", "", line("phones"))[1:]  # the 10 digits after +1
+    now = datetime.now(UTC).replace(microsecond=0)  # two months in the seeded year
+    since = (now - timedelta(days=200)).isoformat()
+    until = (now - timedelta(days=140)).isoformat()
     return {
         "contacts_first_page": "/contacts?page=1&limit=50",
         "contacts_middle_page": line("contacts_page", 0.5),
@@ -193,7 +198,7 @@ def plan_requests(files: Path) -> dict[str, str]:
         "contacts_cursor_first": "/contacts",
         "search_name": line("contacts_search"),
         "search_name_page2": line("contacts_search") + "&page=2",
-        "search_phone_digits": f"/contacts/search?q={phone[3:7]}",
+        "search_phone_digits": f"/contacts/search?q={digits[3:7]}",
         "contact_by_id": contact_path,
         "contact_lookup": f"/contacts/lookup?phone={quote(line('phones'))}",
         "changes_first": "/contacts/changes?limit=200",

@@ -530,7 +530,10 @@ def measure_physical(procs: Processes, pg: Postgres, data: DataSet, cfg: Config)
     from load import fragments
 
     log("PostgreSQL's own limit: COPY and pgbench on the crmsync database")
-    out: dict[str, Any] = {"copy": copy_rate(pg, "crmsync", cfg.workdir)}
+    since = data.calls_start.isoformat()
+    out: dict[str, Any] = {"copy": copy_rate(pg, "crmsync", cfg.workdir, since)}
+    if out["copy"]["rows"] != data.calls:
+        log(f"WARNING: COPY took {out['copy']['rows']} rows, {data.calls} were seeded")
     out |= pgbench(
         procs,
         pg,
