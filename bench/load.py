@@ -192,20 +192,23 @@ def probe(s: Scenario, target: Target) -> str | None:
     when = datetime(2013, 1, 1, tzinfo=UTC) + timedelta(seconds=_probes)
     call = {"direction": "incoming", "duration_seconds": 5, "timestamp": when.isoformat()}
     contact = {"name": f"Probe {_probes}", "phone_raw": f"+1 907-{200 + _probes}-{_probes:04d}"}
-    with target.client() as client:
-        if s.script == "get.lua":
-            path = (target.files / s.name).read_text().split("\n")[0]
-            response = client.get(path)
-        elif s.script == "login.lua":
-            response = client.post(
-                "/auth/login", json={"email": "user1@bench.example", "password": PASSWORD}
-            )
-        elif s.script == "upload.lua":
-            response = client.post("/calls", json=[call])
-        elif s.script == "create.lua":
-            response = client.post("/contacts", json=contact)
-        else:
-            response = client.post("/sync", json={"contacts": [contact], "calls": [call]})
+    try:
+        with target.client() as client:
+            if s.script == "get.lua":
+                path = (target.files / s.name).read_text().split("\n")[0]
+                response = client.get(path)
+            elif s.script == "login.lua":
+                response = client.post(
+                    "/auth/login", json={"email": "user1@bench.example", "password": PASSWORD}
+                )
+            elif s.script == "upload.lua":
+                response = client.post("/calls", json=[call])
+            elif s.script == "create.lua":
+                response = client.post("/contacts", json=contact)
+            else:
+                response = client.post("/sync", json={"contacts": [contact], "calls": [call]})
+    except httpx.HTTPError as exc:
+        return f"no answer: {exc!r}"
     if 200 <= response.status_code < 300:
         return None
     return f"{response.status_code} {response.text[:200]}"
@@ -296,4 +299,7 @@ async def _first_sync(target: Target, data: DataSet) -> dict[str, Any]:
 def first_sync(target: Target, data: DataSet) -> dict[str, Any]:
     """A phone holding 5,000 contacts and 30,000 calls syncs for the first time: state,
     contact batches of 1000, call batches of 5000, then the whole changes feed; wall time."""
-    return asyncio.run(_first_sync(target, data))
+    try:
+        return asyncio.run(_first_sync(target, data))
+    except httpx.HTTPError as exc:
+        raise BenchError(f"first sync on {target.name}: {exc!r}") from None
