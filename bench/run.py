@@ -395,25 +395,37 @@ def _run(
     measurements: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
     selected = [s for s in SCENARIOS if s.name in cfg.only]
-    for workers in cfg.workers:
-        servers.start(workers)
-        try:
-            if not targets:
-                result["seed"] = seed_both(servers, pg, data, targets, cfg)
-            else:
-                for name, target in targets.items():
-                    target.base_url = servers.urls[name]
-            measurements += measure(procs, selected, targets, data, cfg, workers)
-        finally:
-            servers.stop()
-        names = [s.name for s in selected] + (["first_sync"] if "first_sync" in cfg.only else [])
-        summary += [summarize(measurements, workers, n) for n in names]
+    servers.start(cfg.workers[0])
+    try:
+        result["seed"] = seed_both(servers, pg, data, targets, cfg)
+    finally:
+        servers.stop()
+    # Plans and PostgreSQL's own limit on the data set as seeded, like the reads below.
+    if cfg.plans:
+        result["plans"] = make_plans(pg, servers, targets, cfg)
     physical: dict[str, Any] = {}
     if "physical" in cfg.only:
         physical = measure_physical(procs, pg, data, cfg)
+    # Reads first, for every worker count, then writes: a write run stores as much as its
+    # server manages, so the faster one grows its tables more, and later reads would not
+    # compare like with like.
+    reads = [s for s in selected if not s.fresh_epoch]
+    writes = [s for s in selected if s.fresh_epoch]
+    for phase, with_first_sync in ((reads, False), (writes, "first_sync" in cfg.only)):
+        if not phase and not with_first_sync:
+            continue
+        for workers in cfg.workers:
+            servers.start(workers)
+            try:
+                for name, target in targets.items():
+                    target.base_url = servers.urls[name]
+                measurements += measure(procs, phase, targets, data, cfg, workers, with_first_sync)
+            finally:
+                servers.stop()
+    names = [s.name for s in selected] + (["first_sync"] if "first_sync" in cfg.only else [])
+    summary += [summarize(measurements, w, n) for w in cfg.workers for n in names]
+    if physical:
         physical["fractions"] = fractions(summary, physical)
-    if cfg.plans:
-        result["plans"] = make_plans(pg, servers, targets, cfg)
     result |= {"measurements": measurements, "summary": summary, "physical": physical}
     result["finished_at"] = datetime.now(UTC).isoformat()
     print_table(summary, cfg, physical)
@@ -459,6 +471,7 @@ def measure(
     data: DataSet,
     cfg: Config,
     workers: int,
+    with_first_sync: bool,
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for s in selected:
@@ -506,7 +519,7 @@ def measure(
                     f"{s.name:<17} {name:<8} w{workers} r{round_}: {m['units_per_s']:9.0f} {s.unit}/s "
                     f"p50 {m['p50_ms']:.1f} ms p99 {m['p99_ms']:.1f} ms{flag}"
                 )
-    if "first_sync" in cfg.only:
+    if with_first_sync:
         for round_ in range(cfg.rounds):
             for name in SERVERS:
                 row = {
