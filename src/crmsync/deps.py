@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Header, Query, Request
 from fastapi.responses import Response
 
 from crmsync.auth.service import AuthedUser, authenticate
@@ -25,6 +25,15 @@ def get_settings(request: Request) -> Settings:
 
 
 AppSettings = Annotated[Settings, Depends(get_settings)]
+
+# Upload headers (POST /contacts/batch, /calls, /sync)
+IdempotencyKey = Annotated[
+    str | None,
+    Header(description="1..200 characters; a repeat with the same body gets the first answer"),
+]
+DeviceId = Annotated[
+    str | None, Header(description="Stable per-install id, kept on the sync record")
+]
 
 
 async def current_user(request: Request, conn: Conn, settings: AppSettings) -> AuthedUser:

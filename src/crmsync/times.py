@@ -9,15 +9,13 @@ from typing import Annotated
 from pydantic import AfterValidator, AwareDatetime, BeforeValidator
 
 FUTURE_SKEW = timedelta(minutes=5)
-_RFC3339 = re.compile(
-    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
-)
+RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
 
 
 def _rfc3339_text(value: object) -> object:
     if isinstance(value, datetime):
         return value
-    if not isinstance(value, str) or not _RFC3339.match(value):
+    if not isinstance(value, str) or not RFC3339.match(value):
         raise ValueError("must be an RFC 3339 date-time with an offset, e.g. 2026-01-31T09:30:00Z")
     return value
 

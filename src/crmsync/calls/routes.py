@@ -4,24 +4,25 @@ import time
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from crmsync.calls import service
 from crmsync.calls.schemas import MAX_CALLS, CallPage, CallUploadOut, Direction, calls_body_schema
-from crmsync.deps import AppSettings, Conn, CurrentUser, JSONBytes, Page, Tx
+from crmsync.deps import (
+    AppSettings,
+    Conn,
+    CurrentUser,
+    DeviceId,
+    IdempotencyKey,
+    JSONBytes,
+    Page,
+    Tx,
+)
 from crmsync.idempotency import Answer, fingerprint, idempotent
 from crmsync.sync.service import sync_record_create
 from crmsync.times import Rfc3339
 
 router = APIRouter(prefix="/calls", tags=["calls"])
-
-IdempotencyKey = Annotated[
-    str | None,
-    Header(description="1..200 characters; a repeat with the same body gets the first answer"),
-]
-DeviceId = Annotated[
-    str | None, Header(description="Stable per-install id, kept on the sync record")
-]
 
 
 @router.post(

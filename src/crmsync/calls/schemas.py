@@ -16,7 +16,7 @@ from pydantic import (
 from pydantic_core import core_schema
 from typing_extensions import TypedDict
 
-from crmsync.times import _RFC3339, PastRfc3339
+from crmsync.times import RFC3339, PastRfc3339
 
 MAX_CALLS = 5000
 
@@ -44,7 +44,7 @@ class CallIn(TypedDict):
 
 def _rfc3339_in_core(source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
     return core_schema.chain_schema(
-        [core_schema.str_schema(pattern=_RFC3339.pattern), handler(source)]
+        [core_schema.str_schema(pattern=RFC3339.pattern), handler(source)]
     )
 
 

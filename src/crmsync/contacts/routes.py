@@ -20,20 +20,21 @@ from crmsync.contacts.schemas import (
     ContactUpsertOut,
     contacts_body_schema,
 )
-from crmsync.deps import AppSettings, Conn, CurrentUser, JSONBytes, Page, Tx
+from crmsync.deps import (
+    AppSettings,
+    Conn,
+    CurrentUser,
+    DeviceId,
+    IdempotencyKey,
+    JSONBytes,
+    Page,
+    Tx,
+)
 from crmsync.idempotency import Answer, fingerprint, idempotent
 from crmsync.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from crmsync.sync.service import sync_record_create
 
 router = APIRouter(prefix="/contacts", tags=["contacts"])
-
-IdempotencyKey = Annotated[
-    str | None,
-    Header(description="1..200 characters; a repeat with the same body gets the first answer"),
-]
-DeviceId = Annotated[
-    str | None, Header(description="Stable per-install id, kept on the sync record")
-]
 
 
 def problem_answer(description: str) -> dict[str, Any]:

@@ -1,15 +1,69 @@
 from __future__ import annotations
 
+import time
 import uuid
+from typing import Any
 
-from fastapi import APIRouter, Response
+import orjson
+from fastapi import APIRouter, Request, Response
 
-from crmsync.deps import Conn, CurrentUser, JSONBytes, Page
-from crmsync.errors import Forbidden
+from crmsync.calls.schemas import MAX_CALLS, calls_body_schema
+from crmsync.calls.service import (
+    CallBatch,
+    batch_items,
+    call_count_metrics,
+    call_insert_many,
+    parse_json,
+)
+from crmsync.contacts.service import (
+    ContactBatch,
+    contact_changes_head,
+    contact_changes_page,
+    contact_count_metrics,
+    contact_upsert_many,
+)
+from crmsync.deps import (
+    AppSettings,
+    Conn,
+    CurrentUser,
+    DeviceId,
+    IdempotencyKey,
+    JSONBytes,
+    Page,
+    Tx,
+)
+from crmsync.errors import Forbidden, ValidationFailed
+from crmsync.idempotency import Answer, fingerprint, idempotent
 from crmsync.sync import service
-from crmsync.sync.schemas import SyncPage
+from crmsync.sync.schemas import SyncOut, SyncPage, SyncStateOut
 
 router = APIRouter(prefix="/sync", tags=["sync"])
+
+MAX_CONTACTS = 1000
+CHANGES_LIMIT = 200
+
+SYNC_BODY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "contacts": {
+            "type": "array",
+            "maxItems": MAX_CONTACTS,
+            "items": {"type": "object", "description": "As an item of POST /contacts/batch"},
+        },
+        "calls": {**calls_body_schema(), "minItems": 0},
+        "cursor": {
+            "type": ["string", "null"],
+            "description": "next_cursor of the last changes applied; none = from the beginning",
+        },
+    },
+}
+
+
+def _optional_batch(payload: dict[str, Any], field: str, max_items: int) -> list[object]:
+    value = payload.get(field)
+    if value is None:
+        return []
+    return batch_items(value, loc=("body", field), max_items=max_items, allow_empty=True)
 
 
 @router.get(
@@ -27,3 +81,120 @@ async def list_sync_records(
             raise Forbidden("Only admins may see other users' sync records")
         user_id = user.id
     return JSONBytes(await service.sync_list(conn, page, user_id=user_id))
+
+
+@router.get(
+    "/state",
+    response_model=SyncStateOut,
+    summary="Where the next sync starts",
+    description="The server's time, the caller's newest stored call and last upload, and "
+    "the end of the contacts changes feed (null when there are no contacts).",
+)
+async def sync_state(request: Request, user: CurrentUser, conn: Conn) -> Response:
+    head = await contact_changes_head(conn, key=request.app.state.cursor_key)
+    return JSONBytes(await service.sync_state(conn, user_id=user.id, contacts_cursor=head))
+
+
+@router.post(
+    "",
+    response_model=SyncOut,
+    summary="Upload contacts and calls, pull contact changes",
+    description=f"One round trip: contacts (at most {MAX_CONTACTS}, as POST /contacts/batch) "
+    f"and calls (at most {MAX_CALLS}, as POST /calls) stored in one transaction, then up to "
+    f"{CHANGES_LIMIT} contact changes after `cursor`. Writes one sync record.",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": SYNC_BODY_SCHEMA}},
+        }
+    },
+)
+async def sync(
+    request: Request,
+    user: CurrentUser,
+    conn: Tx,
+    settings: AppSettings,
+    idempotency_key: IdempotencyKey = None,
+    x_device_id: DeviceId = None,
+) -> Response:
+    body = await request.body()
+    produced: list[tuple[ContactBatch, CallBatch]] = []
+
+    async def produce() -> Answer:
+        started = time.perf_counter()
+        payload = parse_json(body)
+        if not isinstance(payload, dict):
+            raise ValidationFailed.one(["body"], "Input should be a valid object", "dict_type")
+        cursor = payload.get("cursor")
+        if cursor is not None and not isinstance(cursor, str):
+            raise ValidationFailed.one(
+                ["body", "cursor"], "Input should be a valid string", "string_type"
+            )
+        contact_items = _optional_batch(payload, "contacts", MAX_CONTACTS)
+        call_items = _optional_batch(payload, "calls", MAX_CALLS)
+        contacts = (
+            await contact_upsert_many(
+                conn,
+                contact_items,
+                user_id=user.id,
+                region=settings.default_region,
+                loc=("body", "contacts"),
+            )
+            if contact_items
+            else ContactBatch(
+                results_json="[]",
+                counts={"created": 0, "replaced": 0, "existing": 0, "rejected": 0},
+            )
+        )
+        calls = (
+            await call_insert_many(
+                conn,
+                call_items,
+                user_id=user.id,
+                is_admin=user.is_admin,
+                region=settings.default_region,
+                loc=("body", "calls"),
+            )
+            if call_items
+            else CallBatch(inserted=0, duplicates=0, rejected=0, rejected_json="[]")
+        )
+        changes = await contact_changes_page(
+            conn, cursor=cursor, limit=CHANGES_LIMIT, key=request.app.state.cursor_key
+        )
+        counts = contacts.counts
+        sync_id = await service.sync_record_create(
+            conn,
+            user_id=user.id,
+            kind="sync",
+            synced_contacts=counts["created"] + counts["replaced"],
+            synced_calls=calls.inserted,
+            details={
+                **counts,
+                "inserted": calls.inserted,
+                "duplicates": calls.duplicates,
+                "rejected_calls": calls.rejected,
+                "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
+                "device_id": x_device_id[:200] if x_device_id else None,
+            },
+        )
+        produced.append((contacts, calls))
+        return 200, (
+            f'{{"sync_id":"{sync_id}","contacts":{contacts.results_json},'
+            f'"calls":{{"inserted":{calls.inserted},"duplicates":{calls.duplicates},'
+            f'"rejected":{calls.rejected_json}}},'
+            f'"changes":{{"items":{changes.items_json},'
+            f'"next_cursor":{orjson.dumps(changes.next_cursor).decode()},'
+            f'"has_more":{"true" if changes.has_more else "false"}}}}}'
+        ).encode()
+
+    status, answer = await idempotent(
+        conn,
+        user_id=user.id,
+        key=idempotency_key,
+        request_hash=fingerprint("POST", request.url.path, body),
+        produce=produce,
+    )
+    for contacts, calls in produced:  # none when the answer was a stored one
+        contact_count_metrics(contacts.counts)
+        call_count_metrics(calls)
+    return JSONBytes(answer, status_code=status)
