@@ -116,13 +116,22 @@ async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> byt
     # Page mode: the exact total comes from the same statement (run once, as an InitPlan).
     total_column = f"({count_sql})" if page.page is not None else "NULL::bigint"
     args.append(page.limit + 1)
+    order_sql = _order_sql(listing)
+    limit_sql = f"ORDER BY {order_sql} LIMIT ${len(args)}"
+    if offset:
+        # OFFSET would build the JSON of every row it skips: pick the page's rows by their
+        # unique last key first (index entries only), then build the JSON of those alone.
+        args.append(offset)
+        unique = listing.keys[-1].expr
+        where_sql = (
+            f"WHERE {unique} = ANY(ARRAY(SELECT {unique} {listing.from_sql} {where_sql} "
+            f"{limit_sql} OFFSET ${len(args)}))"
+        )
+        limit_sql = f"ORDER BY {order_sql}"
     sql = (
         f"SELECT ({listing.item_json})::text, {key_columns}, {total_column} "
-        f"{listing.from_sql} {where_sql} ORDER BY {_order_sql(listing)} LIMIT ${len(args)}"
+        f"{listing.from_sql} {where_sql} {limit_sql}"
     )
-    if offset:
-        args.append(offset)
-        sql += f" OFFSET ${len(args)}"
     rows = await conn.fetch(sql, *args)
     total: int | None = None
     if page.page is not None:

@@ -109,6 +109,12 @@ contacts = Table(
         postgresql_using="gin",
         postgresql_ops={"name": "gin_trgm_ops"},
     ),
+    Index(
+        "ix_contacts_phone_trgm",
+        "phone_normalized",
+        postgresql_using="gin",
+        postgresql_ops={"phone_normalized": "gin_trgm_ops"},
+    ),
     Index("ix_contacts_live_name", "name", "id", postgresql_where=text("NOT deleted")),
     Index("ix_contacts_change", "change_xid", "change_seq"),
 )

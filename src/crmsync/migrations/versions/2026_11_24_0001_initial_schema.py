@@ -17,9 +17,10 @@ depends_on = None
 UPGRADE = r"""
 CREATE EXTENSION IF NOT EXISTS pg_trgm;
 
--- How the API writes a time: UTC, microseconds, "Z".
+-- How the API writes a time: UTC, microseconds, "Z". STABLE, as to_char is: a function
+-- declared more strictly than its body is never inlined, and runs ~3x slower per row.
 CREATE FUNCTION api_time(t timestamptz) RETURNS text
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    LANGUAGE sql STABLE PARALLEL SAFE
     AS $$ SELECT to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') $$;
 
 CREATE TABLE users (
@@ -68,6 +69,8 @@ CREATE TABLE contacts (
 );
 CREATE UNIQUE INDEX uq_contacts_phone_normalized ON contacts (phone_normalized);
 CREATE INDEX ix_contacts_name_trgm ON contacts USING gin (name gin_trgm_ops);
+-- Search by digits: phone_normalized LIKE '%4155%'.
+CREATE INDEX ix_contacts_phone_trgm ON contacts USING gin (phone_normalized gin_trgm_ops);
 CREATE INDEX ix_contacts_live_name ON contacts (name, id) WHERE NOT deleted;
 CREATE INDEX ix_contacts_change ON contacts (change_xid, change_seq);
 
