@@ -1,4 +1,7 @@
-"""Dependency aliases, so that a route's signature reads like what it needs."""
+"""Dependency aliases, so that a route's signature reads like what it needs.
+
+Every dependency is `async def`: FastAPI runs a plain `def` one in a worker thread, a
+thread hop on every request."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ Conn = Annotated[Connection, Depends(request_connection, scope="function")]
 Tx = Annotated[Connection, Depends(request_transaction, scope="function")]
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -58,7 +61,7 @@ async def admin_user(user: CurrentUser) -> AuthedUser:
 AdminUser = Annotated[AuthedUser, Depends(admin_user)]
 
 
-def page_request(
+async def page_request(
     request: Request,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     page: Annotated[int | None, Query(ge=1, description="1-based page number (page mode)")] = None,

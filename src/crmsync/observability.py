@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hmac
-import json
 import logging
 import logging.config
 import os
@@ -202,7 +201,7 @@ class JsonFormatter(logging.Formatter):
             entry.update(extra)
         if record.exc_info:
             entry["exc"] = redact(self.formatException(record.exc_info))
-        return json.dumps(entry, default=str)
+        return orjson.dumps(entry, default=str).decode()
 
 
 def logging_config(level: str) -> dict[str, Any]:

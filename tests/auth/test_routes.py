@@ -129,6 +129,22 @@ async def test_forged_expired_and_alg_none_tokens(client: httpx.AsyncClient, use
         assert_problem(r, 401, "unauthenticated")
 
 
+async def test_a_token_accepted_before_its_expiry_is_refused_after_it(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    # Verified signatures are cached per token; the expiry must still be checked each time.
+    claims = jwt.decode(user.token, TEST_SECRET, algorithms=["HS256"])
+    short = jwt.encode({**claims, "exp": int(time.time()) + 2}, TEST_SECRET, algorithm="HS256")
+    headers = {"Authorization": f"Bearer {short}"}
+    assert (await client.get("/auth/me", headers=headers)).status_code == 200
+    await asyncio.sleep(max(0.0, claims_exp(short) - time.time()) + 0.05)
+    assert_problem(await client.get("/auth/me", headers=headers), 401, "unauthenticated")
+
+
+def claims_exp(token: str) -> float:
+    return float(jwt.decode(token, options={"verify_signature": False})["exp"])
+
+
 async def test_logout_revokes_only_that_token(client: httpx.AsyncClient, user: Account) -> None:
     second = await client.post("/auth/login", json={"email": user.email, "password": user.password})
     other_token = second.json()["token"]

@@ -8,7 +8,7 @@ import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import cache
+from functools import cache, lru_cache
 
 import bcrypt
 import jwt
@@ -61,17 +61,32 @@ def issue_token(user_id: uuid.UUID, *, secret: str, ttl_seconds: int) -> tuple[s
     return jwt.encode(claims, secret, algorithm=ALGORITHM), expires_at
 
 
+@lru_cache(maxsize=4096)
+def _verified_claims(token: str, secret: str) -> tuple[uuid.UUID, uuid.UUID, datetime]:
+    """(user id, jti, expiry) of a token whose signature holds. A pure function of its
+    arguments, so a phone's token is verified once, not on every request; expiry,
+    revocation and deletion are checked on every request by the caller."""
+    claims = jwt.decode(
+        token,
+        secret,
+        algorithms=[ALGORITHM],
+        options={"require": ["exp", "sub", "jti"], "verify_exp": False},
+    )
+    return (
+        uuid.UUID(claims["sub"]),
+        uuid.UUID(claims["jti"]),
+        datetime.fromtimestamp(int(claims["exp"]), UTC),
+    )
+
+
 async def authenticate(conn: Connection, token: str, *, secret: str) -> AuthedUser:
     """The live user a token belongs to, or Unauthenticated (bad, expired, revoked, deleted)."""
     try:
-        claims = jwt.decode(
-            token, secret, algorithms=[ALGORITHM], options={"require": ["exp", "sub", "jti"]}
-        )
-        user_id = uuid.UUID(claims["sub"])
-        jti = uuid.UUID(claims["jti"])
-        expires_at = datetime.fromtimestamp(int(claims["exp"]), UTC)
+        user_id, jti, expires_at = _verified_claims(token, secret)
     except (jwt.PyJWTError, ValueError, TypeError, KeyError):
         raise Unauthenticated("Invalid or expired token") from None
+    if expires_at <= datetime.now(UTC):
+        raise Unauthenticated("Invalid or expired token")
     row = await conn.fetchrow(
         f"""SELECT u.is_admin, {USER_JSON}::text AS json FROM users u
             WHERE u.id = $1 AND u.deleted_at IS NULL
