@@ -61,6 +61,13 @@ class Listing:
     where: Sequence[str] = ()
     params: Sequence[object] = ()  # referenced from `where` as $1, $2, ...
     descending: bool = False
+    # SQL of the exact total when something cheaper than count(*) knows it (kept_total)
+    total_sql: str | None = None
+
+
+def kept_total(name: str) -> str:
+    """The total the row_counts triggers keep: live contacts or calls (migration 0002)."""
+    return f"SELECT coalesce(sum(n), 0)::bigint FROM row_counts WHERE name = '{name}'"
 
 
 def _sign(key: bytes, payload: bytes) -> bytes:
@@ -112,7 +119,7 @@ async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> byt
         offset = (page.page - 1) * page.limit
     where_sql = f"WHERE {' AND '.join(where)}" if where else ""
     key_columns = ", ".join(f"({k.expr})::text" for k in listing.keys)
-    count_sql = f"SELECT count(*) {listing.from_sql} {where_sql}"
+    count_sql = listing.total_sql or f"SELECT count(*) {listing.from_sql} {where_sql}"
     # Page mode: the exact total comes from the same statement (run once, as an InitPlan).
     total_column = f"({count_sql})" if page.page is not None else "NULL::bigint"
     args.append(page.limit + 1)

@@ -153,6 +153,16 @@ call_logs = Table(
     ),
 )
 
+# Exact totals of live contacts and of calls, as deltas appended by statement triggers
+# (see migration 0002); a total is the sum of a name's rows.
+row_counts = Table(
+    "row_counts",
+    metadata,
+    Column("name", Text, nullable=False),
+    Column("n", BigInteger, nullable=False),
+    CheckConstraint("name IN ('contacts', 'calls')", name="name"),
+)
+
 sync_audit = Table(
     "sync_audit",
     metadata,

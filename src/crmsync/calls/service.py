@@ -15,7 +15,7 @@ from crmsync.calls.schemas import BATCH_ADAPTER, CALL_ADAPTER, CallIn
 from crmsync.db import Connection
 from crmsync.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from crmsync.observability import CALL_RESULTS
-from crmsync.pagination import Listing, PageRequest, SortKey, paginate
+from crmsync.pagination import Listing, PageRequest, SortKey, kept_total, paginate
 from crmsync.phone import normalize_with_hint
 from crmsync.times import FUTURE_SKEW
 
@@ -227,6 +227,7 @@ async def call_list(
         where=where,
         params=params,
         descending=True,
+        total_sql=None if where else kept_total("calls"),
     )
     return await paginate(conn, listing, page)
 

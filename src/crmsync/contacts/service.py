@@ -26,7 +26,15 @@ from crmsync.errors import (
     ValidationFailed,
 )
 from crmsync.observability import CONTACT_RESULTS
-from crmsync.pagination import Listing, PageRequest, SortKey, decode_cursor, encode_cursor, paginate
+from crmsync.pagination import (
+    Listing,
+    PageRequest,
+    SortKey,
+    decode_cursor,
+    encode_cursor,
+    kept_total,
+    paginate,
+)
 from crmsync.phone import normalize, normalize_with_hint
 
 Loc = Sequence[str | int]
@@ -274,6 +282,7 @@ async def contact_list(conn: Connection, page: PageRequest) -> bytes:
         item_json=CONTACT_JSON,
         where=["NOT c.deleted"],
         keys=[SortKey("c.name", "text"), SortKey("c.id", "uuid")],
+        total_sql=kept_total("contacts"),
     )
     return await paginate(conn, listing, page)
 
