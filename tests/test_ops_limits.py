@@ -1,8 +1,12 @@
-"""Operations: a statement_timeout guards every query on the server's connections."""
+"""Operations: a statement_timeout guards every query on the server's connections, and
+requests get connections first come, first served."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from types import SimpleNamespace
+from typing import Any
 
 import asyncpg
 import pytest
@@ -21,5 +25,36 @@ async def test_statement_timeout_cancels_a_long_query(database_url: str) -> None
                 await conn.fetchval("SELECT pg_sleep(5)")
             assert time.monotonic() - started < 2
             assert await conn.fetchval("SELECT 1") == 1  # the connection stays usable
+    finally:
+        await pool.close()
+
+
+async def test_requests_get_connections_in_arrival_order(database_url: str) -> None:
+    settings = make_settings(database_url, pool_min_size=1, pool_max_size=1)
+    pool = await db.create_pool(database_url, settings)
+    state = SimpleNamespace(pool=pool, pool_gate=asyncio.Semaphore(1))
+    request: Any = SimpleNamespace(app=SimpleNamespace(state=state))
+    order: list[str] = []
+
+    async def use(name: str, hold: asyncio.Event | None = None) -> None:
+        connections = db.request_connection(request)
+        conn = await anext(connections)
+        order.append(name)
+        await conn.fetchval("SELECT 1")
+        if hold is not None:
+            await hold.wait()
+        await connections.aclose()
+
+    try:
+        release = asyncio.Event()
+        first = asyncio.create_task(use("first", release))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(use("waiting"))
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.sleep(0)  # the connection is being given back...
+        late = asyncio.create_task(use("late"))  # ...when a new request arrives
+        await asyncio.gather(first, waiting, late)
+        assert order == ["first", "waiting", "late"]
     finally:
         await pool.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -168,11 +169,26 @@ async def create_pool(url: str, settings: Settings) -> Pool:
     return pool
 
 
+ACQUIRE_TIMEOUT_SECONDS = 10
+
+
 async def request_connection(request: Request) -> AsyncIterator[Connection]:
-    """A pooled connection for one request; statements on it commit one by one."""
+    """A pooled connection for one request; statements on it commit one by one.
+
+    Requests wait for a connection first come, first served, at the app's gate (an
+    asyncio.Semaphore of the pool's size). asyncpg's own queue lets a request that just
+    arrived take a freed connection ahead of one already waiting, which sent a few
+    requests to the back again and again: at 32 connections p99 was 6x p50.
+    """
+    gate: asyncio.Semaphore = request.app.state.pool_gate
     pool: Pool = request.app.state.pool
-    async with pool.acquire(timeout=10) as conn:
-        yield conn
+    async with asyncio.timeout(ACQUIRE_TIMEOUT_SECONDS):
+        await gate.acquire()
+    try:
+        async with pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+            yield conn
+    finally:
+        gate.release()
 
 
 async def request_transaction(

@@ -150,6 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         url = await asyncio.to_thread(db.database_url, settings)
         app.state.pool = await db.create_pool(url, settings)
+        app.state.pool_gate = asyncio.Semaphore(settings.pool_max_size)
         maintenance = asyncio.create_task(_maintenance(app.state.pool))
         pool_sampler = asyncio.create_task(sample_pool(app.state.pool))
         _tune_gc()
