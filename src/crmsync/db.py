@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, TypeAlias
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
-from alembic import command
+from alembic import command, op
 from alembic.config import Config
 from fastapi import Depends, Request
 
@@ -51,6 +51,12 @@ def sql_statements(script: str) -> list[str]:
     if rest:
         statements.append(rest)
     return statements
+
+
+def run_script(script: str) -> None:
+    """Run a migration's SQL script, statement by statement (inside upgrade/downgrade)."""
+    for statement in sql_statements(script):
+        op.execute(statement)
 
 
 def start_embedded(data_dir: Path) -> str:

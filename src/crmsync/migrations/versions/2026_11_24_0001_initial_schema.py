@@ -5,9 +5,7 @@ Revises:
 Create Date: 2026-11-24
 """
 
-from alembic import op
-
-from crmsync.db import sql_statements
+from crmsync.db import run_script
 
 revision = "0001"
 down_revision = None
@@ -151,10 +149,8 @@ DROP SEQUENCE contacts_change_seq;
 
 
 def upgrade() -> None:
-    for statement in sql_statements(UPGRADE):
-        op.execute(statement)
+    run_script(UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in sql_statements(DOWNGRADE):
-        op.execute(statement)
+    run_script(DOWNGRADE)

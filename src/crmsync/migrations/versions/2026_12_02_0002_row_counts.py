@@ -5,9 +5,7 @@ Revises: 0001
 Create Date: 2026-12-02
 """
 
-from alembic import op
-
-from crmsync.db import sql_statements
+from crmsync.db import run_script
 
 revision = "0002"
 down_revision = "0001"
@@ -104,10 +102,8 @@ DROP TABLE row_counts;
 
 
 def upgrade() -> None:
-    for statement in sql_statements(UPGRADE):
-        op.execute(statement)
+    run_script(UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in sql_statements(DOWNGRADE):
-        op.execute(statement)
+    run_script(DOWNGRADE)
