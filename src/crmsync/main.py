@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from crmsync import __version__, db, openapi
 from crmsync.auth import service as auth_service
 from crmsync.auth.routes import router as auth_router
+from crmsync.calls import service as calls_service
 from crmsync.calls.routes import router as calls_router
 from crmsync.config import Settings
 from crmsync.contacts.routes import router as contacts_router
@@ -124,6 +125,7 @@ async def _maintenance(pool: db.Pool) -> None:
         try:
             async with pool.acquire() as conn:
                 await conn.execute(COMPACT_ROW_COUNTS)
+                await conn.execute(calls_service.RELINK_SQL)
                 if rounds % PRUNE_EVERY == 0:
                     await auth_service.prune(conn)
                     await conn.execute(

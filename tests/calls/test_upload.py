@@ -13,6 +13,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
+from crmsync.calls.service import RELINK_SQL
 from tests.conftest import Account, MakeUser, assert_problem
 
 T0 = datetime(2026, 11, 4, 14, 0, tzinfo=UTC)
@@ -192,6 +193,24 @@ async def test_call_uploaded_before_its_contact_is_linked_when_the_contact_is_cr
     assert str(await conn.fetchval("SELECT contact_id FROM call_logs")) == contact_id
     listed = (await client.get(f"/calls/{contact_id}", headers=user.headers)).json()
     assert [c["contact_name"] for c in listed["items"]] == ["Carla"]
+
+
+async def test_a_call_racing_its_contacts_creation_is_linked_by_maintenance(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, database_url: str
+) -> None:
+    creating = await asyncpg.connect(database_url)
+    try:
+        tx = creating.transaction()
+        await tx.start()  # the contact's transaction: its link UPDATE sees no call yet
+        contact_id = await add_contact(creating, "+14155550150", name="Carla")
+        body = (await upload(client, user, [call(0, phone_raw="(415) 555-0150")])).json()
+        assert body["inserted"] == 1  # and the upload does not see the uncommitted contact
+        await tx.commit()
+    finally:
+        await creating.close()
+    assert await conn.fetchval("SELECT contact_id FROM call_logs") is None
+    await conn.execute(RELINK_SQL)
+    assert str(await conn.fetchval("SELECT contact_id FROM call_logs")) == contact_id
 
 
 BAD_ITEMS: list[tuple[dict[str, Any], str, str]] = [

@@ -65,6 +65,15 @@ class CallBatch:
     rejected_json: str  # JSON array text: [{"index", "errors": [{"loc", "msg", "type"}]}]
 
 
+# Calls left unlinked by a race: uploaded while their number's contact was being created
+# in another transaction, neither saw the other's rows. The maintenance task runs this
+# every minute; the partial index ix_call_logs_unlinked_phone holds exactly the candidates.
+RELINK_SQL = """
+UPDATE call_logs l SET contact_id = c.id FROM contacts c
+WHERE l.contact_id IS NULL AND l.phone_normalized IS NOT NULL
+  AND c.phone_normalized = l.phone_normalized AND NOT c.deleted"""
+
+
 def parse_json(body: bytes) -> Any:
     if not body.strip():
         raise ValidationFailed.one(["body"], "Field required", "missing")
