@@ -10,7 +10,7 @@ import asyncpg
 import httpx
 
 from crmsync import db
-from crmsync.main import COMPACT_ROW_COUNTS
+from crmsync.main import MAINTENANCE_LOCK_ID, maintain
 from tests.calls.test_upload import call
 from tests.conftest import Account
 
@@ -58,7 +58,7 @@ async def test_totals_follow_every_write(
     )
     await assert_totals_exact(client, user, conn)
 
-    await conn.execute(COMPACT_ROW_COUNTS)
+    assert await maintain(conn, prune=True)
     assert await conn.fetchval("SELECT count(*) FROM row_counts") == 2
     await assert_totals_exact(client, user, conn)
 
@@ -118,3 +118,17 @@ async def test_unfiltered_totals_are_read_from_row_counts(
     # A filtered list counts its own rows.
     r = await client.get("/calls", params={"page": 1, "direction": "missed"}, headers=h)
     assert r.json()["total"] == 0
+
+
+async def test_one_process_at_a_time_maintains(conn: asyncpg.Connection, database_url: str) -> None:
+    await conn.execute("INSERT INTO row_counts VALUES ('calls', 1), ('calls', 2)")
+    other = await asyncpg.connect(database_url)
+    try:
+        async with other.transaction():  # another worker is in its maintenance round
+            await other.fetchval("SELECT pg_advisory_xact_lock($1)", MAINTENANCE_LOCK_ID)
+            assert not await maintain(conn, prune=False)
+            assert await conn.fetchval("SELECT count(*) FROM row_counts") == 2
+    finally:
+        await other.close()
+    assert await maintain(conn, prune=False)
+    assert await conn.fetch("SELECT name, n FROM row_counts") == [("calls", 3)]

@@ -117,6 +117,25 @@ async def on_unavailable(request: Request, exc: Exception) -> Response:
     return problem(ServiceUnavailable("The database is unavailable; retry shortly"))
 
 
+MAINTENANCE_LOCK_ID = 0x63726D7302  # "crms" 2: one maintainer at a time, cluster-wide
+
+
+async def maintain(conn: db.Connection, *, prune: bool) -> bool:
+    """One maintenance round, in one transaction; False when another process (worker or
+    machine) holds the round, so the work is done once, not once per process."""
+    async with conn.transaction():
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", MAINTENANCE_LOCK_ID):
+            return False
+        await conn.execute(COMPACT_ROW_COUNTS)
+        await conn.execute(calls_service.RELINK_SQL)
+        if prune:
+            await auth_service.prune(conn)
+            await conn.execute(
+                "DELETE FROM idempotency_keys WHERE created_at < now() - interval '8 days'"
+            )
+    return True
+
+
 async def _maintenance(pool: db.Pool) -> None:
     rounds = 0
     while True:
@@ -124,13 +143,7 @@ async def _maintenance(pool: db.Pool) -> None:
         rounds += 1
         try:
             async with pool.acquire() as conn:
-                await conn.execute(COMPACT_ROW_COUNTS)
-                await conn.execute(calls_service.RELINK_SQL)
-                if rounds % PRUNE_EVERY == 0:
-                    await auth_service.prune(conn)
-                    await conn.execute(
-                        "DELETE FROM idempotency_keys WHERE created_at < now() - interval '8 days'"
-                    )
+                await maintain(conn, prune=rounds % PRUNE_EVERY == 0)
         except Exception:
             log.exception("maintenance failed")
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from crmsync.calls.service import RELINK_SQL
+from crmsync.main import maintain
 from tests.conftest import Account, MakeUser, assert_problem
 
 T0 = datetime(2026, 11, 4, 14, 0, tzinfo=UTC)
@@ -209,7 +209,7 @@ async def test_a_call_racing_its_contacts_creation_is_linked_by_maintenance(
     finally:
         await creating.close()
     assert await conn.fetchval("SELECT contact_id FROM call_logs") is None
-    await conn.execute(RELINK_SQL)
+    assert await maintain(conn, prune=False)
     assert str(await conn.fetchval("SELECT contact_id FROM call_logs")) == contact_id
 
 
