@@ -36,10 +36,14 @@ metadata = MetaData(
 TZ = TIMESTAMP(timezone=True)
 
 
-def _id() -> Column[object]:
-    return Column(
-        "id", UUID(as_uuid=True), primary_key=True, server_default=text("gen_random_uuid()")
-    )
+def _id(default: str = "gen_random_uuid()") -> Column[object]:
+    return Column("id", UUID(as_uuid=True), primary_key=True, server_default=text(default))
+
+
+# Ids of the tables that only grow: time-ordered (UUID v7, migration 0003), so an insert
+# writes the rightmost page of the primary key instead of a random one.
+def _ordered_id() -> Column[object]:
+    return _id("time_ordered_uuid()")
 
 
 def _now(name: str) -> Column[object]:
@@ -122,7 +126,7 @@ contacts = Table(
 call_logs = Table(
     "call_logs",
     metadata,
-    _id(),
+    _ordered_id(),
     Column("user_id", UUID(as_uuid=True), ForeignKey("users.id"), nullable=False),
     Column("contact_id", UUID(as_uuid=True), ForeignKey("contacts.id")),
     Column("phone_raw", Text),
@@ -134,17 +138,17 @@ call_logs = Table(
     CheckConstraint("direction IN ('incoming', 'outgoing', 'missed')", name="direction"),
     CheckConstraint("duration_seconds BETWEEN 0 AND 86400", name="duration"),
     # The contract's duplicate key: same user, number, time and direction is one call.
+    # User and time first: it also serves a user's calls newest first.
     Index(
         "uq_call_logs_dedupe",
         "user_id",
-        text("coalesce(phone_normalized, phone_raw, '')"),
         "timestamp",
+        text("coalesce(phone_normalized, phone_raw, '')"),
         "direction",
         unique=True,
     ),
     Index("ix_call_logs_timestamp", text('"timestamp" DESC'), text("id DESC")),
     Index("ix_call_logs_contact", "contact_id", text('"timestamp" DESC'), text("id DESC")),
-    Index("ix_call_logs_user", "user_id", text('"timestamp" DESC'), text("id DESC")),
     # Calls waiting for a contact of their number (linked when it is created).
     Index(
         "ix_call_logs_unlinked_phone",
@@ -166,7 +170,7 @@ row_counts = Table(
 sync_audit = Table(
     "sync_audit",
     metadata,
-    _id(),
+    _ordered_id(),
     Column("user_id", UUID(as_uuid=True), ForeignKey("users.id"), nullable=False),
     Column("synced_contacts", Integer, nullable=False, server_default=text("0")),
     Column("synced_calls", Integer, nullable=False, server_default=text("0")),

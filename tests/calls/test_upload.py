@@ -71,6 +71,29 @@ async def test_upload_stores_calls_and_one_sync_record_with_its_counts(
     assert details["device_id"] == "pixel-8" and details["elapsed_ms"] >= 0
 
 
+async def test_call_and_sync_record_ids_are_time_ordered_uuid_v7(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    """Inserts write the rightmost page of the primary key (migration 0003): ids are
+    UUID version 7 whose first 48 bits are the insert's Unix milliseconds."""
+    before = datetime.now(UTC)
+    first = await upload(client, user, [call(0), call(1)])
+    await asyncio.sleep(0.01)
+    second = await upload(client, user, [call(2)])
+    after = datetime.now(UTC)
+    ids = [
+        uuid.UUID(str(r["id"]))
+        for r in await conn.fetch("SELECT id FROM call_logs ORDER BY timestamp")
+    ]
+    sync_ids = [uuid.UUID(r.json()["sync_id"]) for r in (first, second)]
+    for u in [*ids, *sync_ids]:
+        assert (u.version, u.variant) == (7, uuid.RFC_4122), u
+        ms = u.int >> 80
+        assert before.timestamp() * 1000 - 1 <= ms <= after.timestamp() * 1000 + 1, u
+    assert len(set(ids)) == 3
+    assert max(ids[:2]) < ids[2] and sync_ids[0] < sync_ids[1]
+
+
 async def test_reuploading_the_same_batch_inserts_nothing(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:

@@ -28,23 +28,26 @@ CALL_JSON = """json_build_object(
     'timestamp', api_time(l."timestamp"))"""
 
 # One statement for the whole batch. Calls without a contact_id are linked to the live
-# contact of their number right here. Rows go in in dedupe-key order, so concurrent
-# uploads of overlapping batches wait on each other's keys in one order and never
-# deadlock; the dedupe index turns repeats (stored or inside the batch) into no-ops.
+# contact of their number right here, one probe of uq_contacts_phone_normalized per call
+# (a subquery, so the planner never hashes the whole contacts table for a batch). Rows go
+# in in dedupe-key order, so concurrent uploads of overlapping batches wait on each other's
+# keys in one order and never deadlock; the dedupe index turns repeats (stored or inside
+# the batch) into no-ops.
 INSERT_SQL = """
 WITH ins AS (
     INSERT INTO call_logs AS l
         (user_id, contact_id, phone_raw, phone_normalized, direction, duration_seconds,
          "timestamp")
-    SELECT i.user_id, coalesce(i.contact_id, c.id), i.phone_raw, i.phone_normalized,
-           i.direction, i.duration_seconds, i."timestamp"
+    SELECT i.user_id,
+           coalesce(i.contact_id, (SELECT c.id FROM contacts c
+                                   WHERE c.phone_normalized = i.phone_normalized
+                                     AND NOT c.deleted)),
+           i.phone_raw, i.phone_normalized, i.direction, i.duration_seconds, i."timestamp"
     FROM json_to_recordset($1::json)
          AS i(user_id uuid, contact_id uuid, phone_raw text, phone_normalized text,
               direction text, duration_seconds int, "timestamp" timestamptz)
-    LEFT JOIN contacts c
-           ON i.contact_id IS NULL AND c.phone_normalized = i.phone_normalized AND NOT c.deleted
-    ORDER BY i.user_id, coalesce(i.phone_normalized, i.phone_raw, ''), i."timestamp", i.direction
-    ON CONFLICT (user_id, coalesce(phone_normalized, phone_raw, ''), "timestamp", direction)
+    ORDER BY i.user_id, i."timestamp", coalesce(i.phone_normalized, i.phone_raw, ''), i.direction
+    ON CONFLICT (user_id, "timestamp", coalesce(phone_normalized, phone_raw, ''), direction)
         DO NOTHING
     RETURNING 1
 )
