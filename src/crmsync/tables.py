@@ -148,7 +148,13 @@ call_logs = Table(
         unique=True,
     ),
     Index("ix_call_logs_timestamp", text('"timestamp" DESC'), text("id DESC")),
-    Index("ix_call_logs_contact", "contact_id", text('"timestamp" DESC'), text("id DESC")),
+    Index(
+        "ix_call_logs_contact",
+        "contact_id",
+        text('"timestamp" DESC'),
+        text("id DESC"),
+        postgresql_where=text("contact_id IS NOT NULL"),
+    ),
     # Calls waiting for a contact of their number (linked when it is created).
     Index(
         "ix_call_logs_unlinked_phone",

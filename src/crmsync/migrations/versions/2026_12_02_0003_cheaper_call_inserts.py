@@ -1,4 +1,4 @@
-"""Cheaper call inserts: time-ordered ids, and the dedupe index serves per-user listing.
+"""Cheaper call inserts: time-ordered ids, fewer and smaller indexes on call_logs.
 
 Revision ID: 0003
 Revises: 0002
@@ -21,7 +21,9 @@ depends_on = None
 # The dedupe key starts with (user_id, "timestamp"), so the unique index also serves a
 # user's calls newest first (and max("timestamp") of a user), and ix_call_logs_user, one of
 # six indexes every insert writes, goes. A phone uploads its recent calls: with the time
-# second, their entries land next to each other.
+# second, their entries land next to each other. And calls without a contact (unknown
+# numbers, short codes, withheld: a fifth of them in the benchmark) are left out of
+# ix_call_logs_contact, which is only ever searched for one contact.
 UPGRADE = r"""
 CREATE FUNCTION time_ordered_uuid() RETURNS uuid
     LANGUAGE sql VOLATILE PARALLEL SAFE
@@ -38,9 +40,17 @@ CREATE UNIQUE INDEX uq_call_logs_dedupe_v2
 DROP INDEX uq_call_logs_dedupe;
 ALTER INDEX uq_call_logs_dedupe_v2 RENAME TO uq_call_logs_dedupe;
 DROP INDEX ix_call_logs_user;
+
+CREATE INDEX ix_call_logs_contact_v2 ON call_logs (contact_id, "timestamp" DESC, id DESC)
+    WHERE contact_id IS NOT NULL;
+DROP INDEX ix_call_logs_contact;
+ALTER INDEX ix_call_logs_contact_v2 RENAME TO ix_call_logs_contact;
 """
 
 DOWNGRADE = r"""
+CREATE INDEX ix_call_logs_contact_v1 ON call_logs (contact_id, "timestamp" DESC, id DESC);
+DROP INDEX ix_call_logs_contact;
+ALTER INDEX ix_call_logs_contact_v1 RENAME TO ix_call_logs_contact;
 CREATE INDEX ix_call_logs_user ON call_logs (user_id, "timestamp" DESC, id DESC);
 CREATE UNIQUE INDEX uq_call_logs_dedupe_v1
     ON call_logs (user_id, coalesce(phone_normalized, phone_raw, ''), "timestamp", direction);
