@@ -511,8 +511,11 @@ SELECT coalesce(json_agg(json ORDER BY n) FILTER (WHERE n <= $3), '[]')::text AS
        (array_agg(change_seq ORDER BY n DESC) FILTER (WHERE n <= $3))[1] AS seq
 FROM page"""
 
+# `any`: whether this snapshot sees any contact at all (min() is one probe of
+# ix_contacts_change, not a sequential scan).
 HEAD_SQL = """
-SELECT EXISTS (SELECT 1 FROM contacts) AS any, last.change_xid AS xid, last.change_seq AS seq
+SELECT (SELECT min(change_xid) FROM contacts) IS NOT NULL AS any,
+       last.change_xid AS xid, last.change_seq AS seq
 FROM (SELECT 1) one LEFT JOIN LATERAL (
     SELECT c.change_xid, c.change_seq FROM contacts c
     WHERE c.change_xid < (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint)
