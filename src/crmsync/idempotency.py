@@ -28,16 +28,18 @@ async def idempotent(
     *,
     user_id: uuid.UUID,
     key: str | None,
-    request_hash: bytes,
+    request: tuple[str, str, bytes],
     produce: Callable[[], Awaitable[Answer]],
 ) -> Answer:
-    """Run `produce` once per (user, key); later calls with the same key get its answer."""
+    """Run `produce` once per (user, key); later calls with the same key get its answer.
+    `request` is (method, path, body): a repeat must send the same."""
     if key is None:
         return await produce()
     if not 1 <= len(key) <= MAX_KEY_LENGTH:
         raise ValidationFailed.one(
             ["header", "Idempotency-Key"], f"must be 1..{MAX_KEY_LENGTH} characters"
         )
+    request_hash = fingerprint(*request)
     claimed = await conn.fetchval(
         """INSERT INTO idempotency_keys (user_id, key, request_hash) VALUES ($1, $2, $3)
            ON CONFLICT (user_id, key) DO NOTHING RETURNING true""",

@@ -18,7 +18,7 @@ from crmsync.deps import (
     Page,
     Tx,
 )
-from crmsync.idempotency import Answer, fingerprint, idempotent
+from crmsync.idempotency import Answer, idempotent
 from crmsync.sync.service import sync_record_create
 from crmsync.times import Rfc3339
 
@@ -81,7 +81,7 @@ async def upload_calls(
         conn,
         user_id=user.id,
         key=idempotency_key,
-        request_hash=fingerprint("POST", request.url.path, body),
+        request=("POST", request.url.path, body),
         produce=produce,
     )
     for batch in produced:  # none when the answer was a stored one

@@ -30,7 +30,7 @@ from crmsync.deps import (
     Page,
     Tx,
 )
-from crmsync.idempotency import Answer, fingerprint, idempotent
+from crmsync.idempotency import Answer, idempotent
 from crmsync.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from crmsync.sync.service import sync_record_create
 
@@ -233,7 +233,7 @@ async def upload_contacts(
         conn,
         user_id=user.id,
         key=idempotency_key,
-        request_hash=fingerprint("POST", request.url.path, body),
+        request=("POST", request.url.path, body),
         produce=produce,
     )
     for batch in produced:  # none when the answer was a stored one

@@ -33,7 +33,7 @@ from crmsync.deps import (
     Tx,
 )
 from crmsync.errors import Forbidden, ValidationFailed
-from crmsync.idempotency import Answer, fingerprint, idempotent
+from crmsync.idempotency import Answer, idempotent
 from crmsync.sync import service
 from crmsync.sync.schemas import SyncOut, SyncPage, SyncStateOut
 
@@ -191,7 +191,7 @@ async def sync(
         conn,
         user_id=user.id,
         key=idempotency_key,
-        request_hash=fingerprint("POST", request.url.path, body),
+        request=("POST", request.url.path, body),
         produce=produce,
     )
     for contacts, calls in produced:  # none when the answer was a stored one
