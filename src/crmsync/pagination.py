@@ -145,7 +145,9 @@ async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> byt
         if rows:
             total = rows[0][-1]
         else:  # past the end: no row carried the count
-            total = await conn.fetchval(count_sql, *listing.params)
+            # a kept total takes no parameters; the count(*) takes the listing's own
+            count_args = () if listing.total_sql else listing.params
+            total = await conn.fetchval(count_sql, *count_args)
     more = len(rows) > page.limit
     items = rows[: page.limit]
     next_cursor = (
