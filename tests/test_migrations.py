@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection
@@ -37,3 +38,22 @@ async def test_downgrade_and_upgrade_again(make_database: Callable[[str], Awaita
     db.migrate(url)
     db.migrate(url, "base")
     db.migrate(url)
+
+
+async def test_time_ordered_ids_are_native_uuidv7_where_postgresql_has_it(
+    make_database: Callable[[str], Awaitable[str]],
+) -> None:
+    """Migration 0004: PostgreSQL 18+ makes ids with its own uuidv7(), older servers with
+    the portable SQL of 0003; undoing 0004 brings the portable body back."""
+    url = await make_database("crmsync_migration_uuidv7")
+    db.migrate(url)
+    conn = await asyncpg.connect(url)
+    try:
+        body = "SELECT prosrc FROM pg_proc WHERE proname = 'time_ordered_uuid'"
+        native = int(await conn.fetchval("SHOW server_version_num")) >= 180000
+        assert ("uuidv7()" in await conn.fetchval(body)) == native
+        db.migrate(url, "0003")
+        assert "gen_random_uuid()" in await conn.fetchval(body)
+        assert (await conn.fetchval("SELECT time_ordered_uuid()")).version == 7
+    finally:
+        await conn.close()
