@@ -37,6 +37,7 @@ lint: $(VENV)/.dev
 
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy src
+	$(BIN)/mypy bench
 
 pytest: $(VENV)/.dev
 	$(BIN)/pytest

@@ -94,6 +94,7 @@ class Target:
     base_url: str
     token: str  # a non-admin user's
     files: Path
+    session: int = 0  # the server's session id (its process group leader's pid)
     epoch: int = 0
     first_syncs: int = 0
 

@@ -38,12 +38,12 @@ def copy_rate(pg: Postgres, database: str, scratch: Path, since: str) -> dict[st
             path = scratch / "calls.copy"
             columns = ", ".join(f'"{c}"' for c in COPY_COLUMNS)
             query = f"SELECT {columns} FROM call_logs WHERE \"timestamp\" >= '{since}'"
-            await conn.copy_from_query(query, output=str(path))
+            await conn.copy_from_query(query, output=path)
             await conn.execute("DROP TABLE IF EXISTS bench_copy")
             await conn.execute("CREATE TABLE bench_copy (LIKE call_logs INCLUDING ALL)")
             rows = int(await conn.fetchval(query.replace(f"SELECT {columns}", "SELECT count(*)")))
             started = time.perf_counter()
-            await conn.copy_to_table("bench_copy", source=str(path), columns=COPY_COLUMNS)
+            await conn.copy_to_table("bench_copy", source=path, columns=COPY_COLUMNS)
             seconds = time.perf_counter() - started
             indexes = await conn.fetchval(
                 "SELECT count(*) FROM pg_indexes WHERE tablename = 'bench_copy'"
@@ -122,9 +122,9 @@ def pgbench(
 ) -> dict[str, Any]:
     """Transactions/s of the contact list (random page, with the exact count) and of the
     name search (3-letter fragments), the queries crmsync's endpoints run."""
-    binary = pg.bin_dir / "pgbench"
-    if not binary.exists():
-        binary = Path(shutil.which("pgbench") or "pgbench")
+    binary: Path | str = pg.bin_dir / "pgbench"
+    if not Path(binary).exists():
+        binary = shutil.which("pgbench") or "pgbench"
     scripts = scratch / "pgbench"
     scripts.mkdir(exist_ok=True)
     sql, args = crmsync_sql("list", page=2)
@@ -141,8 +141,8 @@ def pgbench(
     for name, files in (("list", [scripts / "list.sql"]), ("search", search_files)):
         argv = [str(binary), "-n", "-M", "prepared", "-j", "2", "-c", str(clients)]
         argv += ["-T", str(max(1, round(seconds))), "-h", pg.socket_dir, "-U", "postgres"]
-        for f in files:
-            argv += ["-f", str(f)]
+        for script_file in files:
+            argv += ["-f", str(script_file)]
         argv.append(database)
         done = procs.run(f"pgbench {name}", argv, timeout=seconds + 60)
         tps = re.search(r"tps = ([\d.]+)", done.stdout)

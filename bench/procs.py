@@ -14,6 +14,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,57 @@ class BenchError(RuntimeError):
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds (user + system) used so far by one server's processes (its session:
+    uvicorn or cluster workers included) and by every PostgreSQL process, and the
+    machine's busy and total CPU seconds, from /proc."""
+
+    at: float
+    server: float
+    postgres: float
+    machine_busy: float
+
+    @classmethod
+    def take(cls, session: int) -> CpuSample:
+        server = postgres = 0.0
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    stat = f.read()
+            except OSError:  # exited meanwhile
+                continue
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            used = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+            if int(fields[3]) == session:
+                server += used
+            elif comm == "postgres":
+                postgres += used
+        with open("/proc/stat") as f:
+            jiffies = [int(v) for v in f.readline().split()[1:]]
+        idle = jiffies[3] + jiffies[4]  # idle, iowait
+        total = sum(jiffies[:8])  # up to steal; guest time is already in user
+        return cls(time.monotonic(), server, postgres, (total - idle) / _TICKS)
+
+    def until(self, later: CpuSample, requests: int) -> dict[str, float]:
+        """Cores busy between two samples, and CPU milliseconds per request."""
+        seconds = later.at - self.at
+        server, postgres = later.server - self.server, later.postgres - self.postgres
+        return {
+            "server_cores": server / seconds,
+            "postgres_cores": postgres / seconds,
+            "machine_cores": (later.machine_busy - self.machine_busy) / seconds,
+            "server_cpu_ms": 1000 * server / max(requests, 1),
+            "postgres_cpu_ms": 1000 * postgres / max(requests, 1),
+        }
 
 
 class Processes:

@@ -35,6 +35,7 @@ from procs import (
     ROOT,
     VENV_BIN,
     BenchError,
+    CpuSample,
     Postgres,
     Processes,
     free_port,
@@ -239,7 +240,16 @@ def summarize(measurements: list[dict[str, Any]], workers: int, name: str) -> di
         if not ok:
             out[server] = {"error": runs[0]["error"] if runs else "not run"}
             continue
-        keys = ("rps", "units_per_s", "p50_ms", "p99_ms", "seconds")
+        keys = (
+            "rps",
+            "units_per_s",
+            "p50_ms",
+            "p99_ms",
+            "seconds",
+            "server_cpu_ms",
+            "postgres_cpu_ms",
+            "machine_cores",
+        )
         out[server] = {k: median([m[k] for m in ok if k in m]) for k in keys if k in ok[0]}
         out[server]["non_2xx"] = sum(m.get("non_2xx", 0) for m in ok)
         out[server]["socket_errors"] = sum(m.get("socket_errors", 0) for m in ok)
@@ -274,6 +284,16 @@ def fmt_side(side: dict[str, Any], unit: str) -> str:
     return f"{rate} {side['p50_ms']:>7.1f} {side['p99_ms']:>8.1f}{flag}    "
 
 
+def fmt_cpu(side: dict[str, Any]) -> str:
+    if "server_cpu_ms" not in side:
+        return f"{'-':>24}"
+    cell = (
+        f"{side['server_cpu_ms']:.2f} + {side['postgres_cpu_ms']:.2f} ms"
+        f" {side['machine_cores']:.1f} c"
+    )
+    return f"{cell:>24}"
+
+
 def print_table(summary: list[dict[str, Any]], cfg: Config, physical: dict[str, Any]) -> None:
     print()
     print(
@@ -293,6 +313,17 @@ def print_table(summary: list[dict[str, Any]], cfg: Config, physical: dict[str, 
             ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "-"
             line = f"{title:<38}{fmt_side(row['crmsync'], unit)}{fmt_side(row['express'], unit)}"
             print(f"{line}{ratio:>7} {row.get('bar', '-')}")
+    print(
+        "\nCPU milliseconds per request (server + PostgreSQL) and cores busy on the machine"
+        " (of 2 here), medians"
+    )
+    for workers in cfg.workers:
+        print(f"\n== {workers} worker(s) each")
+        print(f"{'scenario':<38}{'crmsync':>24}{'express':>24}")
+        for row in summary:
+            if row["workers"] == workers and row["scenario"] in BY_NAME:
+                title = BY_NAME[row["scenario"]].title
+                print(f"{title:<38}{fmt_cpu(row['crmsync'])}{fmt_cpu(row['express'])}")
     if physical:
         print("\n== PostgreSQL's own limit (same server)")
         for key, value in physical.items():
@@ -419,6 +450,7 @@ def _run(
             try:
                 for name, target in targets.items():
                     target.base_url = servers.urls[name]
+                    target.session = servers.running[name].pid
                 measurements += measure(procs, phase, targets, data, cfg, workers, with_first_sync)
             finally:
                 servers.stop()
@@ -500,6 +532,7 @@ def measure(
                         )
                     if s.fresh_epoch and not s.dup:
                         epoch = target.next_epoch()
+                    before = CpuSample.take(target.session)
                     m = run_wrk(
                         procs,
                         s,
@@ -508,6 +541,7 @@ def measure(
                         connections=conns,
                         epoch=epoch,
                     )
+                    m |= before.until(CpuSample.take(target.session), m["requests"])
                 except BenchError as exc:
                     broken[name] = str(exc)
                     out.append(row | {"error": str(exc)})

@@ -150,7 +150,7 @@ class DataSet:
         rng = random.Random(self.seed * 7919 + repetition)
         shared = rng.sample(self.phones, min(2500, len(self.phones)))
         own = random_numbers(rng, 5000 - len(shared), FIRST_SYNC_AREAS)
-        contacts = []
+        contacts: list[dict[str, Any]] = []
         for e164 in [*shared, *own]:
             age = timedelta(days=rng.randint(0, 2500))
             contacts.append(
