@@ -50,7 +50,7 @@ class CpuSample:
 
     @classmethod
     def take(cls, session: int) -> CpuSample:
-        server = postgres = 0.0
+        procs: dict[int, tuple[int, str, int, float, float]] = {}
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
@@ -61,11 +61,19 @@ class CpuSample:
                 continue
             comm = stat[stat.index("(") + 1 : stat.rindex(")")]
             fields = stat[stat.rindex(")") + 2 :].split()
-            used = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
-            if int(fields[3]) == session:
-                server += used
+            own = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+            reaped = (int(fields[13]) + int(fields[14])) / _TICKS  # of exited children
+            procs[int(entry.name)] = (int(fields[1]), comm, int(fields[3]), own, reaped)
+        server = postgres = 0.0
+        for ppid, comm, sid, own, reaped in procs.values():
+            if sid == session:
+                server += own
             elif comm == "postgres":
-                postgres += used
+                postgres += own
+                if procs.get(ppid, (0, ""))[1] != "postgres":
+                    # the postmaster: backends and autovacuum workers that exited since
+                    # the last sample count through it
+                    postgres += reaped
         with open("/proc/stat") as f:
             jiffies = [int(v) for v in f.readline().split()[1:]]
         idle = jiffies[3] + jiffies[4]  # idle, iowait
