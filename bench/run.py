@@ -439,10 +439,12 @@ def _run(
         physical = measure_physical(procs, pg, data, cfg)
     # Reads first, for every worker count, then writes: a write run stores as much as its
     # server manages, so the faster one grows its tables more, and later reads would not
-    # compare like with like.
+    # compare like with like. The first sync goes with the reads: it sends both servers
+    # the same data, so they stay alike, and it pulls the whole changes feed, which after
+    # the write runs would hold more contacts on the faster server's side.
     reads = [s for s in selected if not s.fresh_epoch]
     writes = [s for s in selected if s.fresh_epoch]
-    for phase, with_first_sync in ((reads, False), (writes, "first_sync" in cfg.only)):
+    for phase, with_first_sync in ((reads, "first_sync" in cfg.only), (writes, False)):
         if not phase and not with_first_sync:
             continue
         for workers in cfg.workers:
