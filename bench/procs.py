@@ -41,7 +41,7 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 class CpuSample:
     """CPU seconds (user + system) used so far by one server's processes (its session:
     uvicorn or cluster workers included) and by every PostgreSQL process, and the
-    machine's busy and total CPU seconds, from /proc."""
+    machine's busy CPU seconds, from /proc."""
 
     at: float
     server: float

@@ -315,7 +315,7 @@ def print_table(summary: list[dict[str, Any]], cfg: Config, physical: dict[str, 
             print(f"{line}{ratio:>7} {row.get('bar', '-')}")
     print(
         "\nCPU milliseconds per request (server + PostgreSQL) and cores busy on the machine"
-        " (of 2 here), medians"
+        f" (of {os.cpu_count()}), medians"
     )
     for workers in cfg.workers:
         print(f"\n== {workers} worker(s) each")
