@@ -63,6 +63,10 @@ class Listing:
     descending: bool = False
     # SQL of the exact total when something cheaper than count(*) knows it (kept_total)
     total_sql: str | None = None
+    # True when no index yields the rows in key order (a search): all matches are found,
+    # then sorted. PostgreSQL computes the select list before a sort, so the page's rows
+    # are picked by key first and their JSON built alone, not the JSON of every match.
+    sorted_after_match: bool = False
 
 
 def kept_total(name: str) -> str:
@@ -125,14 +129,17 @@ async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> byt
     args.append(page.limit + 1)
     order_sql = _order_sql(listing)
     limit_sql = f"ORDER BY {order_sql} LIMIT ${len(args)}"
-    if offset:
-        # OFFSET would build the JSON of every row it skips: pick the page's rows by their
-        # unique last key first (index entries only), then build the JSON of those alone.
-        args.append(offset)
+    if offset or listing.sorted_after_match:
+        # OFFSET would build the JSON of every row it skips, a sort that of every row it
+        # sorts: pick the page's rows by their unique last key first (no JSON), then
+        # build the JSON of those alone.
+        if offset:
+            args.append(offset)
+            limit_sql += f" OFFSET ${len(args)}"
         unique = listing.keys[-1].expr
         where_sql = (
             f"WHERE {unique} = ANY(ARRAY(SELECT {unique} {listing.from_sql} {where_sql} "
-            f"{limit_sql} OFFSET ${len(args)}))"
+            f"{limit_sql}))"
         )
         limit_sql = f"ORDER BY {order_sql}"
     sql = (

@@ -316,6 +316,7 @@ async def contact_search(conn: Connection, page: PageRequest, *, q: str) -> byte
             where=["NOT c.deleted", "c.phone_normalized LIKE $1"],
             params=[f"%{digits}%"],
             keys=[SortKey("c.name", "text"), SortKey("c.id", "uuid")],
+            sorted_after_match=True,
         )
     else:
         listing = Listing(
@@ -331,6 +332,7 @@ async def contact_search(conn: Connection, page: PageRequest, *, q: str) -> byte
                 SortKey("c.name", "text"),
                 SortKey("c.id", "uuid"),
             ],
+            sorted_after_match=True,
         )
     return await paginate(conn, listing, page)
 
