@@ -497,21 +497,16 @@ async def contact_delete(
 CHANGES_SCOPE = "contacts/changes"
 _BEGINNING = ("0", "0")
 
+# One row per contact, the JSON built by PostgreSQL and joined here: aggregating the page
+# into one json_agg value costs PostgreSQL more (0.35 ms per 200 rows) than the rows cost
+# Python (0.18 ms).
 CHANGES_SQL = f"""
-WITH page AS (
-    SELECT c.change_xid, c.change_seq, {CONTACT_JSON} AS json,
-           row_number() OVER (ORDER BY c.change_xid, c.change_seq) AS n
-    FROM contacts c
-    WHERE (c.change_xid, c.change_seq) > ($1::bigint, $2::bigint)
-      AND c.change_xid < (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint)
-    ORDER BY c.change_xid, c.change_seq
-    LIMIT $3 + 1
-)
-SELECT coalesce(json_agg(json ORDER BY n) FILTER (WHERE n <= $3), '[]')::text AS items,
-       count(*) > $3 AS has_more,
-       (array_agg(change_xid ORDER BY n DESC) FILTER (WHERE n <= $3))[1] AS xid,
-       (array_agg(change_seq ORDER BY n DESC) FILTER (WHERE n <= $3))[1] AS seq
-FROM page"""
+SELECT {CONTACT_JSON}::text AS json, c.change_xid AS xid, c.change_seq AS seq
+FROM contacts c
+WHERE (c.change_xid, c.change_seq) > ($1::bigint, $2::bigint)
+  AND c.change_xid < (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint)
+ORDER BY c.change_xid, c.change_seq
+LIMIT $3 + 1"""
 
 # `any`: whether this snapshot sees any contact at all (min() is one probe of
 # ix_contacts_change, not a sequential scan).
@@ -547,14 +542,14 @@ async def contact_changes_page(
 ) -> ChangesPage:
     """Contacts written after `cursor` (None: from the beginning), oldest change first."""
     xid, seq = _changes_position(cursor, key)
-    row = await conn.fetchrow(CHANGES_SQL, xid, seq, limit)
-    assert row is not None
-    if row["xid"] is not None:
-        xid, seq = row["xid"], row["seq"]
+    rows = await conn.fetch(CHANGES_SQL, xid, seq, limit)
+    items = rows[:limit]
+    if items:
+        xid, seq = items[-1]["xid"], items[-1]["seq"]
     return ChangesPage(
-        items_json=row["items"],
+        items_json="[" + ",".join(r[0] for r in items) + "]",
         next_cursor=encode_cursor(key, CHANGES_SCOPE, [str(xid), str(seq)]),
-        has_more=row["has_more"],
+        has_more=len(rows) > limit,
     )
 
 
