@@ -64,6 +64,25 @@ async def test_following_next_cursor_returns_each_change_once_oldest_first(
     assert (resumed["items"], resumed["has_more"], resumed["next_cursor"]) == ([], False, cursor)
 
 
+async def test_a_page_that_ends_the_feed_exactly_says_has_more_false(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    ids = [
+        (await post(client, user, contact(f"E{i}", f"(415) 555-02{i:02d}"))).json()["contact"]["id"]
+        for i in range(4)
+    ]
+    first = await pull(client, user, limit=2)
+    second = await pull(client, user, first["next_cursor"], limit=2)
+    assert [c["id"] for c in first["items"] + second["items"]] == ids
+    assert (first["has_more"], second["has_more"]) == (True, False)
+    after = await pull(client, user, second["next_cursor"], limit=2)
+    assert (after["items"], after["has_more"], after["next_cursor"]) == (
+        [],
+        False,
+        second["next_cursor"],
+    )
+
+
 async def test_changed_and_deleted_contacts_reappear_once_at_their_latest_state(
     client: httpx.AsyncClient, user: Account
 ) -> None:
