@@ -145,3 +145,13 @@ def test_restore_moves_transaction_ids_past_the_changes_feed(source: str) -> Non
             await conn.close()
 
     asyncio.run(run())
+
+
+def test_backups_of_the_same_second_sort_by_their_number(tmp_path: Path) -> None:
+    names = ["crmsync-20261203T073944Z.dump", "crmsync-20261203T073944Z-2.dump"]
+    names += ["crmsync-20261203T073944Z-10.dump", "crmsync-20261203T073945Z.dump"]
+    for name in reversed(names):
+        (tmp_path / name).touch()
+    (tmp_path / ".crmsync-20261203T073946Z.dump.partial").touch()
+    assert [f.name for f in backup.backups(tmp_path)] == names
+    assert backup.newest_backup(tmp_path) == tmp_path / names[-1]

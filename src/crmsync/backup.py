@@ -18,11 +18,19 @@ class BackupError(Exception):
     """pg_dump or pg_restore failed, or the target database is not empty."""
 
 
+def _age(file: Path) -> tuple[str, int]:
+    """A backup's place in time: its UTC stamp, then the number of a same-second backup
+    (`crmsync-<stamp>-2.dump` is newer than `crmsync-<stamp>.dump`, though '-' sorts
+    before '.')."""
+    stamp, _, n = file.name.removeprefix(PREFIX).removesuffix(SUFFIX).partition("-")
+    return stamp, int(n) if n.isdigit() else 1
+
+
 def backups(directory: Path) -> list[Path]:
-    """The backup files in directory, oldest first (their names sort by time)."""
+    """The backup files in directory, oldest first."""
     if not directory.is_dir():
         return []
-    return sorted(directory.glob(f"{PREFIX}*{SUFFIX}"))
+    return sorted(directory.glob(f"{PREFIX}*{SUFFIX}"), key=_age)
 
 
 def newest_backup(directory: Path) -> Path | None:
