@@ -38,6 +38,14 @@ async def pull_all(
             return items, cursor
 
 
+async def add_contacts(client: httpx.AsyncClient, user: Account, n: int) -> list[str]:
+    """Creates n contacts one by one; their ids, in creation order."""
+    return [
+        (await post(client, user, contact(f"N{i}", f"(415) 555-01{i:02d}"))).json()["contact"]["id"]
+        for i in range(n)
+    ]
+
+
 async def test_empty_feed_answers_a_cursor_meaning_the_beginning(
     client: httpx.AsyncClient, user: Account
 ) -> None:
@@ -52,10 +60,7 @@ async def test_empty_feed_answers_a_cursor_meaning_the_beginning(
 async def test_following_next_cursor_returns_each_change_once_oldest_first(
     client: httpx.AsyncClient, user: Account
 ) -> None:
-    ids = [
-        (await post(client, user, contact(f"N{i}", f"(415) 555-01{i:02d}"))).json()["contact"]["id"]
-        for i in range(5)
-    ]
+    ids = await add_contacts(client, user, 5)
     first = await pull(client, user, limit=2)
     assert first["has_more"] is True and len(first["items"]) == 2 and first["limit"] == 2
     items, cursor = await pull_all(client, user, limit=2)
@@ -67,10 +72,7 @@ async def test_following_next_cursor_returns_each_change_once_oldest_first(
 async def test_a_page_that_ends_the_feed_exactly_says_has_more_false(
     client: httpx.AsyncClient, user: Account
 ) -> None:
-    ids = [
-        (await post(client, user, contact(f"E{i}", f"(415) 555-02{i:02d}"))).json()["contact"]["id"]
-        for i in range(4)
-    ]
+    ids = await add_contacts(client, user, 4)
     first = await pull(client, user, limit=2)
     second = await pull(client, user, first["next_cursor"], limit=2)
     assert [c["id"] for c in first["items"] + second["items"]] == ids
