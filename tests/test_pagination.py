@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import base64
 
+import asyncpg
 import httpx
+import orjson
 import pytest
 
+from crmsync.auth.service import USER
+from crmsync.calls.service import CALL
+from crmsync.contacts.service import CONTACT
 from crmsync.errors import BadRequest
-from crmsync.pagination import decode_cursor, encode_cursor
+from crmsync.pagination import Shape, decode_cursor, encode_cursor
+from crmsync.sync.service import SYNC
 from tests.conftest import Account, MakeUser, assert_problem
 
 
@@ -97,3 +103,54 @@ def test_cursor_is_tamper_proof_and_bound_to_its_listing() -> None:
             decode_cursor(key, scope, bad, 2)
     with pytest.raises(BadRequest):
         decode_cursor(b"other" * 8, "users", cursor, 2)
+
+
+@pytest.mark.parametrize(
+    ("shape", "from_sql"),
+    [
+        (CONTACT, "FROM contacts c"),
+        (CALL, "FROM call_logs l LEFT JOIN contacts c ON c.id = l.contact_id"),
+        (USER, "FROM users u"),
+        (SYNC, "FROM sync_audit s"),
+    ],
+)
+async def test_a_listed_item_is_the_same_json_as_the_single_item(
+    conn: asyncpg.Connection, user: Account, shape: Shape, from_sql: str
+) -> None:
+    """Lists build items with orjson from columns, single rows with json_build_object:
+    both must give the same JSON, nulls, escapes, nested objects and whole-second times
+    included."""
+    odd = 'Zoë "Q" \\ O\'Brien\t\u2028 日本'
+    await conn.execute(
+        """WITH c AS (
+               INSERT INTO contacts (name, phone_raw, phone_normalized, created_by, created_at)
+               VALUES ($1, '+1 415 555 0100', '+14155550100', $2, '2026-11-02T10:00:00Z'),
+                      ('Plain', '+1 415 555 0101', '+14155550101', NULL, now())
+               RETURNING id, phone_normalized)
+           INSERT INTO call_logs (user_id, contact_id, phone_raw, phone_normalized,
+                                  direction, duration_seconds, "timestamp")
+           SELECT $2, id, NULL, phone_normalized, 'missed', 0, '2026-11-02T10:00:00Z' FROM c
+           UNION ALL SELECT $2, NULL, $1, NULL, 'incoming', 61, now()""",
+        odd,
+        user.id,
+    )
+    await conn.execute(
+        """INSERT INTO users (name, email, password_hash, is_admin, created_at)
+           VALUES ($1, 'odd@example.com', 'not-a-hash', true, '2026-11-02T10:00:00Z')""",
+        odd,
+    )
+    await conn.execute(
+        """INSERT INTO sync_audit (user_id, kind, details)
+           VALUES ($1, 'sync', $2::jsonb), ($1, 'calls', '{}')""",
+        user.id,
+        orjson.dumps({"device_id": odd, "n": [1, 2.5, None], "x": {"y": True}}).decode(),
+    )
+    singles = [
+        orjson.loads(r[0])
+        for r in await conn.fetch(f"SELECT {shape.object_sql}::text {from_sql} ORDER BY 1")
+    ]
+    listed = orjson.loads(
+        shape.dumps(await conn.fetch(f"SELECT {shape.columns_sql} {from_sql} ORDER BY 1"))
+    )
+    assert len(singles) >= 2
+    assert listed == singles

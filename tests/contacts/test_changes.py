@@ -163,7 +163,7 @@ async def test_head_is_none_without_contacts_then_the_end_of_the_feed(
     head = await contact_changes_head(conn, key=key)
     assert head is not None
     page = await contact_changes_page(conn, cursor=head, limit=10, key=key)
-    assert (page.items_json, page.has_more, page.next_cursor) == ("[]", False, head)
+    assert (page.items_json, page.has_more, page.next_cursor) == (b"[]", False, head)
     await client.put(f"/contacts/{a['id']}", json={"name": "A1"}, headers=user.headers)
     items, _ = await pull_all(client, user, head)
     assert [c["name"] for c in items] == ["A1"]

@@ -16,12 +16,21 @@ import jwt
 from crmsync.db import Connection
 from crmsync.errors import InvalidCredentials, TooManyAttempts, Unauthenticated
 from crmsync.observability import LOGIN_FAILURES
+from crmsync.pagination import Shape
 
 ALGORITHM = "HS256"
 
-USER_JSON = """json_build_object(
-    'id', u.id, 'name', u.name, 'email', u.email, 'is_admin', u.is_admin,
-    'created_at', api_time(u.created_at), 'updated_at', api_time(u.updated_at))"""
+USER = Shape(
+    (
+        ("id", "u.id::text"),
+        ("name", "u.name"),
+        ("email", "u.email"),
+        ("is_admin", "u.is_admin"),
+        ("created_at", "api_time(u.created_at)"),
+        ("updated_at", "api_time(u.updated_at)"),
+    )
+)
+USER_JSON = USER.object_sql
 
 
 @dataclass(frozen=True)

@@ -15,17 +15,25 @@ from crmsync.calls.schemas import BATCH_ADAPTER, CALL_ADAPTER, CallIn
 from crmsync.db import Connection
 from crmsync.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from crmsync.observability import CALL_RESULTS
-from crmsync.pagination import Listing, PageRequest, SortKey, kept_total, paginate
+from crmsync.pagination import Listing, PageRequest, Shape, SortKey, kept_total, paginate
 from crmsync.phone import normalize_with_hint
 from crmsync.times import FUTURE_SKEW
 
 Loc = Sequence[str | int]
 
-CALL_JSON = """json_build_object(
-    'id', l.id, 'user_id', l.user_id, 'contact_id', l.contact_id, 'contact_name', c.name,
-    'phone_raw', l.phone_raw, 'phone_normalized', l.phone_normalized,
-    'direction', l.direction, 'duration_seconds', l.duration_seconds,
-    'timestamp', api_time(l."timestamp"))"""
+CALL = Shape(
+    (
+        ("id", "l.id::text"),
+        ("user_id", "l.user_id::text"),
+        ("contact_id", "l.contact_id::text"),
+        ("contact_name", "c.name"),
+        ("phone_raw", "l.phone_raw"),
+        ("phone_normalized", "l.phone_normalized"),
+        ("direction", "l.direction"),
+        ("duration_seconds", "l.duration_seconds"),
+        ("timestamp", 'api_time(l."timestamp")'),
+    )
+)
 
 # One statement for the whole batch. Calls without a contact_id are linked to the live
 # contact of their number right here, one probe of uq_contacts_phone_normalized per call
@@ -234,7 +242,7 @@ async def call_list(
     listing = Listing(
         scope="|".join(str(s) for s in scope),
         from_sql="FROM call_logs l LEFT JOIN contacts c ON c.id = l.contact_id",
-        item_json=CALL_JSON,
+        shape=CALL,
         keys=[SortKey('l."timestamp"', "timestamptz"), SortKey("l.id", "uuid")],
         where=where,
         params=params,

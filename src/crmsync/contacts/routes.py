@@ -135,7 +135,7 @@ async def contact_changes(
     has_more = b"true" if changes.has_more else b"false"
     return JSONBytes(
         b'{"items":'
-        + changes.items_json.encode()
+        + changes.items_json
         + f',"limit":{limit},"next_cursor":"{changes.next_cursor}","has_more":'.encode()
         + has_more
         + b"}"

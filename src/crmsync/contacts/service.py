@@ -29,6 +29,7 @@ from crmsync.observability import CONTACT_RESULTS
 from crmsync.pagination import (
     Listing,
     PageRequest,
+    Shape,
     SortKey,
     decode_cursor,
     encode_cursor,
@@ -39,11 +40,19 @@ from crmsync.phone import normalize, normalize_with_hint
 
 Loc = Sequence[str | int]
 
-CONTACT_JSON = """json_build_object(
-    'id', c.id, 'name', c.name, 'phone_raw', c.phone_raw,
-    'phone_normalized', c.phone_normalized, 'created_by', c.created_by,
-    'created_at', api_time(c.created_at), 'updated_at', api_time(c.updated_at),
-    'deleted', c.deleted)"""
+CONTACT = Shape(
+    (
+        ("id", "c.id::text"),
+        ("name", "c.name"),
+        ("phone_raw", "c.phone_raw"),
+        ("phone_normalized", "c.phone_normalized"),
+        ("created_by", "c.created_by::text"),
+        ("created_at", "api_time(c.created_at)"),
+        ("updated_at", "api_time(c.updated_at)"),
+        ("deleted", "c.deleted"),
+    )
+)
+CONTACT_JSON = CONTACT.object_sql
 
 NOT_A_PHONE = "Not a possible phone number"
 
@@ -279,7 +288,7 @@ async def contact_list(conn: Connection, page: PageRequest) -> bytes:
     listing = Listing(
         scope="contacts",
         from_sql="FROM contacts c",
-        item_json=CONTACT_JSON,
+        shape=CONTACT,
         where=["NOT c.deleted"],
         keys=[SortKey("c.name", "text"), SortKey("c.id", "uuid")],
         total_sql=kept_total("contacts"),
@@ -312,7 +321,7 @@ async def contact_search(conn: Connection, page: PageRequest, *, q: str) -> byte
         listing = Listing(
             scope=f"contacts/search|phone|{digits}",
             from_sql="FROM contacts c",
-            item_json=CONTACT_JSON,
+            shape=CONTACT,
             where=["NOT c.deleted", "c.phone_normalized LIKE $1"],
             params=[f"%{digits}%"],
             keys=[SortKey("c.name", "text"), SortKey("c.id", "uuid")],
@@ -322,7 +331,7 @@ async def contact_search(conn: Connection, page: PageRequest, *, q: str) -> byte
         listing = Listing(
             scope=f"contacts/search|name|{q}",
             from_sql="FROM contacts c",
-            item_json=CONTACT_JSON,
+            shape=CONTACT,
             # $1 is '%q%' (served by the trigram index); without its leading '%' it is the
             # prefix pattern 'q%' that ranks name prefixes first.
             where=["NOT c.deleted", "c.name ILIKE $1"],
@@ -497,11 +506,9 @@ async def contact_delete(
 CHANGES_SCOPE = "contacts/changes"
 _BEGINNING = ("0", "0")
 
-# One row per contact, the JSON built by PostgreSQL and joined here: aggregating the page
-# into one json_agg value costs PostgreSQL more (0.35 ms per 200 rows) than the rows cost
-# Python (0.18 ms).
+# Plain columns, the JSON made by orjson (see pagination.Shape).
 CHANGES_SQL = f"""
-SELECT {CONTACT_JSON}::text AS json, c.change_xid AS xid, c.change_seq AS seq
+SELECT {CONTACT.columns_sql}, c.change_xid AS xid, c.change_seq AS seq
 FROM contacts c
 WHERE (c.change_xid, c.change_seq) > ($1::bigint, $2::bigint)
   AND c.change_xid < (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint)
@@ -522,7 +529,7 @@ FROM (SELECT 1) one LEFT JOIN LATERAL (
 
 @dataclass(frozen=True)
 class ChangesPage:
-    items_json: str  # JSON array of contacts, oldest change first
+    items_json: bytes  # JSON array of contacts, oldest change first
     next_cursor: str
     has_more: bool
 
@@ -547,7 +554,7 @@ async def contact_changes_page(
     if items:
         xid, seq = items[-1]["xid"], items[-1]["seq"]
     return ChangesPage(
-        items_json="[" + ",".join(r[0] for r in items) + "]",
+        items_json=CONTACT.dumps(items),
         next_cursor=encode_cursor(key, CHANGES_SCOPE, [str(xid), str(seq)]),
         has_more=len(rows) > limit,
     )

@@ -182,7 +182,7 @@ async def sync(
             f'{{"sync_id":"{sync_id}","contacts":{contacts.results_json},'
             f'"calls":{{"inserted":{calls.inserted},"duplicates":{calls.duplicates},'
             f'"rejected":{calls.rejected_json}}},'
-            f'"changes":{{"items":{changes.items_json},'
+            f'"changes":{{"items":{changes.items_json.decode()},'
             f'"next_cursor":{orjson.dumps(changes.next_cursor).decode()},'
             f'"has_more":{"true" if changes.has_more else "false"}}}}}'
         ).encode()

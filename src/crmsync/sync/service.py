@@ -8,7 +8,7 @@ from typing import Any, Literal
 import orjson
 
 from crmsync.db import Connection
-from crmsync.pagination import Listing, PageRequest, SortKey, paginate
+from crmsync.pagination import Listing, PageRequest, Shape, SortKey, paginate
 
 SyncKind = Literal["contacts", "calls", "sync"]
 
@@ -34,10 +34,18 @@ async def sync_record_create(
     return sync_id
 
 
-SYNC_JSON = """json_build_object(
-    'id', s.id, 'user_id', s.user_id, 'synced_contacts', s.synced_contacts,
-    'synced_calls', s.synced_calls, 'created_at', api_time(s.created_at), 'kind', s.kind,
-    'details', s.details)"""
+SYNC = Shape(
+    (
+        ("id", "s.id::text"),
+        ("user_id", "s.user_id::text"),
+        ("synced_contacts", "s.synced_contacts"),
+        ("synced_calls", "s.synced_calls"),
+        ("created_at", "api_time(s.created_at)"),
+        ("kind", "s.kind"),
+        ("details", "s.details"),
+    ),
+    nested=frozenset({"details"}),
+)
 
 
 async def sync_list(conn: Connection, page: PageRequest, *, user_id: uuid.UUID | None) -> bytes:
@@ -45,7 +53,7 @@ async def sync_list(conn: Connection, page: PageRequest, *, user_id: uuid.UUID |
     listing = Listing(
         scope=f"sync|{user_id or ''}",
         from_sql="FROM sync_audit s",
-        item_json=SYNC_JSON,
+        shape=SYNC,
         keys=[SortKey("s.created_at", "timestamptz"), SortKey("s.id", "uuid")],
         where=["s.user_id = $1"] if user_id else [],
         params=[user_id] if user_id else [],

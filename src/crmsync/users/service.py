@@ -6,7 +6,7 @@ import uuid
 
 import asyncpg
 
-from crmsync.auth.service import USER_JSON, hash_password
+from crmsync.auth.service import USER, USER_JSON, hash_password
 from crmsync.db import Connection
 from crmsync.errors import CannotDeleteSelf, EmailTaken, NotFound
 from crmsync.pagination import Listing, PageRequest, SortKey, paginate
@@ -16,7 +16,7 @@ async def user_list(conn: Connection, page: PageRequest) -> bytes:
     listing = Listing(
         scope="users",
         from_sql="FROM users u",
-        item_json=USER_JSON,
+        shape=USER,
         where=["u.deleted_at IS NULL"],
         keys=[SortKey("u.created_at", "timestamptz"), SortKey("u.id", "uuid")],
     )
