@@ -178,14 +178,17 @@ async def sync(
             },
         )
         produced.append((contacts, calls))
-        return 200, (
+        head = (
             f'{{"sync_id":"{sync_id}","contacts":{contacts.results_json},'
             f'"calls":{{"inserted":{calls.inserted},"duplicates":{calls.duplicates},'
             f'"rejected":{calls.rejected_json}}},'
-            f'"changes":{{"items":{changes.items_json.decode()},'
-            f'"next_cursor":{orjson.dumps(changes.next_cursor).decode()},'
+            f'"changes":{{"items":'
+        )
+        tail = (
+            f',"next_cursor":{orjson.dumps(changes.next_cursor).decode()},'
             f'"has_more":{"true" if changes.has_more else "false"}}}}}'
-        ).encode()
+        )
+        return 200, head.encode() + changes.items_json + tail.encode()
 
     status, answer = await idempotent(
         conn,
