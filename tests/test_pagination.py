@@ -145,12 +145,13 @@ async def test_a_listed_item_is_the_same_json_as_the_single_item(
         user.id,
         orjson.dumps({"device_id": odd, "n": [1, 2.5, None], "x": {"y": True}}).decode(),
     )
+    order = f"ORDER BY {shape.fields[0][1]}"  # the id
     singles = [
         orjson.loads(r[0])
-        for r in await conn.fetch(f"SELECT {shape.object_sql}::text {from_sql} ORDER BY 1")
+        for r in await conn.fetch(f"SELECT {shape.object_sql}::text {from_sql} {order}")
     ]
     listed = orjson.loads(
-        shape.dumps(await conn.fetch(f"SELECT {shape.columns_sql} {from_sql} ORDER BY 1"))
+        shape.dumps(await conn.fetch(f"SELECT {shape.columns_sql} {from_sql} {order}"))
     )
     assert len(singles) >= 2
     assert listed == singles
