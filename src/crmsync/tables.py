@@ -112,12 +112,14 @@ contacts = Table(
         "name",
         postgresql_using="gin",
         postgresql_ops={"name": "gin_trgm_ops"},
+        postgresql_with={"gin_pending_list_limit": 256},  # migration 0005
     ),
     Index(
         "ix_contacts_phone_trgm",
         "phone_normalized",
         postgresql_using="gin",
         postgresql_ops={"phone_normalized": "gin_trgm_ops"},
+        postgresql_with={"gin_pending_list_limit": 256},
     ),
     Index("ix_contacts_live_name", "name", "id", postgresql_where=text("NOT deleted")),
     Index("ix_contacts_change", "change_xid", "change_seq"),

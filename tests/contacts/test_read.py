@@ -275,3 +275,20 @@ async def test_name_search_uses_the_trigram_index_at_100k_contacts(
         assert matching, plan
         for node in matching:
             assert "phone_raw" not in node and "to_char" not in node, node
+
+
+async def test_a_bulk_upload_leaves_a_short_gin_pending_list(conn: asyncpg.Connection) -> None:
+    """Every search reads the trigram indexes' whole pending list; migration 0005 caps it at
+    256 kB, where PostgreSQL's default lets 7,500 new contacts pile up ~236 pages of it."""
+    await conn.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+    await conn.execute(
+        """INSERT INTO contacts (name, phone_raw, phone_normalized)
+           SELECT 'Name ' || md5(i::text), '+1' || (3000000000 + i), '+1' || (3000000000 + i)
+           FROM generate_series(1, 7500) i"""
+    )
+    for index in ("ix_contacts_name_trgm", "ix_contacts_phone_trgm"):
+        pending = await conn.fetchval("SELECT pending_pages FROM pgstatginindex($1)", index)
+        assert pending <= 256 // 8 + 1, (index, pending)
+    await add(conn, ("Zebediah Quartermaine", "+14155550003"))
+    page = PageRequest(limit=50, page=None, cursor=None, key=b"k" * 32)
+    assert b"Zebediah" in await contact_search(conn, page, q="ebedi")
