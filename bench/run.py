@@ -449,9 +449,9 @@ def _run(
             continue
         for workers in cfg.workers:
             # Each worker count starts from the same state on both sides: the first sync
-            # and the write runs leave dead rows, unvisited pages and GIN pending lists
-            # that autovacuum would clean at a time of its own choosing.
-            vacuum_both(pg)
+            # and the write runs leave unvisited pages and GIN pending lists that
+            # autovacuum would clean at a time of its own choosing.
+            settle(pg)
             servers.start(workers)
             try:
                 for name, target in targets.items():
@@ -470,9 +470,14 @@ def _run(
     return result
 
 
-def vacuum_both(pg: Postgres) -> None:
+def settle(pg: Postgres) -> None:
+    """VACUUM ANALYZE both databases, then a CHECKPOINT: the run that follows neither
+    meets autovacuum's leftovers nor pays for writing out the dirty pages of what ran
+    before it (the seed, the COPY, the write runs)."""
     for name in SERVERS:
         pg.execute(name, "VACUUM ANALYZE")
+    pg.execute(SERVERS[0], "CHECKPOINT")
+    log("VACUUM ANALYZE of both databases and a CHECKPOINT done")
 
 
 def seed_both(
@@ -499,10 +504,10 @@ def seed_both(
     linked = {n: out[n]["rows"]["linked_calls"] for n in SERVERS}
     if len(set(linked.values())) != 1:
         log(f"WARNING: the servers linked different numbers of calls to contacts: {linked}")
-    vacuum_both(pg)
+    settle(pg)
     for name, target in targets.items():
         out[name] |= write_load_files(target, data, emails)
-    log("seeded and verified both servers; VACUUM ANALYZE done")
+    log("seeded and verified both servers")
     return out
 
 
