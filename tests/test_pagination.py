@@ -71,13 +71,36 @@ async def test_cursor_walk_is_stable_while_rows_are_inserted(
     assert len(seen) == len(set(seen)) == 6 and seen[-2:] == added
 
 
-@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 201}, {"limit": "x"}, {"page": 0}])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"limit": 0},
+        {"limit": 201},
+        {"limit": "x"},
+        {"page": 0},
+        {"page": 10**9 + 1},
+        {"page": 10**20},
+    ],
+)
 async def test_bad_limit_or_page_is_422(
     client: httpx.AsyncClient, admin: Account, params: dict[str, object]
 ) -> None:
     assert_problem(
         await client.get("/users", params=params, headers=admin.headers), 422, "validation_error"
     )
+
+
+@pytest.mark.parametrize(
+    ("path", "query"),
+    [("/users", {}), ("/contacts", {}), ("/contacts/search", {"q": "ann"}), ("/calls", {})],
+)
+async def test_the_last_allowed_page_is_an_empty_page(
+    client: httpx.AsyncClient, admin: Account, path: str, query: dict[str, str]
+) -> None:
+    params = {**query, "page": 10**9, "limit": 200}
+    r = await client.get(path, params=params, headers=admin.headers)
+    assert r.status_code == 200, r.text
+    assert (r.json()["items"], r.json()["next_cursor"]) == ([], None)
 
 
 async def test_page_with_cursor_and_garbage_cursors_are_400(

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 EMBEDDED_DATABASE = "crmsync"
+# PostgreSQL text cannot hold NUL: every string field refuses it (a 422) by this pattern,
+# rather than failing in the database.
+NO_NUL = r"^[^\x00]*$"
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy

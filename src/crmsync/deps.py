@@ -14,7 +14,7 @@ from crmsync.auth.service import AuthedUser, authenticate
 from crmsync.config import Settings
 from crmsync.db import Connection, request_connection, request_transaction
 from crmsync.errors import BadRequest, Forbidden, Unauthenticated
-from crmsync.pagination import DEFAULT_LIMIT, MAX_LIMIT, PageRequest
+from crmsync.pagination import DEFAULT_LIMIT, MAX_LIMIT, MAX_PAGE, PageRequest
 
 # Statements on Conn commit one by one (reads, single-statement writes); Tx is the
 # request's one transaction, committed before the answer leaves.
@@ -64,7 +64,9 @@ AdminUser = Annotated[AuthedUser, Depends(admin_user)]
 async def page_request(
     request: Request,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
-    page: Annotated[int | None, Query(ge=1, description="1-based page number (page mode)")] = None,
+    page: Annotated[
+        int | None, Query(ge=1, le=MAX_PAGE, description="1-based page number (page mode)")
+    ] = None,
     cursor: Annotated[
         str | None, Query(max_length=2000, description="next_cursor of a previous answer")
     ] = None,

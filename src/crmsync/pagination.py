@@ -35,6 +35,7 @@ else:
 
 MAX_LIMIT = 200
 DEFAULT_LIMIT = 50
+MAX_PAGE = 1_000_000_000  # keeps (page - 1) * limit, the OFFSET, a bigint
 
 
 @dataclass(frozen=True)

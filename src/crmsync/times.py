@@ -20,11 +20,23 @@ def _rfc3339_text(value: object) -> object:
     return value
 
 
+def _within_utc_years(value: datetime) -> datetime:
+    # 0001-01-01T00:30:00+01:00 is in year 0 in UTC: Python cannot hold it, and PostgreSQL
+    # would store it as 1 BC and print it without the era, a year off.
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must fall within the years 1 to 9999 in UTC") from None
+    return value
+
+
 def _not_in_future(value: datetime) -> datetime:
     if value > datetime.now(UTC) + FUTURE_SKEW:
         raise ValueError("must not be more than 5 minutes in the future")
     return value
 
 
-Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
+Rfc3339 = Annotated[
+    AwareDatetime, BeforeValidator(_rfc3339_text), AfterValidator(_within_utc_years)
+]
 PastRfc3339 = Annotated[Rfc3339, AfterValidator(_not_in_future)]

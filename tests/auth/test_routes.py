@@ -101,6 +101,8 @@ async def test_login_bad_bodies(client: httpx.AsyncClient) -> None:
     )
     assert body["errors"][0]["loc"] == ["body", "password"]
     assert_problem(await client.post("/auth/login", json=[1, 2]), 422, "validation_error")
+    nul = {"email": "a\x00@b.c", "password": "whatever1"}  # PostgreSQL text holds no NUL
+    assert_problem(await client.post("/auth/login", json=nul), 422, "validation_error")
 
 
 async def test_me_returns_the_user(client: httpx.AsyncClient, user: Account) -> None:
@@ -124,7 +126,8 @@ async def test_forged_expired_and_alg_none_tokens(client: httpx.AsyncClient, use
     expired = jwt.encode({**claims, "exp": int(time.time()) - 10}, TEST_SECRET, algorithm="HS256")
     none = jwt.encode(claims, None, algorithm="none")  # type: ignore[arg-type]
     no_jti = jwt.encode({"sub": claims["sub"], "exp": claims["exp"]}, TEST_SECRET, "HS256")
-    for token in (forged, expired, none, no_jti):
+    beyond_year_9999 = jwt.encode({**claims, "exp": 10**20}, TEST_SECRET, algorithm="HS256")
+    for token in (forged, expired, none, no_jti, beyond_year_9999):
         r = await client.get("/auth/me", headers={"Authorization": f"Bearer {token}"})
         assert_problem(r, 401, "unauthenticated")
 

@@ -158,6 +158,8 @@ async def test_a_cursor_only_follows_the_filters_it_was_made_with(
     [
         {"direction": "sideways"},
         {"since": "2026-11-04T14:00:00"},
+        {"since": "0001-01-01T00:00:00+01:00"},  # year 0 in UTC
+        {"until": "9999-12-31T23:30:00-01:00"},  # year 10000 in UTC
         {"until": "yesterday"},
         {"user_id": "nope"},
         {"contact_id": "nope"},

@@ -60,6 +60,7 @@ async def test_duplicate_email_in_other_case_is_409(
         {"name": "E", "email": "not-an-email", "password": "long-enough"},
         {"name": "", "email": "e@example.com", "password": "long-enough"},
         {"name": "x" * 201, "email": "e@example.com", "password": "long-enough"},
+        {"name": "E\x00", "email": "e@example.com", "password": "long-enough"},
         {"email": "e@example.com", "password": "long-enough"},
         {"name": "E", "email": "e@example.com", "password": "é" * 40},
         {"name": "E", "email": "e@example.com", "password": "long-enough", "is_admin": "maybe"},
@@ -118,6 +119,8 @@ async def test_patch_changes_fields_and_password(
     assert old.status_code == 401
     new = await client.post("/auth/login", json={"email": user.email, "password": "new-password"})
     assert new.status_code == 200
+    r = await client.patch(f"/users/{user.id}", json={"name": "x\x00"}, headers=admin.headers)
+    assert_problem(r, 422, "validation_error")
 
 
 async def test_patch_to_taken_email_is_409(

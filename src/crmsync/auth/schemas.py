@@ -6,6 +6,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from crmsync.db import NO_NUL
+
 
 class UserOut(BaseModel):
     id: UUID
@@ -20,7 +22,7 @@ class LoginIn(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"email": "ana@example.com", "password": "s3cret-pass"}]}
     )
-    email: str = Field(min_length=1, max_length=320)
+    email: str = Field(min_length=1, max_length=320, pattern=NO_NUL)
     password: str = Field(min_length=1, max_length=1024)
 
 

@@ -92,7 +92,7 @@ async def authenticate(conn: Connection, token: str, *, secret: str) -> AuthedUs
     """The live user a token belongs to, or Unauthenticated (bad, expired, revoked, deleted)."""
     try:
         user_id, jti, expires_at = _verified_claims(token, secret)
-    except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+    except (jwt.PyJWTError, ValueError, TypeError, KeyError, OverflowError, OSError):
         raise Unauthenticated("Invalid or expired token") from None
     if expires_at <= datetime.now(UTC):
         raise Unauthenticated("Invalid or expired token")

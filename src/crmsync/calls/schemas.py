@@ -16,14 +16,15 @@ from pydantic import (
 from pydantic_core import core_schema
 from typing_extensions import TypedDict
 
+from crmsync.db import NO_NUL
 from crmsync.times import RFC3339, PastRfc3339
 
 MAX_CALLS = 5000
 
 Direction = Literal["incoming", "outgoing", "missed"]
 # Anything is kept as the number (withheld, short codes, junk): a call is never rejected
-# for it. The bound keeps the dedupe index's key small; PostgreSQL text cannot hold NUL.
-PhoneText = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00]*$")]
+# for it. The bound keeps the dedupe index's key small.
+PhoneText = Annotated[str, StringConstraints(max_length=256, pattern=NO_NUL)]
 
 
 class CallIn(TypedDict):

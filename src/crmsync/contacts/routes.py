@@ -20,6 +20,7 @@ from crmsync.contacts.schemas import (
     ContactUpsertOut,
     contacts_body_schema,
 )
+from crmsync.db import NO_NUL
 from crmsync.deps import (
     AppSettings,
     Conn,
@@ -89,7 +90,7 @@ async def search_contacts(
     user: CurrentUser,
     conn: Conn,
     page: Page,
-    q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_LENGTH, pattern=r"^[^\x00]*$")],
+    q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_LENGTH, pattern=NO_NUL)],
 ) -> Response:
     return JSONBytes(await service.contact_search(conn, page, q=q))
 

@@ -5,6 +5,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints
 
 from crmsync.auth.schemas import UserOut
+from crmsync.db import NO_NUL
 
 
 def _bcrypt_sized(password: str) -> str:
@@ -13,7 +14,9 @@ def _bcrypt_sized(password: str) -> str:
     return password
 
 
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Name = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=NO_NUL)
+]
 Password = Annotated[str, Field(min_length=8), AfterValidator(_bcrypt_sized)]
 
 
