@@ -24,12 +24,23 @@ def normalize(raw: str, region: str) -> str | None:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
+@lru_cache(maxsize=4_096)
+def _region_of(e164: str) -> str | None:
+    return phonenumbers.region_code_for_number(phonenumbers.parse(e164))
+
+
 def normalize_with_hint(raw: str | None, hint: str | None, region: str) -> str | None:
-    """The number as the server reads it: the raw spelling first, the client's E.164 hint
-    only when the raw spelling says nothing (never trusted without being parsed)."""
-    for candidate in (raw, hint):
-        if candidate:
-            normalized = normalize(candidate, region)
-            if normalized:
-                return normalized
-    return None
+    """The number as the server reads it. The raw spelling decides; the client's E.164 hint
+    is never taken on its word: it stands alone only when there is no raw spelling, and
+    otherwise counts only when the raw spelling, read in the hint's own country, is that
+    same number (a national spelling from abroad: "020 7946 0958" with "+442079460958").
+    A raw spelling that is no possible number (a short code, junk) is no number, hint or not.
+    """
+    hinted = normalize(hint, region) if hint else None
+    if raw is None or not raw.strip():
+        return hinted
+    if hinted is not None:
+        hint_region = _region_of(hinted)
+        if hint_region not in (None, region) and normalize(raw, hint_region) == hinted:
+            return hinted
+    return normalize(raw, region)

@@ -179,6 +179,30 @@ async def test_phone_normalized_is_a_hint_never_trusted(
     assert (rows[1]["phone_raw"], rows[1]["phone_normalized"]) == ("not a number", None)
 
 
+async def test_a_hint_does_not_give_a_short_code_a_number_or_a_contact(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await add_contact(conn, "+14155550177", name="Hint target")
+    hinted = call(0, phone_raw="911", phone_normalized="+14155550177")
+    body = (await upload(client, user, [hinted])).json()
+    assert body["inserted"] == 1, body
+    row = await conn.fetchrow("SELECT phone_raw, phone_normalized, contact_id FROM call_logs")
+    assert (row["phone_raw"], row["phone_normalized"], row["contact_id"]) == ("911", None, None)
+    body = (await upload(client, user, [call(0, phone_raw="911")])).json()  # the same call
+    assert (body["inserted"], body["duplicates"]) == (0, 1), body
+
+
+async def test_an_empty_phone_raw_is_kept_as_sent(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    assert (await upload(client, user, [call(0, phone_raw="")])).json()["inserted"] == 1
+    row = await conn.fetchrow("SELECT phone_raw, phone_normalized FROM call_logs")
+    assert (row["phone_raw"], row["phone_normalized"]) == ("", None)
+    # "" and no number at all are one number for the duplicate rule.
+    body = (await upload(client, user, [call(0, phone_raw=...)])).json()
+    assert (body["inserted"], body["duplicates"]) == (0, 1), body
+
+
 async def test_call_without_contact_id_is_linked_to_the_live_contact_of_its_number(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
@@ -297,6 +321,18 @@ async def test_a_timestamp_more_than_five_minutes_ahead_is_rejected(
     assert body["rejected"][0]["errors"][0]["loc"] == ["body", 1, "timestamp"]
 
 
+async def test_a_timestamp_outside_the_years_1_to_9999_in_utc_is_rejected(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    edges = ["0001-01-01T00:00:00+01:00", "0001-01-01T00:00:00-01:00"]
+    body = (await upload(client, user, [call(i, timestamp=t) for i, t in enumerate(edges)])).json()
+    assert (body["inserted"], [r["index"] for r in body["rejected"]]) == (1, [0]), body
+    stored = await conn.fetchval(
+        "SELECT to_char(timestamp, 'YYYY-MM-DD HH24:MI AD') FROM call_logs"
+    )
+    assert stored == "0001-01-01 01:00 AD"
+
+
 async def test_every_error_of_an_item_is_reported(client: httpx.AsyncClient, user: Account) -> None:
     bad = {"direction": "sideways", "duration_seconds": -1, "timestamp": "2026-11-04T17:00:00"}
     body = (await upload(client, user, [bad])).json()
@@ -329,6 +365,18 @@ async def test_non_admin_naming_another_user_is_403_for_the_whole_request(
     assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0
     own = await upload(client, user, [call(0, user_id=user.id)])
     assert own.json()["inserted"] == 1
+
+
+async def test_non_admin_naming_another_user_in_an_invalid_item_is_403_too(
+    client: httpx.AsyncClient, user: Account, admin: Account, conn: asyncpg.Connection
+) -> None:
+    invalid = call(1, user_id=admin.id, duration_seconds=-1)
+    r = await upload(client, user, [call(0), invalid])
+    assert_problem(r, 403, "forbidden")
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0
+    not_an_id = call(1, user_id="someone else")  # only a validation error of its item
+    body = (await upload(client, user, [call(0), not_an_id])).json()
+    assert (body["inserted"], [r["index"] for r in body["rejected"]]) == (1, [1]), body
 
 
 async def test_admin_uploads_for_another_user_and_unknown_or_deleted_users_are_rejected(

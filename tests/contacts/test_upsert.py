@@ -182,12 +182,32 @@ async def test_impossible_number_is_422_and_nothing_is_written(
     assert await conn.fetchval("SELECT count(*) FROM contacts") == 0
 
 
-async def test_phone_hint_is_used_only_when_phone_raw_cannot_be_read(
+async def test_phone_hint_does_not_make_a_number_of_what_phone_raw_is_not(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    for raw in ("call me", "abc", "12345"):
+        r = await post(client, user, contact(phone=raw, phone_normalized="+1 415 555 0177"))
+        body = assert_problem(r, 422, "validation_error")
+        assert body["errors"][0]["loc"] == ["body", "phone_raw"], body
+    r = await client.post(
+        "/contacts/batch",
+        json=[contact(phone="abc", phone_normalized="+14155550177")],
+        headers=user.headers,
+    )
+    assert r.json()["results"][0]["result"] == "rejected", r.text
+    assert await conn.fetchval("SELECT count(*) FROM contacts") == 0
+
+
+async def test_phone_hint_reads_a_national_spelling_in_the_hints_country(
     client: httpx.AsyncClient, user: Account
 ) -> None:
-    r = await post(client, user, contact(phone="call me", phone_normalized="+1 415 555 0177"))
+    london = contact(name="Lena", phone="020 7946 0958", phone_normalized="+442079460958")
+    r = await post(client, user, london)
     assert r.status_code == 201, r.text
-    assert r.json()["contact"]["phone_normalized"] == "+14155550177"
+    assert r.json()["contact"]["phone_normalized"] == "+442079460958"
+    # A hint that is another number than phone_raw in its own country is ignored.
+    r = await post(client, user, contact(phone="(415) 555-0123", phone_normalized="+442079460958"))
+    assert r.json()["contact"]["phone_normalized"] == "+14155550123", r.text
 
 
 async def test_bad_names_and_times_are_422_and_nothing_is_written(
@@ -202,6 +222,7 @@ async def test_bad_names_and_times_are_422_and_nothing_is_written(
         (contact(created_at=future), "created_at"),
         (contact(created_at="2026-10-01T08:00:00"), "created_at"),  # no offset
         (contact(created_at="2026-02-30T08:00:00Z"), "created_at"),  # no such day
+        (contact(created_at="0001-01-01T00:00:00+01:00"), "created_at"),  # year 0 in UTC
         (contact(phone="1" * 65), "phone_raw"),
         ({"name": "Bruno"}, "phone_raw"),
     ]

@@ -7,18 +7,17 @@ from typing import Annotated, Any, Literal, NotRequired
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 from typing_extensions import TypedDict
 
+from crmsync.db import NO_NUL
 from crmsync.phone import MAX_PHONE_LENGTH
 from crmsync.times import PastRfc3339
 
 MAX_BATCH = 1000
 MAX_QUERY_LENGTH = 100
 
-# PostgreSQL text cannot hold NUL: refused here rather than failing in the database.
 Name = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\x00]*$"),
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=NO_NUL)
 ]
-PhoneText = Annotated[str, StringConstraints(max_length=MAX_PHONE_LENGTH, pattern=r"^[^\x00]*$")]
+PhoneText = Annotated[str, StringConstraints(max_length=MAX_PHONE_LENGTH, pattern=NO_NUL)]
 Result = Literal["created", "replaced", "existing"]
 
 
@@ -30,7 +29,7 @@ class ContactIn(TypedDict):
     phone_normalized: NotRequired[
         Annotated[
             PhoneText | None,
-            Field(description="E.164 hint, used only when phone_raw cannot be read"),
+            Field(description="E.164 hint; phone_raw decides"),
         ]
     ]
     created_at: NotRequired[
@@ -70,7 +69,7 @@ class ContactCreate(BaseModel):
     name: Name
     phone_raw: Annotated[PhoneText, Field(description="As the user typed it")]
     phone_normalized: Annotated[
-        PhoneText | None, Field(description="E.164 hint, used only when phone_raw cannot be read")
+        PhoneText | None, Field(description="E.164 hint; phone_raw decides")
     ] = None
     created_at: Annotated[
         PastRfc3339 | None,
