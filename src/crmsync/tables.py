@@ -129,8 +129,10 @@ call_logs = Table(
     "call_logs",
     metadata,
     _ordered_id(),
-    Column("user_id", UUID(as_uuid=True), ForeignKey("users.id"), nullable=False),
-    Column("contact_id", UUID(as_uuid=True), ForeignKey("contacts.id")),
+    # References users and contacts without foreign keys, which lock the referenced row
+    # per inserted call: statement triggers check them instead (migration 0006).
+    Column("user_id", UUID(as_uuid=True), nullable=False),
+    Column("contact_id", UUID(as_uuid=True)),
     Column("phone_raw", Text),
     Column("phone_normalized", Text),
     Column("direction", Text, nullable=False),

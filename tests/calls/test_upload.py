@@ -503,3 +503,44 @@ async def test_uploads_count_results_in_metrics(client: httpx.AsyncClient, user:
     await upload(client, user, [call(0)], **{"Idempotency-Key": "m"})  # a replay counts nothing
     after = {r: _metric(r) - before[r] for r in before}
     assert after == {"inserted": 1, "duplicate": 2, "rejected": 1}
+
+
+# The database's own guard of call_logs' references (migration 0006): checked once per
+# statement, and the referenced rows are never deleted.
+
+
+async def test_a_call_referring_to_no_user_or_contact_is_refused_by_the_database(
+    user: Account, conn: asyncpg.Connection
+) -> None:
+    contact = await add_contact(conn, "+14155550150")
+    insert = """INSERT INTO call_logs (user_id, contact_id, direction, duration_seconds, "timestamp")
+                SELECT u, c, 'incoming', 1, now() - i * interval '1 s'
+                FROM unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS t(u, c, i)"""
+    good = (uuid.UUID(user.id), uuid.UUID(contact))
+    for bad in ((uuid.uuid4(), uuid.UUID(contact)), (uuid.UUID(user.id), uuid.uuid4())):
+        rows = [good, good, bad]  # one bad row fails the whole statement
+        with pytest.raises(asyncpg.ForeignKeyViolationError):
+            await conn.execute(insert, [r[0] for r in rows], [r[1] for r in rows])
+    assert await conn.fetchval("SELECT count(*) FROM call_logs") == 0
+    await conn.execute(insert, [good[0]], [good[1]])
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await conn.execute("UPDATE call_logs SET contact_id = $1", uuid.uuid4())
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await conn.execute("UPDATE call_logs SET user_id = $1", uuid.uuid4())
+    assert str(await conn.fetchval("SELECT contact_id FROM call_logs")) == contact
+
+
+async def test_users_and_contacts_are_never_deleted_nor_renumbered(
+    user: Account, conn: asyncpg.Connection
+) -> None:
+    contact = await add_contact(conn, "+14155550150")  # referred to by no call
+    for statement in (
+        f"DELETE FROM users WHERE id = '{user.id}'",
+        f"DELETE FROM contacts WHERE id = '{contact}'",
+        f"UPDATE users SET id = gen_random_uuid() WHERE id = '{user.id}'",
+        f"UPDATE contacts SET id = gen_random_uuid() WHERE id = '{contact}'",
+    ):
+        with pytest.raises(asyncpg.ForeignKeyViolationError):
+            await conn.execute(statement)
+    assert await conn.fetchval("SELECT count(*) FROM contacts WHERE id = $1", uuid.UUID(contact))
+    await conn.execute("UPDATE contacts SET name = 'Still here' WHERE id = $1", uuid.UUID(contact))
