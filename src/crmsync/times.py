@@ -6,7 +6,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-from pydantic import AfterValidator, AwareDatetime, BeforeValidator
+from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field
 
 FUTURE_SKEW = timedelta(minutes=5)
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
@@ -20,23 +20,19 @@ def _rfc3339_text(value: object) -> object:
     return value
 
 
-def _within_utc_years(value: datetime) -> datetime:
-    # 0001-01-01T00:30:00+01:00 is in year 0 in UTC: Python cannot hold it, and PostgreSQL
-    # would store it as 1 BC and print it without the era, a year off.
-    try:
-        value.astimezone(UTC)
-    except OverflowError:
-        raise ValueError("must fall within the years 1 to 9999 in UTC") from None
-    return value
-
-
 def _not_in_future(value: datetime) -> datetime:
     if value > datetime.now(UTC) + FUTURE_SKEW:
         raise ValueError("must not be more than 5 minutes in the future")
     return value
 
 
-Rfc3339 = Annotated[
-    AwareDatetime, BeforeValidator(_rfc3339_text), AfterValidator(_within_utc_years)
+# Years 1 to 9999 in UTC, checked inside pydantic-core: 0001-01-01T00:30:00+01:00 is year 0
+# in UTC, which Python cannot convert to and PostgreSQL would print as year 1, without "BC".
+UtcDatetime = Annotated[
+    AwareDatetime,
+    Field(
+        ge=datetime(1, 1, 1, tzinfo=UTC), le=datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    ),
 ]
+Rfc3339 = Annotated[UtcDatetime, BeforeValidator(_rfc3339_text)]
 PastRfc3339 = Annotated[Rfc3339, AfterValidator(_not_in_future)]

@@ -5,7 +5,6 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import (
-    AwareDatetime,
     BaseModel,
     Field,
     GetCoreSchemaHandler,
@@ -17,7 +16,7 @@ from pydantic_core import core_schema
 from typing_extensions import TypedDict
 
 from crmsync.db import NO_NUL
-from crmsync.times import RFC3339, PastRfc3339
+from crmsync.times import RFC3339, PastRfc3339, UtcDatetime
 
 MAX_CALLS = 5000
 
@@ -56,7 +55,7 @@ class _BatchCallIn(TypedDict):
 
     direction: Direction
     duration_seconds: Annotated[int, Field(strict=True, ge=0, le=86400)]
-    timestamp: Annotated[AwareDatetime, GetPydanticSchema(_rfc3339_in_core)]
+    timestamp: Annotated[UtcDatetime, GetPydanticSchema(_rfc3339_in_core)]
     phone_normalized: NotRequired[PhoneText | None]
     phone_raw: NotRequired[PhoneText | None]
     contact_id: NotRequired[uuid.UUID | None]

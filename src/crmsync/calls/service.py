@@ -127,10 +127,7 @@ def _validate(
     except ValidationError:
         pass
     else:
-        # Years 1 and 9999 may fall outside them in UTC: such a batch goes item by item.
-        if all(1 < c["timestamp"].year < 9999 for c in calls) and (
-            not calls or max(c["timestamp"] for c in calls) <= datetime.now(UTC) + FUTURE_SKEW
-        ):
+        if not calls or max(c["timestamp"] for c in calls) <= datetime.now(UTC) + FUTURE_SKEW:
             return None, calls, {}
     indexes: list[int] = []
     valid: list[CallIn] = []
