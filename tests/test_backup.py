@@ -124,6 +124,15 @@ def test_backup_restore_round_trip(
     assert forced.returncode == 0, forced.stderr
     assert asyncio.run(snapshot(target)) == expected
 
+    # A file that is not a whole backup fails before --force drops anything.
+    garbage, cut = tmp_path / "garbage.dump", tmp_path / "cut.dump"
+    garbage.write_bytes(os.urandom(2000))
+    cut.write_bytes(files[0].read_bytes()[: files[0].stat().st_size // 2])
+    for bad in (garbage, cut):
+        failed = run_cli("restore", "--force", str(bad), env=restore_env, cwd=tmp_path)
+        assert failed.returncode == 1 and "not a whole backup" in failed.stderr, failed.stderr
+        assert asyncio.run(snapshot(target)) == expected
+
 
 def test_restore_moves_transaction_ids_past_the_changes_feed(source: str) -> None:
     """A dump restored into a younger cluster: new contact writes must still sort last."""

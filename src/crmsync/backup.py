@@ -135,6 +135,16 @@ def backup(url: str, directory: Path, *, keep: int, tool: Path) -> Path:
     return target
 
 
+def check_archive(file: Path, *, tool: Path) -> None:
+    """Read the whole dump, touching no database: garbage or a cut-short file fails here,
+    before `restore --force` drops anything."""
+    result = subprocess.run(  # noqa: S603 - our own tool path and arguments
+        [str(tool), "--file=/dev/null", str(file)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise BackupError(f"{file} is not a whole backup: {result.stderr.strip()}")
+
+
 def restore(url: str, file: Path, *, tool: Path) -> None:
     """Load a dump into the (empty) database at url, in one transaction."""
     if not file.is_file():

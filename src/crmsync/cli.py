@@ -190,11 +190,12 @@ def restore_command(
             err=True,
         )
         raise typer.Exit(1)
-    if existing:
-        asyncio.run(backup.empty_public_schema(url))
     major = asyncio.run(backup.server_major(url))
     tool = backup.pg_tool("pg_restore", server_major=major, embedded=settings.embedded)
     try:
+        backup.check_archive(file, tool=tool)
+        if existing:
+            asyncio.run(backup.empty_public_schema(url))
         backup.restore(url, file, tool=tool)
     except backup.BackupError as exc:
         typer.echo(str(exc), err=True)
