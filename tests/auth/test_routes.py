@@ -105,6 +105,14 @@ async def test_login_bad_bodies(client: httpx.AsyncClient) -> None:
     assert_problem(await client.post("/auth/login", json=nul), 422, "validation_error")
 
 
+async def test_a_password_longer_than_bcrypt_takes_is_just_wrong(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    for password in ("x" * 100, user.password + "x" * 72):  # over bcrypt's 72 bytes
+        r = await client.post("/auth/login", json={"email": user.email, "password": password})
+        assert_problem(r, 401, "invalid_credentials")
+
+
 async def test_me_returns_the_user(client: httpx.AsyncClient, user: Account) -> None:
     r = await client.get("/auth/me", headers=user.headers)
     assert r.status_code == 200

@@ -49,7 +49,11 @@ async def hash_password(password: str, *, rounds: int) -> str:
 
 
 async def check_password(password: str, password_hash: str) -> bool:
-    return await asyncio.to_thread(bcrypt.checkpw, password.encode(), password_hash.encode())
+    """Passwords are set at most 72 bytes long (bcrypt's limit, which refuses longer ones):
+    a longer one is wrong, and still checked (cut to 72 bytes) so that it costs the same."""
+    raw = password.encode()
+    same = await asyncio.to_thread(bcrypt.checkpw, raw[:72], password_hash.encode())
+    return same and len(raw) <= 72
 
 
 @cache
