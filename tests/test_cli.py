@@ -160,3 +160,25 @@ def test_serve_refuses_to_start_without_a_secret_for_a_database_url(tmp_path: Pa
     result = run_cli("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
     assert result.returncode == 2
     assert "CRMSYNC_JWT_SECRET is required" in result.stderr
+
+
+def test_bad_settings_and_an_unreachable_database_are_one_line_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    unreachable = "postgresql://someone:hunter2secret@127.0.0.1:1/none"
+    for setting, value in (
+        ("CRMSYNC_DEFAULT_REGION", "XX"),
+        ("CRMSYNC_POOL_MAX_SIZE", "-1"),
+        ("CRMSYNC_TRUSTED_PROXIES", "not-a-network"),
+        ("CRMSYNC_LOG_LEVEL", "chatty"),
+    ):
+        env = clean_env(CRMSYNC_DATABASE_URL=unreachable, **{setting: value})
+        result = run_cli("migrate", env=env, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"invalid setting {setting}:"), result.stderr
+        assert "Traceback" not in result.stderr
+    for command in (["migrate"], ["backup", "--out", str(tmp_path)]):
+        result = run_cli(*command, env=clean_env(CRMSYNC_DATABASE_URL=unreachable), cwd=tmp_path)
+        assert result.returncode == 1, result.stderr
+        assert "Connect call failed" in result.stderr and "Traceback" not in result.stderr
+        assert "hunter2secret" not in result.stderr

@@ -15,17 +15,37 @@ from typing import Annotated
 
 import asyncpg
 import typer
+from pydantic import ValidationError
 
 from crmsync import db
 from crmsync.config import Settings
 from crmsync.errors import EmailTaken
 from crmsync.observability import configure_logging, logging_config
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="crmsync server")
+
+class _App(typer.Typer):
+    """An operator's mistake (a database that does not answer, a file that is in the way)
+    is one line on stderr and exit 1, not a traceback."""
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        try:
+            return super().__call__(*args, **kwargs)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            typer.echo(f"crmsync: {type(exc).__name__}: {exc}", err=True)
+            raise SystemExit(1) from None
+
+
+app = _App(no_args_is_help=True, add_completion=False, help="crmsync server")
 
 
 def _settings() -> Settings:
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            name = "CRMSYNC_" + "_".join(str(part) for part in error["loc"]).upper()
+            typer.echo(f"invalid setting {name}: {error['msg']}", err=True)
+        raise typer.Exit(2) from None
     configure_logging(settings.log_level)
     return settings
 

@@ -61,6 +61,14 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown ISO 3166 region {value!r}")
         return region
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"unknown log level {value!r}")
+        return level
+
     @property
     def embedded(self) -> bool:
         return self.database_url is None
