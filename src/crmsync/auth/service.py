@@ -42,6 +42,9 @@ class AuthedUser:
     expires_at: datetime
 
 
+BCRYPT_MAX_BYTES = 72  # bcrypt refuses longer passwords
+
+
 async def hash_password(password: str, *, rounds: int) -> str:
     salt = bcrypt.gensalt(rounds)
     hashed = await asyncio.to_thread(bcrypt.hashpw, password.encode(), salt)
@@ -49,11 +52,11 @@ async def hash_password(password: str, *, rounds: int) -> str:
 
 
 async def check_password(password: str, password_hash: str) -> bool:
-    """Passwords are set at most 72 bytes long (bcrypt's limit, which refuses longer ones):
-    a longer one is wrong, and still checked (cut to 72 bytes) so that it costs the same."""
+    """Passwords are set at most BCRYPT_MAX_BYTES long: a longer one is wrong, and still
+    checked (cut to that length) so that it costs the same time."""
     raw = password.encode()
-    same = await asyncio.to_thread(bcrypt.checkpw, raw[:72], password_hash.encode())
-    return same and len(raw) <= 72
+    same = await asyncio.to_thread(bcrypt.checkpw, raw[:BCRYPT_MAX_BYTES], password_hash.encode())
+    return same and len(raw) <= BCRYPT_MAX_BYTES
 
 
 @cache

@@ -5,12 +5,13 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints
 
 from crmsync.auth.schemas import UserOut
+from crmsync.auth.service import BCRYPT_MAX_BYTES
 from crmsync.db import NO_NUL
 
 
 def _bcrypt_sized(password: str) -> str:
-    if len(password.encode()) > 72:
-        raise ValueError("must be at most 72 bytes (a bcrypt limit)")
+    if len(password.encode()) > BCRYPT_MAX_BYTES:
+        raise ValueError(f"must be at most {BCRYPT_MAX_BYTES} bytes (a bcrypt limit)")
     return password
 
 
