@@ -4,6 +4,7 @@ count(*) after every kind of write, and survive compaction, TRUNCATE and the mig
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -58,7 +59,7 @@ async def test_totals_follow_every_write(
     )
     await assert_totals_exact(client, user, conn)
 
-    assert await maintain(conn, prune=True)
+    assert await maintain(conn, prune=True, idempotency_ttl_days=8)
     assert await conn.fetchval("SELECT count(*) FROM row_counts") == 2
     await assert_totals_exact(client, user, conn)
 
@@ -82,6 +83,30 @@ async def test_truncate_zeroes_the_totals(
     await client.post("/calls", json=[call(1)], headers=user.headers)
     await conn.execute("TRUNCATE call_logs, contacts")
     await assert_totals_exact(client, user, conn)
+
+
+async def test_a_contact_written_as_a_tombstone_is_not_counted(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await conn.execute(
+        """INSERT INTO contacts (name, phone_raw, phone_normalized, deleted)
+           VALUES ('Gone', '1', '+14155550001', true), ('Here', '2', '+14155550002', false)"""
+    )
+    await assert_totals_exact(client, user, conn)
+
+
+async def test_truncating_one_table_keeps_the_other_tables_total(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await client.post("/contacts/batch", json=[contact(1), contact(2)], headers=user.headers)
+    await client.post("/calls", json=[call(1), call(2), call(3)], headers=user.headers)
+    await conn.execute("TRUNCATE call_logs")
+    await assert_totals_exact(client, user, conn)
+    assert (await client.get("/contacts?page=1", headers=user.headers)).json()["total"] == 2
+    await client.post("/calls", json=[call(1)], headers=user.headers)
+    await conn.execute("TRUNCATE contacts")
+    await assert_totals_exact(client, user, conn)
+    assert (await client.get("/calls?page=1", headers=user.headers)).json()["total"] == 1
 
 
 async def test_the_migration_counts_rows_already_there(
@@ -126,9 +151,43 @@ async def test_one_process_at_a_time_maintains(conn: asyncpg.Connection, databas
     try:
         async with other.transaction():  # another worker is in its maintenance round
             await other.fetchval("SELECT pg_advisory_xact_lock($1)", MAINTENANCE_LOCK_ID)
-            assert not await maintain(conn, prune=False)
+            assert not await maintain(conn, prune=False, idempotency_ttl_days=8)
             assert await conn.fetchval("SELECT count(*) FROM row_counts") == 2
     finally:
         await other.close()
-    assert await maintain(conn, prune=False)
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
     assert await conn.fetch("SELECT name, n FROM row_counts") == [("calls", 3)]
+
+
+async def test_maintenance_keeps_idempotency_keys_seven_days_and_expired_auth_state_no_longer(
+    user: Account, conn: asyncpg.Connection
+) -> None:
+    """Contract: an Idempotency-Key is kept at least 7 days. Revocations of expired tokens
+    and day-old throttle rows can no longer matter and go."""
+    await conn.execute(
+        """INSERT INTO idempotency_keys (user_id, key, request_hash, created_at) VALUES
+             ($1, 'kept', '\\x00', now() - interval '7 days 23 hours'),
+             ($1, 'gone', '\\x00', now() - interval '8 days 1 hour')""",
+        uuid.UUID(user.id),
+    )
+    await conn.execute(
+        """INSERT INTO revoked_tokens VALUES
+             ('00000000-0000-0000-0000-00000000000a', now() + interval '1 minute'),
+             ('00000000-0000-0000-0000-00000000000b', now() - interval '1 minute');
+           INSERT INTO login_throttle VALUES
+             ('recent@example.com', 3, now() - interval '23 hours', NULL),
+             ('stale@example.com', 3, now() - interval '25 hours', NULL),
+             ('locked@example.com', 5, now() - interval '3 days', now() + interval '1 minute')"""
+    )
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
+    assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 2
+    # CRMSYNC_IDEMPOTENCY_TTL_DAYS=30 keeps both; the default 8 only the week-old one
+    assert await maintain(conn, prune=True, idempotency_ttl_days=30)
+    assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 2
+    assert await maintain(conn, prune=True, idempotency_ttl_days=8)
+    assert [r[0] for r in await conn.fetch("SELECT key FROM idempotency_keys")] == ["kept"]
+    assert [str(r[0]) for r in await conn.fetch("SELECT jti FROM revoked_tokens")] == [
+        "00000000-0000-0000-0000-00000000000a"
+    ]
+    throttled = await conn.fetch("SELECT email_key FROM login_throttle ORDER BY 1")
+    assert [r[0] for r in throttled] == ["locked@example.com", "recent@example.com"]

@@ -32,7 +32,8 @@ class Settings(BaseSettings):
 
     default_region: str = "US"
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    idempotency_ttl_days: int = Field(default=7, ge=7)
+    # The contract keeps an Idempotency-Key at least 7 days; a day more by default.
+    idempotency_ttl_days: int = Field(default=8, ge=7)
 
     require_https: bool = True
     trusted_proxies: Annotated[tuple[IPNetwork, ...], NoDecode] = ()

@@ -120,7 +120,7 @@ async def on_unavailable(request: Request, exc: Exception) -> Response:
 MAINTENANCE_LOCK_ID = 0x63726D7302  # "crms" 2: one maintainer at a time, cluster-wide
 
 
-async def maintain(conn: db.Connection, *, prune: bool) -> bool:
+async def maintain(conn: db.Connection, *, prune: bool, idempotency_ttl_days: int) -> bool:
     """One maintenance round, in one transaction; False when another process (worker or
     machine) holds the round, so the work is done once, not once per process."""
     async with conn.transaction():
@@ -131,19 +131,24 @@ async def maintain(conn: db.Connection, *, prune: bool) -> bool:
         if prune:
             await auth_service.prune(conn)
             await conn.execute(
-                "DELETE FROM idempotency_keys WHERE created_at < now() - interval '8 days'"
+                "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(days => $1)",
+                idempotency_ttl_days,
             )
     return True
 
 
-async def _maintenance(pool: db.Pool) -> None:
+async def _maintenance(pool: db.Pool, settings: Settings) -> None:
     rounds = 0
     while True:
         await asyncio.sleep(COMPACT_INTERVAL_SECONDS)
         rounds += 1
         try:
             async with pool.acquire() as conn:
-                await maintain(conn, prune=rounds % PRUNE_EVERY == 0)
+                await maintain(
+                    conn,
+                    prune=rounds % PRUNE_EVERY == 0,
+                    idempotency_ttl_days=settings.idempotency_ttl_days,
+                )
         except Exception:
             log.exception("maintenance failed")
 
@@ -166,7 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         url = await asyncio.to_thread(db.database_url, settings)
         app.state.pool = await db.create_pool(url, settings)
         app.state.pool_gate = asyncio.Semaphore(settings.pool_max_size)
-        maintenance = asyncio.create_task(_maintenance(app.state.pool))
+        maintenance = asyncio.create_task(_maintenance(app.state.pool, settings))
         pool_sampler = asyncio.create_task(sample_pool(app.state.pool))
         _tune_gc()
         try:
