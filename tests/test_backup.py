@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
+import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -164,3 +167,94 @@ def test_backups_of_the_same_second_sort_by_their_number(tmp_path: Path) -> None
     (tmp_path / ".crmsync-20261203T073946Z.dump.partial").touch()
     assert [f.name for f in backup.backups(tmp_path)] == names
     assert backup.newest_backup(tmp_path) == tmp_path / names[-1]
+
+
+def test_backups_of_one_second_are_all_kept_then_pruned_to_the_newest(
+    source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class SameSecond(datetime):
+        @classmethod
+        def now(cls, tz: object = None) -> SameSecond:
+            return cls(2026, 12, 3, 7, 39, 44, tzinfo=UTC)
+
+    monkeypatch.setattr(backup, "datetime", SameSecond)
+    major = asyncio.run(backup.server_major(source))
+    tool = backup.pg_tool("pg_dump", server_major=major, embedded=False)
+    made = [backup.backup(source, tmp_path, keep=2, tool=tool) for _ in range(3)]
+    stamp = "crmsync-20261203T073944Z"
+    assert [f.name for f in made] == [f"{stamp}.dump", f"{stamp}-2.dump", f"{stamp}-3.dump"]
+    assert backup.backups(tmp_path) == made[1:]
+    assert all(f.read_bytes()[:5] == b"PGDMP" for f in made[1:])
+
+
+def test_the_database_password_reaches_pg_dump_by_environment_not_its_command_line(
+    tmp_path: Path,
+) -> None:
+    """Anyone on the machine can read a process's arguments (ps); only it sees its
+    environment."""
+    seen = tmp_path / "seen"
+    tool = tmp_path / "pg_dump"
+    tool.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys\n"
+        f"open({str(seen)!r}, 'w')"
+        ".write(json.dumps([sys.argv[1:], os.environ.get('PGPASSWORD')]))\n"
+    )
+    tool.chmod(0o755)
+    url = "postgresql://crm:s3cr%40t%3Aword@db.example:5432/crmsync?sslmode=require"
+    backup.backup(url, tmp_path / "out", keep=1, tool=tool)
+    args, password = json.loads(seen.read_text())
+    assert password == "s3cr@t:word"
+    assert "postgresql://crm@db.example:5432/crmsync?sslmode=require" in args[-1]
+    assert not any("s3cr" in arg for arg in args)
+
+
+def test_restore_command_moves_transaction_ids_past_the_restored_changes_feed(
+    source: str, make_database: Callable[[str], Awaitable[str]], tmp_path: Path
+) -> None:
+    """`crmsync restore` itself, not only the helper: after it, a new contact write sorts
+    after every restored one."""
+
+    async def jump_ahead() -> int:
+        conn = await asyncpg.connect(source)
+        try:
+            await conn.execute("ALTER TABLE contacts DISABLE TRIGGER contacts_track_change")
+            ahead: int = await conn.fetchval(
+                "UPDATE contacts SET change_xid = pg_current_xact_id()::text::bigint + 2000"
+                " WHERE name = 'Contact 2' RETURNING change_xid"
+            )
+            await conn.execute("ALTER TABLE contacts ENABLE TRIGGER contacts_track_change")
+            return ahead
+        finally:
+            await conn.close()
+
+    async def current_xid(url: str) -> int:
+        conn = await asyncpg.connect(url)
+        try:
+            return int(await conn.fetchval("SELECT pg_current_xact_id()::text::bigint"))
+        finally:
+            await conn.close()
+
+    ahead = asyncio.run(jump_ahead())
+    target = asyncio.run(make_database(f"crmsync_backup_xid_{os.getpid()}"))
+    out = tmp_path / "backups"
+    made = run_cli(
+        "backup", "--out", str(out), env=clean_env(CRMSYNC_DATABASE_URL=source), cwd=tmp_path
+    )
+    assert made.returncode == 0, made.stderr
+    restored = run_cli(
+        "restore",
+        str(backup.newest_backup(out)),
+        env=clean_env(CRMSYNC_DATABASE_URL=target),
+        cwd=tmp_path,
+    )
+    assert restored.returncode == 0, restored.stderr
+    assert "advanced the transaction counter" in restored.stdout
+    assert asyncio.run(current_xid(target)) > ahead
+
+
+def test_backup_refuses_to_keep_no_backup(tmp_path: Path) -> None:
+    env = clean_env(CRMSYNC_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
+    result = run_cli("backup", "--out", str(tmp_path), "--keep", "0", env=env, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "--keep" in result.stderr

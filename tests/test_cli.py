@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from crmsync.config import Settings
 from tests.conftest import TEST_SECRET
 
 CRMSYNC = str(Path(sys.executable).parent / "crmsync")
@@ -182,3 +184,14 @@ def test_bad_settings_and_an_unreachable_database_are_one_line_not_a_traceback(
         assert result.returncode == 1, result.stderr
         assert "Connect call failed" in result.stderr and "Traceback" not in result.stderr
         assert "hunter2secret" not in result.stderr
+
+
+def test_embedded_mode_generates_one_private_secret_and_keeps_it(tmp_path: Path) -> None:
+    """Tokens survive a restart (the same key is read back), and only the server's user
+    can read the key file."""
+    data_dir = tmp_path / "data"
+    first = Settings(data_dir=data_dir, database_url=None, jwt_secret=None).secret
+    assert len(first) >= 32
+    assert stat.S_IMODE((data_dir / "jwt_secret").stat().st_mode) == 0o600
+    again = Settings(data_dir=data_dir, database_url=None, jwt_secret=None).secret
+    assert again == first

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from tests.conftest import Account, assert_problem
 
@@ -37,6 +38,20 @@ async def test_request_id_is_echoed_or_made(client: httpx.AsyncClient) -> None:
     r = await client.get("/healthz", headers={"X-Request-ID": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
     assert len((await client.get("/healthz")).headers["x-request-id"]) == 32
+
+
+@pytest.mark.parametrize("sent", ["r" * 129, "req\x1b[2Jforged"])
+async def test_an_overlong_or_unprintable_request_id_is_replaced(
+    client: httpx.AsyncClient, sent: str
+) -> None:
+    """It goes into every log line of the request: no terminal escapes, no megabyte ids."""
+    r = await client.get("/healthz", headers={"X-Request-ID": sent})
+    made = r.headers["x-request-id"]
+    assert made != sent and len(made) == 32 and made.isalnum()
+    edge = "r" * 128
+    assert (await client.get("/healthz", headers={"X-Request-ID": edge})).headers[
+        "x-request-id"
+    ] == edge
 
 
 async def test_unexpected_error_is_a_plain_500_problem(client: httpx.AsyncClient) -> None:

@@ -158,6 +158,19 @@ async def test_metrics_open_to_loopback_proxies_and_the_token(
     assert "crmsync_http_requests_total" in r.text
 
 
+async def test_metrics_refused_off_loopback_when_no_token_is_configured(
+    client: httpx.AsyncClient,
+) -> None:
+    """Without CRMSYNC_METRICS_TOKEN nobody off loopback gets in, whatever they send."""
+    app = client.app  # type: ignore[attr-defined]
+    assert app.state.settings.metrics_token is None
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 4321))
+    async with httpx.AsyncClient(transport=transport, base_url="https://api") as outsider:
+        for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "Bearer None"}):
+            r = await outsider.get("/metrics", headers=headers)
+            assert_problem(r, 403, "forbidden")
+
+
 def test_metrics_total_across_two_workers(
     tmp_path: Path, make_database: Callable[[str], Awaitable[str]]
 ) -> None:

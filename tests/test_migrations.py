@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import asyncpg
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from crmsync import db
@@ -57,3 +60,133 @@ async def test_time_ordered_ids_are_native_uuidv7_where_postgresql_has_it(
         assert (await conn.fetchval("SELECT time_ordered_uuid()")).version == 7
     finally:
         await conn.close()
+
+
+# What compare_metadata does not look at: check constraints' conditions, column defaults
+# and index definitions. tables.py is built into a scratch database and both catalogs read.
+SCHEMA_TEXT = """
+SELECT 'check ' || conrelid::regclass || '.' || conname || ' ' || pg_get_constraintdef(oid)
+FROM pg_constraint WHERE contype = 'c' AND connamespace = 'public'::regnamespace
+UNION ALL
+SELECT 'default ' || table_name || '.' || column_name || ' ' || column_default
+FROM information_schema.columns WHERE table_schema = 'public' AND column_default IS NOT NULL
+UNION ALL
+SELECT 'index ' || indexdef FROM pg_indexes
+WHERE schemaname = 'public' AND tablename <> 'alembic_version'
+ORDER BY 1"""
+
+
+async def _schema_text(url: str) -> list[str]:
+    conn = await asyncpg.connect(url)
+    try:
+        return [row[0] for row in await conn.fetch(SCHEMA_TEXT)]
+    finally:
+        await conn.close()
+
+
+async def test_tables_py_has_the_migrations_checks_defaults_and_indexes(
+    database_url: str, make_database: Callable[[str], Awaitable[str]]
+) -> None:
+    url = await make_database("crmsync_tables_py")
+    engine = create_async_engine(db._sqlalchemy_url(url))
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text("CREATE EXTENSION pg_trgm"))
+            await connection.execute(
+                text(
+                    "CREATE FUNCTION time_ordered_uuid() RETURNS uuid LANGUAGE sql"
+                    " AS 'SELECT gen_random_uuid()'"
+                )
+            )
+            await connection.run_sync(metadata.create_all)
+    finally:
+        await engine.dispose()
+    described = await _schema_text(url)
+    assert {line.split()[0] for line in described} == {"check", "default", "index"}
+    assert await _schema_text(database_url) == described
+
+
+@pytest.mark.parametrize(
+    ("statement", "why"),
+    [
+        ("INSERT INTO contacts (name, phone_raw, phone_normalized) VALUES ('', '1', '+1')", "name"),
+        (
+            "INSERT INTO contacts (name, phone_raw, phone_normalized)"
+            " VALUES (repeat('n', 201), '1', '+1')",
+            "name",
+        ),
+        (
+            'INSERT INTO call_logs (user_id, direction, duration_seconds, "timestamp")'
+            " VALUES ($1, 'outgoing', -1, now())",
+            "duration",
+        ),
+        (
+            'INSERT INTO call_logs (user_id, direction, duration_seconds, "timestamp")'
+            " VALUES ($1, 'outgoing', 86401, now())",
+            "duration",
+        ),
+        (
+            'INSERT INTO call_logs (user_id, direction, duration_seconds, "timestamp")'
+            " VALUES ($1, 'forwarded', 1, now())",
+            "direction",
+        ),
+        ("INSERT INTO sync_audit (user_id, kind) VALUES ($1, 'other')", "kind"),
+        ("INSERT INTO row_counts VALUES ('users', 1)", "name"),
+    ],
+)
+async def test_the_database_itself_refuses_values_outside_the_contract(
+    conn: asyncpg.Connection, statement: str, why: str
+) -> None:
+    """Names 1..200 characters, durations 0..86400 s, the three directions, the three
+    sync record kinds: checked by the schema too, whatever writes the row."""
+    user_id = await conn.fetchval(
+        "INSERT INTO users (name, email, password_hash) VALUES ('U', 'u@example.com', 'x')"
+        " RETURNING id"
+    )
+    args = [user_id] if "$1" in statement else []
+    with pytest.raises(asyncpg.CheckViolationError, match=why):
+        await conn.execute(statement, *args)
+    edge = [
+        "INSERT INTO contacts (name, phone_raw, phone_normalized) VALUES (repeat('n', 200), '1', '+1')",
+        'INSERT INTO call_logs (user_id, direction, duration_seconds, "timestamp")'
+        " VALUES ($1, 'missed', 86400, now())",
+    ]
+    await conn.execute(edge[0])
+    await conn.execute(edge[1], user_id)
+
+
+def test_migration_scripts_split_into_every_statement() -> None:
+    """A statement without a final semicolon still runs; a $$ body is one statement; an
+    empty one is none."""
+    script = """CREATE TABLE a (x int);
+CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN 1;
+END $$;
+;
+SELECT 1"""
+    assert db.sql_statements(script) == [
+        "CREATE TABLE a (x int);",
+        "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $$\nBEGIN\n    RETURN 1;\nEND $$;",
+        "SELECT 1",
+    ]
+
+
+async def test_portable_time_ordered_ids_carry_the_clock_milliseconds(
+    make_database: Callable[[str], Awaitable[str]],
+) -> None:
+    """The SQL body that 0003 installs, and undoing 0004 brings back, is UUID v7 too: its
+    first 48 bits are the Unix milliseconds of the insert."""
+    url = await make_database("crmsync_migration_portable_uuid")
+    db.migrate(url)
+    db.migrate(url, "0003")
+    conn = await asyncpg.connect(url)
+    try:
+        before = datetime.now(UTC)
+        made = await conn.fetchval("SELECT time_ordered_uuid()")
+        after = datetime.now(UTC)
+    finally:
+        await conn.close()
+    made = uuid.UUID(str(made))
+    assert (made.version, made.variant) == (7, uuid.RFC_4122)
+    assert before.timestamp() * 1000 - 1 <= made.int >> 80 <= after.timestamp() * 1000 + 1

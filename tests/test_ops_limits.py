@@ -58,3 +58,13 @@ async def test_requests_get_connections_in_arrival_order(database_url: str) -> N
         assert order == ["first", "waiting", "late"]
     finally:
         await pool.close()
+
+
+async def test_a_pool_smaller_than_the_default_minimum_still_opens(database_url: str) -> None:
+    """CRMSYNC_POOL_MAX_SIZE=1 alone is a valid setting: the minimum follows it down."""
+    pool = await db.create_pool(database_url, make_settings(database_url, pool_max_size=1))
+    try:
+        assert pool.get_max_size() == 1
+        assert await pool.fetchval("SELECT 1") == 1
+    finally:
+        await pool.close()
