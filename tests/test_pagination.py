@@ -32,6 +32,18 @@ async def test_page_mode_total_also_past_the_end(
     assert past == {"items": [], "page": 9, "limit": 2, "total": 5, "next_cursor": None}
 
 
+async def test_an_exactly_full_last_page_has_no_next_cursor(
+    client: httpx.AsyncClient, admin: Account, make_user: MakeUser
+) -> None:
+    for _ in range(3):
+        await make_user()
+    h = admin.headers
+    last = (await client.get("/users", params={"page": 2, "limit": 2}, headers=h)).json()
+    assert (len(last["items"]), last["next_cursor"]) == (2, None)
+    whole = (await client.get("/users", params={"limit": 4}, headers=h)).json()
+    assert (len(whole["items"]), whole["next_cursor"]) == (4, None)
+
+
 async def test_next_cursor_from_a_page_walks_the_rest_once(
     client: httpx.AsyncClient, admin: Account, make_user: MakeUser
 ) -> None:

@@ -214,6 +214,16 @@ async def test_one_contacts_history_newest_first_and_404_for_an_unknown_contact(
         assert_problem(r, 404, "not_found")
 
 
+async def test_a_deleted_contact_without_calls_has_an_empty_history_not_404(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    gone = await add_contact(conn, "+14155550160", name="Gone", deleted=True)
+    for params in ({}, {"page": 1}):
+        r = await client.get(f"/calls/{gone}", params=params, headers=user.headers)
+        assert r.status_code == 200, r.text
+        assert (r.json()["items"], r.json()["next_cursor"]) == ([], None)
+
+
 class Explaining:
     """The real connection, with an EXPLAIN of every list statement run on it first."""
 

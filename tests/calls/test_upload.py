@@ -71,6 +71,15 @@ async def test_upload_stores_calls_and_one_sync_record_with_its_counts(
     assert details["device_id"] == "pixel-8" and details["elapsed_ms"] >= 0
 
 
+async def test_the_sync_record_keeps_the_first_200_characters_of_the_device_id(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    device = "d" * 199 + "!" + "cut-off"
+    assert (await upload(client, user, [call(0)], **{"X-Device-Id": device})).status_code == 200
+    kept = await conn.fetchval("SELECT details->>'device_id' FROM sync_audit")
+    assert kept == device[:200]
+
+
 async def test_call_and_sync_record_ids_are_time_ordered_uuid_v7(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
@@ -203,6 +212,32 @@ async def test_an_empty_phone_raw_is_kept_as_sent(
     assert (body["inserted"], body["duplicates"]) == (0, 1), body
 
 
+async def test_a_blank_phone_raw_leaves_the_number_to_the_hint(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    body = [call(0, phone_raw="  ", phone_normalized="+1 415 555 0123")]
+    assert (await upload(client, user, body)).json()["inserted"] == 1
+    row = await conn.fetchrow("SELECT phone_raw, phone_normalized FROM call_logs")
+    assert (row["phone_raw"], row["phone_normalized"]) == ("  ", "+14155550123")
+
+
+async def test_a_number_spelled_in_more_than_64_characters_is_no_number(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    at_limit = "+1" + " " * 52 + "4155550123"
+    over = "+1" + " " * 53 + "4155550124"
+    assert (len(at_limit), len(over)) == (64, 65)
+    body = (
+        await upload(client, user, [call(0, phone_raw=at_limit), call(1, phone_raw=over)])
+    ).json()
+    assert (body["inserted"], body["rejected"]) == (2, []), body
+    rows = await conn.fetch("SELECT phone_raw, phone_normalized FROM call_logs ORDER BY timestamp")
+    assert [(r["phone_raw"], r["phone_normalized"]) for r in rows] == [
+        (at_limit, "+14155550123"),
+        (over, None),
+    ]
+
+
 async def test_call_without_contact_id_is_linked_to_the_live_contact_of_its_number(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
@@ -256,8 +291,18 @@ async def test_a_call_racing_its_contacts_creation_is_linked_by_maintenance(
     finally:
         await creating.close()
     assert await conn.fetchval("SELECT contact_id FROM call_logs") is None
-    assert await maintain(conn, prune=False)
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
     assert str(await conn.fetchval("SELECT contact_id FROM call_logs")) == contact_id
+
+
+async def test_maintenance_never_links_a_call_to_a_deleted_contact(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await add_contact(conn, "+14155550160", name="Gone", deleted=True)
+    body = (await upload(client, user, [call(0, phone_raw="415.555.0160")])).json()
+    assert body["inserted"] == 1
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
+    assert await conn.fetchval("SELECT contact_id FROM call_logs") is None
 
 
 BAD_ITEMS: list[tuple[dict[str, Any], str, str]] = [
@@ -333,6 +378,24 @@ async def test_a_timestamp_outside_the_years_1_to_9999_in_utc_is_rejected(
     assert stored == "0001-01-01 01:00 AD"
 
 
+async def test_every_rfc3339_spelling_of_a_timestamp_is_accepted(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    spellings = [
+        "2026-11-04t14:00:00z",  # RFC 3339 allows lower-case T and Z
+        "2026-11-04 14:01:00+00:00",  # and a space for the T
+        "2026-11-04T16:02:00.123456789+02:00",  # any number of fraction digits
+    ]
+    body = (await upload(client, user, [call(0, timestamp=t) for t in spellings])).json()
+    assert (body["inserted"], body["rejected"]) == (3, []), body
+    stored = [r[0] for r in await conn.fetch("SELECT timestamp FROM call_logs ORDER BY 1")]
+    assert stored == [
+        T0,
+        T0 + timedelta(minutes=1),
+        T0 + timedelta(minutes=2, microseconds=123456),
+    ]
+
+
 async def test_every_error_of_an_item_is_reported(client: httpx.AsyncClient, user: Account) -> None:
     bad = {"direction": "sideways", "duration_seconds": -1, "timestamp": "2026-11-04T17:00:00"}
     body = (await upload(client, user, [bad])).json()
@@ -354,6 +417,29 @@ async def test_unknown_contact_id_is_a_rejected_item(
         {"loc": ["body", 1, "contact_id"], "msg": "Unknown contact", "type": "not_found"}
     ]
     assert str(await conn.fetchval("SELECT contact_id FROM call_logs")) == known
+
+
+async def test_rejected_items_are_listed_in_index_order(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    # An unknown contact_id is found after the items' own validation: still index order.
+    unknown = str(uuid.uuid4())
+    batch = [call(0, contact_id=unknown), call(1, direction="sideways"), call(2)]
+    body = (await upload(client, user, batch)).json()
+    assert body["inserted"] == 1
+    assert [(r["index"], r["errors"][0]["loc"][-1]) for r in body["rejected"]] == [
+        (0, "contact_id"),
+        (1, "direction"),
+    ]
+
+
+async def test_a_call_naming_a_deleted_contact_is_stored_in_its_history(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    gone = await add_contact(conn, "+14155550160", name="Gone", deleted=True)
+    body = (await upload(client, user, [call(0, contact_id=gone)])).json()
+    assert (body["inserted"], body["rejected"]) == (1, []), body
+    assert str(await conn.fetchval("SELECT contact_id FROM call_logs")) == gone
 
 
 async def test_non_admin_naming_another_user_is_403_for_the_whole_request(
@@ -407,8 +493,9 @@ async def test_a_body_that_is_not_a_non_empty_list_is_422(
 ) -> None:
     r = await client.post("/calls", content=json.dumps(body).encode(), headers=user.headers)
     assert_problem(r, 422, "validation_error")
-    empty = await client.post("/calls", content=b"", headers=user.headers)
-    assert_problem(empty, 422, "validation_error")
+    for blank in (b"", b" \r\n\t"):  # no body at all, not malformed JSON
+        empty = await client.post("/calls", content=blank, headers=user.headers)
+        assert_problem(empty, 422, "validation_error")
     assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0
 
 
@@ -442,6 +529,48 @@ async def test_same_idempotency_key_and_body_returns_the_first_answer_and_stores
     fresh = await upload(client, user, batch, **{"Idempotency-Key": "k-2"})
     assert fresh.json()["sync_id"] != first.json()["sync_id"]
     assert fresh.json()["duplicates"] == 2
+
+
+async def test_an_idempotency_key_is_1_to_200_characters(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    longest = "k" * 200
+    first = await upload(client, user, [call(0)], **{"Idempotency-Key": longest})
+    again = await upload(client, user, [call(0)], **{"Idempotency-Key": longest})
+    assert first.status_code == 200 and again.json() == first.json()
+    for bad in ("", "k" * 201):
+        r = await upload(client, user, [call(1)], **{"Idempotency-Key": bad})
+        problem = assert_problem(r, 422, "validation_error")
+        assert problem["errors"][0]["loc"] == ["header", "Idempotency-Key"]
+    assert await conn.fetchval("SELECT count(*) FROM call_logs") == 1
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 1
+
+
+async def test_idempotency_keys_are_per_user(
+    client: httpx.AsyncClient, user: Account, make_user: MakeUser, conn: asyncpg.Connection
+) -> None:
+    other = await make_user()
+    batch = [call(0)]
+    mine = await upload(client, user, batch, **{"Idempotency-Key": "shared"})
+    theirs = await upload(client, other, batch, **{"Idempotency-Key": "shared"})
+    assert theirs.json()["inserted"] == 1
+    assert theirs.json()["sync_id"] != mine.json()["sync_id"]
+    again = await upload(client, other, batch, **{"Idempotency-Key": "shared"})
+    assert again.json() == theirs.json()  # its own first answer, not the other user's
+    assert await conn.fetchval("SELECT count(*) FROM call_logs") == 2
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 2
+
+
+async def test_an_idempotency_key_reused_on_another_upload_endpoint_is_422(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    body = [call(0)]
+    assert (await upload(client, user, body, **{"Idempotency-Key": "k"})).status_code == 200
+    r = await client.post(
+        "/contacts/batch", json=body, headers={**user.headers, "Idempotency-Key": "k"}
+    )
+    assert_problem(r, 422, "validation_error")  # not the answer of POST /calls
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 1
 
 
 async def test_a_database_error_mid_batch_stores_nothing_and_no_sync_record(

@@ -82,6 +82,15 @@ async def test_one_round_trip_stores_contacts_and_calls_and_writes_one_sync_reco
     assert details["elapsed_ms"] >= 0
 
 
+async def test_the_sync_record_keeps_the_first_200_characters_of_the_device_id(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    device = "d" * 199 + "!" + "cut-off"
+    assert (await sync(client, user, {}, **{"X-Device-Id": device})).status_code == 200
+    kept = await conn.fetchval("SELECT details->>'device_id' FROM sync_audit")
+    assert kept == device[:200]
+
+
 async def test_synced_contacts_counts_created_and_replaced_not_existing(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
@@ -186,6 +195,15 @@ async def test_batches_over_their_limits_are_413_and_store_nothing(
     too_many_calls = {"contacts": [contact(1)], "calls": [call(i) for i in range(5001)]}
     assert_problem(await sync(client, user, too_many_calls), 413, "payload_too_large")
     assert await counts(conn) == (0, 0, 0)
+
+
+async def test_a_sync_of_1000_contacts_is_stored(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    r = await sync(client, user, {"contacts": [contact(i) for i in range(1000)]})
+    assert r.status_code == 200, r.text
+    assert {c["result"] for c in r.json()["contacts"]} == {"created"}
+    assert await counts(conn) == (1000, 0, 1)
 
 
 async def test_a_non_admin_naming_another_user_is_403_and_nothing_is_stored(
