@@ -173,6 +173,7 @@ def test_bad_settings_and_an_unreachable_database_are_one_line_not_a_traceback(
         ("CRMSYNC_POOL_MAX_SIZE", "-1"),
         ("CRMSYNC_TRUSTED_PROXIES", "not-a-network"),
         ("CRMSYNC_LOG_LEVEL", "chatty"),
+        ("CRMSYNC_IDEMPOTENCY_TTL_DAYS", "6"),  # the app is promised 7 days
     ):
         env = clean_env(CRMSYNC_DATABASE_URL=unreachable, **{setting: value})
         result = run_cli("migrate", env=env, cwd=tmp_path)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import Account, assert_problem
+from crmsync.main import create_app
+from tests.conftest import Account, assert_problem, make_settings
 
 
 async def test_unknown_route_and_wrong_method_are_problems(
@@ -79,3 +80,23 @@ async def test_openapi_describes_endpoints(client: httpx.AsyncClient) -> None:
     spec = (await client.get("/openapi.json")).json()
     assert "/auth/login" in spec["paths"] and "/users/{user_id}" in spec["paths"]
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_body_of_exactly_the_size_limit_is_read(database_url: str) -> None:
+    app = create_app(make_settings(database_url, max_body_bytes=1024))
+    exact = b'{"email": "a@b.c", "password": "x"}'.ljust(1024)
+
+    async def streamed(body: bytes):  # type: ignore[no-untyped-def]
+        yield body
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            headers = {"content-type": "application/json"}
+            for content in (exact, streamed(exact)):
+                r = await client.post("/auth/login", content=content, headers=headers)
+                assert_problem(r, 401, "invalid_credentials")
+            r = await client.post("/auth/login", content=exact + b" ", headers=headers)
+            assert_problem(r, 413, "payload_too_large")
+            r = await client.post("/auth/login", content=streamed(exact + b" "), headers=headers)
+            assert_problem(r, 413, "payload_too_large")

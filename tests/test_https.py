@@ -157,3 +157,25 @@ def test_tls_server_rejects_an_untrusted_certificate_and_plain_http(tls_server: 
         httpx.get(f"https://{tls_server}/healthz")
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://{tls_server}/healthz", timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers"),
+    [
+        ("::ffff:10.1.2.3", {"X-Forwarded-Proto": "https"}),  # trusted proxy, dual-stack socket
+        ("::ffff:127.0.0.1", {}),  # loopback on a dual-stack socket
+    ],
+)
+async def test_ipv4_mapped_ipv6_peers_count_as_their_ipv4_address(
+    guarded: FastAPI, peer: str, headers: dict[str, str]
+) -> None:
+    r = await call(guarded, "/auth/me", peer, headers)
+    assert_problem(r, 401, "unauthenticated")  # past the guard, stopped by auth
+
+
+async def test_a_request_without_a_client_address_counts_as_local(guarded: FastAPI) -> None:
+    # A Unix socket has no peer address; only this machine can reach it.
+    transport = httpx.ASGITransport(app=guarded, client=None)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://api.example") as client:
+        r = await client.get("/auth/me")
+    assert_problem(r, 401, "unauthenticated")

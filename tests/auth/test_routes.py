@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from datetime import UTC, datetime
 
+import asyncpg
 import httpx
 import jwt
 
+from crmsync.main import maintain
 from tests.conftest import TEST_SECRET, Account, MakeUser, assert_problem
 
 
@@ -187,3 +191,128 @@ async def test_concurrent_logins_all_succeed(
         ]
     )
     assert [a.status_code for a in answers] == [200] * 5
+
+
+async def test_login_matches_an_email_stored_in_mixed_case(
+    client: httpx.AsyncClient, make_user: MakeUser
+) -> None:
+    account = await make_user(email=f"Ana.Mixed-{uuid.uuid4().hex[:6]}@Example.com")
+    for email in (account.email.lower(), account.email.upper()):
+        r = await client.post("/auth/login", json={"email": email, "password": account.password})
+        assert r.status_code == 200, r.text
+
+
+async def test_login_ignores_spaces_around_the_email(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    r = await client.post(
+        "/auth/login", json={"email": f"  {user.email} ", "password": user.password}
+    )
+    assert r.status_code == 200, r.text
+
+
+async def test_unknown_email_with_the_placeholder_password_is_invalid_credentials(
+    client: httpx.AsyncClient,
+) -> None:
+    # An unknown email is checked against a placeholder hash of "no such user".
+    r = await client.post(
+        "/auth/login", json={"email": "nobody@example.com", "password": "no such user"}
+    )
+    assert_problem(r, 401, "invalid_credentials")
+
+
+async def test_a_72_byte_password_followed_by_more_is_wrong(
+    client: httpx.AsyncClient, admin: Account
+) -> None:
+    password = "p" * 72  # the longest a password may be set to
+    payload = {"name": "Long", "email": "long@example.com", "password": password}
+    assert (await client.post("/users", json=payload, headers=admin.headers)).status_code == 201
+    r = await client.post("/auth/login", json={"email": "long@example.com", "password": password})
+    assert r.status_code == 200, r.text
+    r = await client.post(
+        "/auth/login", json={"email": "long@example.com", "password": password + "q"}
+    )
+    assert_problem(r, 401, "invalid_credentials")
+
+
+async def test_an_expired_lockout_lets_the_right_password_in(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    for _ in range(5):
+        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    login = {"email": user.email, "password": user.password}
+    assert_problem(await client.post("/auth/login", json=login), 429, "too_many_attempts")
+    await conn.execute(
+        "UPDATE login_throttle SET locked_until = now() - interval '1 second',"
+        " window_started_at = now() - interval '20 minutes'"
+    )
+    assert (await client.post("/auth/login", json=login)).status_code == 200
+
+
+async def test_failures_older_than_the_window_start_a_new_count(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    for _ in range(4):
+        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    # The window (900 s) has passed since the first of them.
+    await conn.execute(
+        "UPDATE login_throttle SET window_started_at = now() - interval '16 minutes'"
+    )
+    for _ in range(2):
+        r = await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+        assert_problem(r, 401, "invalid_credentials")
+    r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    assert r.status_code == 200, r.text
+
+
+async def test_token_expires_token_ttl_seconds_after_login(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    ttl = client.app.state.settings.token_ttl_seconds  # type: ignore[attr-defined]
+    r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    body = r.json()
+    claims = jwt.decode(body["token"], TEST_SECRET, algorithms=["HS256"])
+    assert claims["exp"] - claims["iat"] == ttl
+    expires_at = datetime.fromisoformat(body["expires_at"])
+    assert expires_at == datetime.fromtimestamp(claims["exp"], UTC)
+
+
+async def test_bearer_scheme_is_case_insensitive(client: httpx.AsyncClient, user: Account) -> None:
+    for scheme in ("bearer", "BEARER"):
+        r = await client.get("/auth/me", headers={"Authorization": f"{scheme} {user.token}"})
+        assert r.status_code == 200, r.text
+
+
+async def test_unauthenticated_answers_ask_for_a_bearer_token(client: httpx.AsyncClient) -> None:
+    for headers in ({}, {"Authorization": "Bearer garbage"}):
+        r = await client.get("/auth/me", headers=headers)
+        assert_problem(r, 401, "unauthenticated")
+        assert r.headers["www-authenticate"] == "Bearer"
+
+
+async def test_maintenance_keeps_live_revocations_and_lockouts_and_prunes_stale_ones(
+    client: httpx.AsyncClient, user: Account, make_user: MakeUser, conn: asyncpg.Connection
+) -> None:
+    locked = await make_user()
+    for _ in range(5):
+        await client.post("/auth/login", json={"email": locked.email, "password": "bad-pass"})
+    assert (await client.post("/auth/logout", headers=user.headers)).status_code == 204
+    expired_jti = uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO revoked_tokens (jti, expires_at) VALUES ($1, now() - interval '1 minute')",
+        expired_jti,
+    )
+    await conn.execute(
+        "INSERT INTO login_throttle (email_key, failures, window_started_at)"
+        " VALUES ('stale@example.com', 1, now() - interval '2 days')"
+    )
+    assert await maintain(conn, prune=True, idempotency_ttl_days=8)
+    assert_problem(await client.get("/auth/me", headers=user.headers), 401, "unauthenticated")
+    login = {"email": locked.email, "password": locked.password}
+    assert_problem(await client.post("/auth/login", json=login), 429, "too_many_attempts")
+    assert (
+        await conn.fetchval("SELECT count(*) FROM revoked_tokens WHERE jti = $1", expired_jti) == 0
+    )
+    assert await conn.fetchval("SELECT array_agg(email_key) FROM login_throttle") == [
+        locked.email.lower()
+    ]

@@ -12,6 +12,7 @@ import httpx
 from prometheus_client import REGISTRY
 
 from crmsync.contacts.service import contact_upsert_many
+from crmsync.main import maintain
 from tests.conftest import Account, MakeUser, assert_problem
 from tests.contacts.test_upsert import T0, at, contact, post
 
@@ -254,3 +255,35 @@ async def test_concurrent_batches_of_the_same_numbers_in_opposite_orders_both_su
     assert await conn.fetchval("SELECT count(*) FROM contacts") == 300
     oldest = T0 - timedelta(minutes=1)
     assert await conn.fetchval("SELECT count(*) FROM contacts WHERE created_at <> $1", oldest) == 0
+
+
+async def test_the_oldest_of_several_older_items_replaces_an_existing_contact(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await post(client, user, contact("Stored", created_at=at(10)))
+    batch = [
+        contact("B", created_at=at(8)),
+        contact("C", created_at=at(5)),
+        contact("D", created_at=at(7)),
+    ]
+    results = (await upload(client, user, batch)).json()["results"]
+    assert [x["result"] for x in results] == ["replaced", "replaced", "existing"]
+    assert {(x["contact"]["name"], x["contact"]["created_at"]) for x in results} == {
+        ("C", "2026-10-01T08:05:00.000000Z")
+    }
+    row = await conn.fetchrow("SELECT name, created_at FROM contacts")
+    assert (row["name"], row["created_at"]) == ("C", T0 + timedelta(minutes=5))
+
+
+async def test_idempotency_key_is_kept_at_least_seven_days_through_maintenance(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    batch = [contact("A", created_at=at(5))]
+    first = await upload(client, user, batch, **{"Idempotency-Key": "week-old"})
+    await conn.execute(
+        "UPDATE idempotency_keys SET created_at = now() - interval '7 days 23 hours'"
+    )
+    assert await maintain(conn, prune=True, idempotency_ttl_days=8)
+    again = await upload(client, user, batch, **{"Idempotency-Key": "week-old"})
+    assert again.content == first.content
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 1

@@ -29,13 +29,15 @@ async def pull_all(
 ) -> tuple[list[dict[str, Any]], str]:
     """Follow next_cursor while has_more; (items, the cursor to resume from)."""
     items: list[dict[str, Any]] = []
-    while True:
+    for _ in range(1000):  # a cursor that stops moving fails here rather than hanging
         body = await pull(client, account, cursor, limit)
         items += body["items"]
-        cursor = body["next_cursor"]
-        assert cursor
+        assert body["next_cursor"]
         if not body["has_more"]:
-            return items, cursor
+            return items, body["next_cursor"]
+        assert body["next_cursor"] != cursor
+        cursor = body["next_cursor"]
+    raise AssertionError("the feed never ended")
 
 
 async def add_contacts(client: httpx.AsyncClient, user: Account, n: int) -> list[str]:
@@ -167,3 +169,41 @@ async def test_head_is_none_without_contacts_then_the_end_of_the_feed(
     await client.put(f"/contacts/{a['id']}", json={"name": "A1"}, headers=user.headers)
     items, _ = await pull_all(client, user, head)
     assert [c["name"] for c in items] == ["A1"]
+
+
+async def test_head_after_several_writes_is_past_all_of_them(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    key: bytes = client.app.state.cursor_key  # type: ignore[attr-defined]
+    await add_contacts(client, user, 3)
+    head = await contact_changes_head(conn, key=key)
+    assert head is not None
+    page = await contact_changes_page(conn, cursor=head, limit=10, key=key)
+    assert (page.items_json, page.has_more) == (b"[]", False)
+
+
+async def test_head_never_passes_a_change_still_being_committed(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, database_url: str
+) -> None:
+    key: bytes = client.app.state.cursor_key  # type: ignore[attr-defined]
+    early = await asyncpg.connect(database_url)
+    late = await asyncpg.connect(database_url)
+    insert = (
+        "INSERT INTO contacts (name, phone_raw, phone_normalized) VALUES ($1, $2, $2)"
+        " RETURNING id::text"
+    )
+    try:
+        early_tx = early.transaction()
+        await early_tx.start()
+        await early.execute("SELECT pg_current_xact_id()")  # takes its transaction id first
+        async with late.transaction():
+            await late.fetchval(insert, "Late", "+14155550102")
+        head = await contact_changes_head(conn, key=key)
+        assert head is not None
+        early_id = await early.fetchval(insert, "Early", "+14155550101")
+        await early_tx.commit()
+        items, _ = await pull_all(client, user, head)
+        assert early_id in {c["id"] for c in items}
+    finally:
+        await early.close()
+        await late.close()

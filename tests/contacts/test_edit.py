@@ -183,3 +183,63 @@ async def test_changing_a_number_links_calls_waiting_for_the_new_number(
     await client.post("/calls", json=[call], headers=user.headers)
     await put(client, user, c["id"], {"phone_raw": "(415) 555-0999"})
     assert str(await conn.fetchval("SELECT contact_id FROM call_logs")) == c["id"]
+
+
+async def test_changing_a_number_leaves_calls_linked_to_another_contact_alone(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    office = await create(client, user, name="Office", phone="(415) 555-0150")
+    bruno = await create(client, user, name="Bruno", phone="(415) 555-0123")
+    call = {
+        "direction": "incoming",
+        "duration_seconds": 3,
+        "timestamp": at(0),
+        "phone_raw": "(415) 555-0999",
+        "contact_id": office["id"],
+    }
+    assert (await client.post("/calls", json=[call], headers=user.headers)).json()["inserted"] == 1
+    assert (
+        await put(client, user, bruno["id"], {"phone_raw": "(415) 555-0999"})
+    ).status_code == 200
+    assert str(await conn.fetchval("SELECT contact_id FROM call_logs")) == office["id"]
+
+
+async def test_a_deleted_contact_is_404_to_a_non_owner_and_to_an_admin_with_an_etag(
+    client: httpx.AsyncClient, user: Account, admin: Account, make_user: MakeUser
+) -> None:
+    c = await create(client, user)
+    tag = await etag_of(client, user, c["id"])
+    assert (await delete(client, user, c["id"])).status_code == 204
+    stranger = await make_user()
+    assert_problem(await put(client, stranger, c["id"], {"name": "X"}), 404, "not_found")
+    assert_problem(await delete(client, stranger, c["id"]), 404, "not_found")
+    for r in (
+        await put(client, admin, c["id"], {"name": "X"}, **{"If-Match": tag}),
+        await delete(client, admin, c["id"], **{"If-Match": tag}),
+    ):
+        assert_problem(r, 404, "not_found")
+
+
+async def test_admin_with_a_stale_if_match_gets_412_not_403(
+    client: httpx.AsyncClient, user: Account, admin: Account, conn: asyncpg.Connection
+) -> None:
+    c = await create(client, user)
+    stale = await etag_of(client, user, c["id"])
+    assert (await put(client, user, c["id"], {"name": "Changed"})).status_code == 200
+    r = await put(client, admin, c["id"], {"name": "By admin"}, **{"If-Match": stale})
+    assert_problem(r, 412, "precondition_failed")
+    r = await delete(client, admin, c["id"], **{"If-Match": stale})
+    assert_problem(r, 412, "precondition_failed")
+    row = await conn.fetchrow("SELECT name, deleted FROM contacts")
+    assert (row["name"], row["deleted"]) == ("Changed", False)
+
+
+async def test_if_match_accepts_the_etag_weakened_by_a_compressing_proxy(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    c = await create(client, user)
+    tag = await etag_of(client, user, c["id"])
+    r = await put(client, user, c["id"], {"name": "A"}, **{"If-Match": f"W/{tag}"})
+    assert r.status_code == 200, r.text
+    tag = r.headers["etag"]
+    assert (await delete(client, user, c["id"], **{"If-Match": f"W/{tag}"})).status_code == 204

@@ -292,3 +292,21 @@ async def test_a_bulk_upload_leaves_a_short_gin_pending_list(conn: asyncpg.Conne
     await add(conn, ("Zebediah Quartermaine", "+14155550003"))
     page = PageRequest(limit=50, page=None, cursor=None, key=b"k" * 32)
     assert b"Zebediah" in await contact_search(conn, page, q="ebedi")
+
+
+async def test_search_for_a_backslash_matches_it_literally(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await add(conn, ("C:\\Users", "+14155550001"), ("50%", "+14155550002"))
+    items = await walk(client, user, "/contacts/search", q="\\")
+    assert [c["name"] for c in items] == ["C:\\Users"]
+
+
+async def test_lookup_phone_over_200_characters_is_422(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    await post(client, user, contact("Carla", "(415) 555-0150"))
+    padded = "(415) 555-0150" + " " * 187  # 201 characters, still one number
+    r = await client.get("/contacts/lookup", params={"phone": padded}, headers=user.headers)
+    body = assert_problem(r, 422, "validation_error")
+    assert body["errors"][0]["loc"] == ["query", "phone"]

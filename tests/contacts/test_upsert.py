@@ -248,3 +248,37 @@ async def test_malformed_json_is_400(client: httpx.AsyncClient, user: Account) -
         headers={**user.headers, "Content-Type": "application/json"},
     )
     assert_problem(r, 400, "bad_request")
+
+
+async def test_reviving_a_deleted_contact_takes_the_incoming_created_at_and_phone_raw(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    old = (await post(client, user, contact("Old", "(415) 555-0123", created_at=at(0)))).json()
+    await client.delete(f"/contacts/{old['contact']['id']}", headers=user.headers)
+    r = await post(client, user, contact("New", "+1 415-555-0123", created_at=at(30)))
+    assert r.status_code == 201, r.text
+    c = r.json()["contact"]
+    assert (c["id"], c["phone_raw"], c["created_at"]) == (
+        old["contact"]["id"],
+        "+1 415-555-0123",
+        "2026-10-01T08:30:00.000000Z",
+    )
+    row = await conn.fetchrow("SELECT phone_raw, created_at FROM contacts")
+    assert (row["phone_raw"], row["created_at"]) == ("+1 415-555-0123", T0 + timedelta(minutes=30))
+
+
+async def test_creating_a_contact_leaves_calls_already_linked_to_another_contact_alone(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    office = (await post(client, user, contact("Office", "(415) 555-0150"))).json()["contact"]
+    call = {
+        "direction": "outgoing",
+        "duration_seconds": 9,
+        "timestamp": at(0),
+        "phone_raw": "(415) 555-0123",
+        "contact_id": office["id"],
+    }
+    r = await client.post("/calls", json=[call], headers=user.headers)
+    assert r.json()["inserted"] == 1, r.text
+    assert (await post(client, user, contact("Bruno", "(415) 555-0123"))).status_code == 201
+    assert str(await conn.fetchval("SELECT contact_id FROM call_logs")) == office["id"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import httpx
 import pytest
 
@@ -97,6 +99,7 @@ async def test_list_cursor_walks_every_user_once(
         body = r.json()
         assert body["page"] is None and body["total"] is None
         seen += [u["id"] for u in body["items"]]
+        assert len(seen) <= 5, "the cursor went round again"
         if body["next_cursor"] is None:
             break
         r = await client.get(
@@ -176,3 +179,84 @@ async def test_non_admin_gets_403_on_every_users_endpoint(
     )
     assert_problem(await client.delete(f"/users/{admin.id}", headers=h), 403, "forbidden")
     assert_problem(await client.get("/users"), 401, "unauthenticated")
+
+
+async def test_admin_creates_an_admin_when_asked(client: httpx.AsyncClient, admin: Account) -> None:
+    payload = {"name": "Al", "email": "al@example.com", "password": "long-enough", "is_admin": True}
+    r = await client.post("/users", json=payload, headers=admin.headers)
+    assert r.status_code == 201 and r.json()["is_admin"] is True, r.text
+    login = await client.post(
+        "/auth/login", json={"email": "al@example.com", "password": "long-enough"}
+    )
+    token = login.json()["token"]
+    listed = await client.get("/users", headers={"Authorization": f"Bearer {token}"})
+    assert listed.status_code == 200, listed.text
+
+
+@pytest.mark.parametrize(
+    ("password", "status"),
+    [("1234567", 422), ("12345678", 201), ("p" * 72, 201), ("p" * 73, 422), ("é" * 36, 201)],
+)
+async def test_password_is_8_characters_to_72_bytes(
+    client: httpx.AsyncClient, admin: Account, password: str, status: int
+) -> None:
+    payload = {"name": "P", "email": "p@example.com", "password": password}
+    r = await client.post("/users", json=payload, headers=admin.headers)
+    assert r.status_code == status, r.text
+
+
+async def test_patch_of_a_deleted_user_is_404_and_changes_nothing(
+    client: httpx.AsyncClient, admin: Account, user: Account, conn: object
+) -> None:
+    assert (await client.delete(f"/users/{user.id}", headers=admin.headers)).status_code == 204
+    r = await client.patch(f"/users/{user.id}", json={"is_admin": True}, headers=admin.headers)
+    assert_problem(r, 404, "not_found")
+    assert await conn.fetchval("SELECT is_admin FROM users WHERE id = $1", user.id) is False  # type: ignore[attr-defined]
+
+
+async def test_patch_moves_updated_at_and_keeps_created_at(
+    client: httpx.AsyncClient, admin: Account, user: Account
+) -> None:
+    before = (await client.get("/auth/me", headers=user.headers)).json()
+    r = await client.patch(f"/users/{user.id}", json={"name": "Renamed"}, headers=admin.headers)
+    after = r.json()
+    assert after["created_at"] == before["created_at"]
+    updated = [datetime.fromisoformat(u["updated_at"]) for u in (before, after)]
+    assert updated[1] > updated[0]
+
+
+async def test_patch_changes_the_email_used_to_sign_in(
+    client: httpx.AsyncClient, admin: Account, user: Account
+) -> None:
+    r = await client.patch(
+        f"/users/{user.id}", json={"email": "new@example.com"}, headers=admin.headers
+    )
+    assert r.status_code == 200 and r.json()["email"] == "new@example.com", r.text
+    login = {"email": "new@example.com", "password": user.password}
+    assert (await client.post("/auth/login", json=login)).status_code == 200
+
+
+async def test_list_orders_by_created_at_then_id_not_by_id_alone(
+    client: httpx.AsyncClient, admin: Account, make_user: MakeUser, conn: object
+) -> None:
+    others = sorted([(await make_user()).id for _ in range(4)])
+    # The lower the id, the newer the user; the two oldest share one created_at. Emails
+    # run against id order, so that only id breaks the tie.
+    ages = ["1 day", "2 days", "3 days", "3 days"]
+    for i, (user_id, age) in enumerate(zip(others, ages, strict=True)):
+        await conn.execute(  # type: ignore[attr-defined]
+            "UPDATE users SET created_at = date_trunc('day', now()) - $2::text::interval,"
+            " email = $3 WHERE id = $1",
+            user_id,
+            age,
+            f"{9 - i}@example.com",
+        )
+    for params in ({"page": 1}, {"limit": 2}):
+        seen: list[str] = []
+        body = (await client.get("/users", params=params, headers=admin.headers)).json()
+        seen += [u["id"] for u in body["items"]]
+        while body["next_cursor"]:
+            cursor = {"limit": 2, "cursor": body["next_cursor"]}
+            body = (await client.get("/users", params=cursor, headers=admin.headers)).json()
+            seen += [u["id"] for u in body["items"]]
+        assert seen == [others[2], others[3], others[1], others[0], admin.id], params
