@@ -24,6 +24,13 @@ async def pull(
     return body
 
 
+# A contact written straight into the table, in a transaction the test holds open.
+INSERT_CONTACT = (
+    "INSERT INTO contacts (name, phone_raw, phone_normalized) VALUES ($1, $2, $2)"
+    " RETURNING id::text"
+)
+
+
 async def pull_all(
     client: httpx.AsyncClient, account: Account, cursor: str | None = None, limit: int = 50
 ) -> tuple[list[dict[str, Any]], str]:
@@ -111,18 +118,14 @@ async def test_a_change_committed_during_a_pull_is_never_missed(
 ) -> None:
     early = await asyncpg.connect(database_url)
     late = await asyncpg.connect(database_url)
-    insert = (
-        "INSERT INTO contacts (name, phone_raw, phone_normalized) VALUES ($1, $2, $2)"
-        " RETURNING id::text"
-    )
     try:
         early_tx = early.transaction()
         await early_tx.start()
         await early.execute("SELECT pg_current_xact_id()")  # takes its transaction id first
         late_tx = late.transaction()
         await late_tx.start()
-        late_id = await late.fetchval(insert, "Late", "+14155550102")
-        early_id = await early.fetchval(insert, "Early", "+14155550101")
+        late_id = await late.fetchval(INSERT_CONTACT, "Late", "+14155550102")
+        early_id = await early.fetchval(INSERT_CONTACT, "Early", "+14155550101")
         await late_tx.commit()  # the later-started transaction commits first
 
         during = await pull(client, user)
@@ -188,19 +191,15 @@ async def test_head_never_passes_a_change_still_being_committed(
     key: bytes = client.app.state.cursor_key  # type: ignore[attr-defined]
     early = await asyncpg.connect(database_url)
     late = await asyncpg.connect(database_url)
-    insert = (
-        "INSERT INTO contacts (name, phone_raw, phone_normalized) VALUES ($1, $2, $2)"
-        " RETURNING id::text"
-    )
     try:
         early_tx = early.transaction()
         await early_tx.start()
         await early.execute("SELECT pg_current_xact_id()")  # takes its transaction id first
         async with late.transaction():
-            await late.fetchval(insert, "Late", "+14155550102")
+            await late.fetchval(INSERT_CONTACT, "Late", "+14155550102")
         head = await contact_changes_head(conn, key=key)
         assert head is not None
-        early_id = await early.fetchval(insert, "Early", "+14155550101")
+        early_id = await early.fetchval(INSERT_CONTACT, "Early", "+14155550101")
         await early_tx.commit()
         items, _ = await pull_all(client, user, head)
         assert early_id in {c["id"] for c in items}
