@@ -411,6 +411,9 @@ def _run(
         "max_connections",
         "work_mem",
         "synchronous_commit",
+        "max_wal_size",
+        "checkpoint_timeout",
+        "wal_compression",
     )
     result["postgres"] = {s: pg.value("postgres", f"SHOW {s}") for s in settings}
     for db in SERVERS:
