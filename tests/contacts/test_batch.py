@@ -11,7 +11,7 @@ import asyncpg
 import httpx
 from prometheus_client import REGISTRY
 
-from crmsync.contacts.service import contact_upsert_many
+from crmsync.contacts.service import UPSERT_SQL, contact_upsert_many
 from crmsync.main import maintain
 from tests.conftest import Account, MakeUser, assert_problem
 from tests.contacts.test_upsert import T0, at, contact, post
@@ -255,6 +255,24 @@ async def test_concurrent_batches_of_the_same_numbers_in_opposite_orders_both_su
     assert await conn.fetchval("SELECT count(*) FROM contacts") == 300
     oldest = T0 - timedelta(minutes=1)
     assert await conn.fetchval("SELECT count(*) FROM contacts WHERE created_at <> $1", oldest) == 0
+
+
+async def test_a_batch_is_upserted_in_number_order(conn: asyncpg.Connection) -> None:
+    # What keeps the test above from deadlocking, without relying on its timing: the upsert
+    # takes the batch's numbers (uq_contacts_phone_normalized's key) in one order, so
+    # concurrent batches lock them in one order. The rows reach the INSERT sorted by number.
+    plan = [
+        r[0]
+        for r in await conn.fetch(
+            "EXPLAIN (VERBOSE, COSTS OFF) " + UPSERT_SQL,
+            "[]",
+            "00000000-0000-0000-0000-000000000000",
+        )
+    ]
+    insert = next(n for n, line in enumerate(plan) if "Insert on public.contacts" in line)
+    sort_keys = [line.split("Sort Key: ", 1)[1] for line in plan[insert:] if "Sort Key: " in line]
+    assert sort_keys, plan
+    assert sort_keys[0].split(", ")[0].split(".")[-1] == "phone", sort_keys
 
 
 async def test_the_oldest_of_several_older_items_replaces_an_existing_contact(
