@@ -183,3 +183,13 @@ def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str
     assert body["code"] == code
     assert {"type", "title", "detail"} <= body.keys()
     return body
+
+
+async def insert_sort_keys(conn: asyncpg.Connection, sql: str, table: str, *args: object) -> str:
+    """The Sort Key feeding `sql`'s INSERT into `table` (EXPLAIN VERBOSE, nothing run): the
+    order its rows, and so their unique-index locks, are taken in."""
+    plan = [r[0] for r in await conn.fetch("EXPLAIN (VERBOSE, COSTS OFF) " + sql, *args)]
+    insert = next(n for n, line in enumerate(plan) if f"Insert on public.{table}" in line)
+    keys = [line.split("Sort Key: ", 1)[1] for line in plan[insert:] if "Sort Key: " in line]
+    assert keys, plan
+    return keys[0]

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 
 from crmsync.calls.service import INSERT_SQL
 from crmsync.main import maintain
-from tests.conftest import Account, MakeUser, assert_problem
+from tests.conftest import Account, MakeUser, assert_problem, insert_sort_keys
 
 T0 = datetime(2026, 11, 4, 14, 0, tzinfo=UTC)
 
@@ -625,17 +625,14 @@ async def test_a_batch_is_inserted_in_the_dedupe_index_order(conn: asyncpg.Conne
     # Concurrent uploads of overlapping batches take the dedupe index's keys in one order,
     # so they wait on each other instead of deadlocking: the INSERT sorts its rows by that
     # index's own key before inserting. (The test above catches a deadlock only by timing.)
-    plan = [r[0] for r in await conn.fetch("EXPLAIN (VERBOSE, COSTS OFF) " + INSERT_SQL, "[]")]
-    insert = next(n for n, line in enumerate(plan) if "Insert on public.call_logs" in line)
-    sort_keys = [line.split("Sort Key: ", 1)[1] for line in plan[insert:] if "Sort Key: " in line]
-    assert sort_keys, plan
+    sort_keys = await insert_sort_keys(conn, INSERT_SQL, "call_logs", "[]")
     index = await conn.fetchval("SELECT pg_get_indexdef('uq_call_logs_dedupe'::regclass)")
     index_keys = index[index.index("(") + 1 : -1]
 
     def bare(keys: str) -> str:
         return keys.replace("i.", "").replace("(", "").replace(")", "")
 
-    assert bare(sort_keys[0]) == bare(index_keys)
+    assert bare(sort_keys) == bare(index_keys)
 
 
 def _metric(result: str) -> float:

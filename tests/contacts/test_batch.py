@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from crmsync.contacts.service import UPSERT_SQL, contact_upsert_many
 from crmsync.main import maintain
-from tests.conftest import Account, MakeUser, assert_problem
+from tests.conftest import Account, MakeUser, assert_problem, insert_sort_keys
 from tests.contacts.test_upsert import T0, at, contact, post
 
 
@@ -261,18 +261,10 @@ async def test_a_batch_is_upserted_in_number_order(conn: asyncpg.Connection) -> 
     # What keeps the test above from deadlocking, without relying on its timing: the upsert
     # takes the batch's numbers (uq_contacts_phone_normalized's key) in one order, so
     # concurrent batches lock them in one order. The rows reach the INSERT sorted by number.
-    plan = [
-        r[0]
-        for r in await conn.fetch(
-            "EXPLAIN (VERBOSE, COSTS OFF) " + UPSERT_SQL,
-            "[]",
-            "00000000-0000-0000-0000-000000000000",
-        )
-    ]
-    insert = next(n for n, line in enumerate(plan) if "Insert on public.contacts" in line)
-    sort_keys = [line.split("Sort Key: ", 1)[1] for line in plan[insert:] if "Sort Key: " in line]
-    assert sort_keys, plan
-    assert sort_keys[0].split(", ")[0].split(".")[-1] == "phone", sort_keys
+    sort_keys = await insert_sort_keys(
+        conn, UPSERT_SQL, "contacts", "[]", "00000000-0000-0000-0000-000000000000"
+    )
+    assert sort_keys.split(", ")[0].split(".")[-1] == "phone", sort_keys
 
 
 async def test_the_oldest_of_several_older_items_replaces_an_existing_contact(
