@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from crmsync import db
 from crmsync.config import Settings
@@ -83,9 +84,15 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
+def make_app(database_url: str, **overrides: Any) -> FastAPI:
+    """An app without its background maintenance rounds: tests call `maintain` themselves,
+    when they mean to (a round racing a test's TRUNCATE deadlocks)."""
+    return create_app(make_settings(database_url, **overrides), maintenance=False)
+
+
 @pytest.fixture(scope="session")
 async def app_client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(make_settings(database_url))
+    app = make_app(database_url)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:

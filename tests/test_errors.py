@@ -5,8 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from crmsync.main import create_app
-from tests.conftest import Account, assert_problem, make_settings
+from tests.conftest import Account, assert_problem, make_app
 
 
 async def test_unknown_route_and_wrong_method_are_problems(
@@ -83,7 +82,7 @@ async def test_openapi_describes_endpoints(client: httpx.AsyncClient) -> None:
 
 
 async def test_body_of_exactly_the_size_limit_is_read(database_url: str) -> None:
-    app = create_app(make_settings(database_url, max_body_bytes=1024))
+    app = make_app(database_url, max_body_bytes=1024)
     exact = b'{"email": "a@b.c", "password": "x"}'.ljust(1024)
 
     async def streamed(body: bytes):  # type: ignore[no-untyped-def]

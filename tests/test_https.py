@@ -15,15 +15,14 @@ import trustme
 import uvicorn
 from fastapi import FastAPI
 
-from crmsync.main import create_app
-from tests.conftest import assert_problem, make_settings
+from tests.conftest import assert_problem, make_app
 
 TRUSTED = "10.0.0.0/8, 192.168.1.7, fd00::/8"
 
 
 @pytest.fixture(scope="module")
 async def guarded(database_url: str) -> AsyncIterator[FastAPI]:
-    app = create_app(make_settings(database_url, trusted_proxies=TRUSTED))
+    app = make_app(database_url, trusted_proxies=TRUSTED)
     async with app.router.lifespan_context(app):
         yield app
 
@@ -88,7 +87,7 @@ async def test_healthz_answers_plain_http_from_anywhere_readyz_does_not(
 
 
 async def test_https_not_required_when_switched_off(database_url: str) -> None:
-    app = create_app(make_settings(database_url, require_https=False))
+    app = make_app(database_url, require_https=False)
     async with app.router.lifespan_context(app):
         r = await call(app, "/auth/me", "203.0.113.9")
     assert_problem(r, 401, "unauthenticated")
@@ -119,7 +118,7 @@ def tls_server(
     cert.cert_chain_pems[0].write_to_path(str(directory / "cert.pem"))
     port = _free_port()
     config = uvicorn.Config(
-        create_app(make_settings(database_url)),
+        make_app(database_url),
         host="127.0.0.1",
         port=port,
         ssl_certfile=str(directory / "cert.pem"),

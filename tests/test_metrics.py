@@ -16,8 +16,7 @@ from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
 from crmsync import observability
-from crmsync.main import create_app
-from tests.conftest import Account, assert_problem, make_settings
+from tests.conftest import Account, assert_problem, make_app
 from tests.test_cli import clean_env, serving
 
 METRICS_TOKEN = "metrics-token-" + "m" * 20
@@ -42,13 +41,11 @@ async def backups(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 async def monitored(database_url: str, backups: Path) -> AsyncIterator[FastAPI]:
-    app = create_app(
-        make_settings(
-            database_url,
-            trusted_proxies="10.0.0.0/8",
-            metrics_token=METRICS_TOKEN,
-            backup_dir=backups,
-        )
+    app = make_app(
+        database_url,
+        trusted_proxies="10.0.0.0/8",
+        metrics_token=METRICS_TOKEN,
+        backup_dir=backups,
     )
     async with app.router.lifespan_context(app):
         yield app
@@ -206,7 +203,7 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
     try:
         url = server.get_uri()
         socket_dir = parse_qs(urlsplit(url).query)["host"][0]
-        app = create_app(make_settings(url, pool_min_size=1, pool_max_size=2))
+        app = make_app(url, pool_min_size=1, pool_max_size=2)
         async with app.router.lifespan_context(app):
             assert (await get(app, "/readyz")).status_code == 200
             pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)

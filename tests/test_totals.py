@@ -4,16 +4,19 @@ count(*) after every kind of write, and survive compaction, TRUNCATE and the mig
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 
 import asyncpg
 import httpx
+import pytest
 
-from crmsync import db
+from crmsync import db, main
 from crmsync.main import MAINTENANCE_LOCK_ID, maintain
 from tests.calls.test_upload import call
-from tests.conftest import Account
+from tests.conftest import Account, make_settings
 
 
 async def assert_totals_exact(
@@ -157,6 +160,64 @@ async def test_one_process_at_a_time_maintains(conn: asyncpg.Connection, databas
         await other.close()
     assert await maintain(conn, prune=False, idempotency_ttl_days=8)
     assert await conn.fetch("SELECT name, n FROM row_counts") == [("calls", 3)]
+
+
+async def test_a_folded_count_is_left_alone(conn: asyncpg.Connection) -> None:
+    """A round every few seconds must not rewrite (and leave dead) the folded rows when
+    there is nothing to fold."""
+    await conn.execute("INSERT INTO row_counts VALUES ('calls', 3), ('contacts', 1)")
+    before = await conn.fetch("SELECT ctid, name, n FROM row_counts ORDER BY name")
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
+    assert await conn.fetch("SELECT ctid, name, n FROM row_counts ORDER BY name") == before
+    await conn.execute("INSERT INTO row_counts VALUES ('contacts', 2)")
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
+    assert await conn.fetch("SELECT name, n FROM row_counts ORDER BY name") == [
+        ("calls", 3),
+        ("contacts", 3),
+    ]
+
+
+async def test_a_server_folds_the_counts_as_it_starts(
+    conn: asyncpg.Connection, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Servers restarted more often than the round interval must still fold: the first
+    round runs at start-up, not one interval later."""
+    monkeypatch.setattr(main, "ROUND_INTERVAL_SECONDS", 3600)
+    await conn.execute("INSERT INTO row_counts VALUES ('calls', 1), ('calls', 2)")
+    app = main.create_app(make_settings(database_url))
+    async with app.router.lifespan_context(app):
+        for _ in range(200):
+            if await conn.fetchval("SELECT count(*) FROM row_counts") == 1:
+                break
+            await asyncio.sleep(0.05)
+    assert await conn.fetch("SELECT name, n FROM row_counts") == [("calls", 3)]
+
+
+async def test_rounds_fold_every_time_relink_every_minute_and_prune_every_hour(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rounds: list[tuple[bool, bool]] = []
+
+    async def record(conn: object, *, prune: bool, idempotency_ttl_days: int, relink: bool) -> bool:
+        rounds.append((relink, prune))
+        if len(rounds) == main.PRUNE_EVERY + 1:
+            raise asyncio.CancelledError
+        return True
+
+    class Pool:
+        def acquire(self) -> contextlib.nullcontext[None]:
+            return contextlib.nullcontext()
+
+    every = main.ROUND_INTERVAL_SECONDS
+    assert (every * main.RELINK_EVERY, every * main.PRUNE_EVERY) == (60, 3600)
+    monkeypatch.setattr(main, "maintain", record)
+    monkeypatch.setattr(main, "ROUND_INTERVAL_SECONDS", 0)
+    with pytest.raises(asyncio.CancelledError):
+        await main._maintenance(Pool(), make_settings("postgresql://unused/unused"))  # type: ignore[arg-type]
+    relinked = [i for i, (relink, _) in enumerate(rounds) if relink]
+    pruned = [i for i, (_, prune) in enumerate(rounds) if prune]
+    assert relinked == list(range(0, main.PRUNE_EVERY + 1, main.RELINK_EVERY))
+    assert pruned == [0, main.PRUNE_EVERY]
 
 
 async def test_maintenance_keeps_idempotency_keys_seven_days_and_expired_auth_state_no_longer(

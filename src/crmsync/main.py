@@ -39,13 +39,23 @@ from crmsync.users.routes import router as users_router
 
 log = logging.getLogger(__name__)
 
-COMPACT_INTERVAL_SECONDS = 60
-PRUNE_EVERY = 60  # compactions: prune expired state hourly
+# Maintenance rounds: one at start-up, then every few seconds, so that the row_counts
+# deltas a page-mode total sums stay few even under saturating uploads (hundreds a second);
+# the heavier work runs every RELINK_EVERY-th round (a minute) and every PRUNE_EVERY-th
+# (an hour), and at start-up, so a server that never runs an hour still prunes.
+ROUND_INTERVAL_SECONDS = 5
+RELINK_EVERY = 12
+PRUNE_EVERY = 720
 
-# Fold the deltas the count triggers append into one row per name. Rows a concurrent
-# transaction appends are not in this statement's snapshot: they stay, and still count.
+# Fold the deltas the count triggers append into one row per name; nothing to do (and no
+# write) when each name has one row. Rows a concurrent transaction appends are not in this
+# statement's snapshot: they stay, and still count.
 COMPACT_ROW_COUNTS = """
-WITH folded AS (DELETE FROM row_counts RETURNING name, n)
+WITH folded AS (
+    DELETE FROM row_counts
+    WHERE EXISTS (SELECT FROM row_counts GROUP BY name HAVING count(*) > 1)
+    RETURNING name, n
+)
 INSERT INTO row_counts SELECT name, sum(n) FROM folded GROUP BY name"""
 
 DESCRIPTION = """Contacts and call logs of a team's Android phones, synced to one shared
@@ -120,14 +130,17 @@ async def on_unavailable(request: Request, exc: Exception) -> Response:
 MAINTENANCE_LOCK_ID = 0x63726D7302  # "crms" 2: one maintainer at a time, cluster-wide
 
 
-async def maintain(conn: db.Connection, *, prune: bool, idempotency_ttl_days: int) -> bool:
+async def maintain(
+    conn: db.Connection, *, prune: bool, idempotency_ttl_days: int, relink: bool = True
+) -> bool:
     """One maintenance round, in one transaction; False when another process (worker or
     machine) holds the round, so the work is done once, not once per process."""
     async with conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", MAINTENANCE_LOCK_ID):
             return False
         await conn.execute(COMPACT_ROW_COUNTS)
-        await conn.execute(calls_service.RELINK_SQL)
+        if relink:
+            await conn.execute(calls_service.RELINK_SQL)
         if prune:
             await auth_service.prune(conn)
             await conn.execute(
@@ -140,17 +153,18 @@ async def maintain(conn: db.Connection, *, prune: bool, idempotency_ttl_days: in
 async def _maintenance(pool: db.Pool, settings: Settings) -> None:
     rounds = 0
     while True:
-        await asyncio.sleep(COMPACT_INTERVAL_SECONDS)
-        rounds += 1
         try:
             async with pool.acquire() as conn:
                 await maintain(
                     conn,
+                    relink=rounds % RELINK_EVERY == 0,
                     prune=rounds % PRUNE_EVERY == 0,
                     idempotency_ttl_days=settings.idempotency_ttl_days,
                 )
         except Exception:
             log.exception("maintenance failed")
+        rounds += 1
+        await asyncio.sleep(ROUND_INTERVAL_SECONDS)
 
 
 def _tune_gc() -> None:
@@ -163,7 +177,9 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, maintenance: bool = True) -> FastAPI:
+    """The app; `maintenance=False` leaves the maintenance rounds to the caller (tests run
+    `maintain` themselves, at the moment they mean to)."""
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
@@ -171,14 +187,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         url = await asyncio.to_thread(db.database_url, settings)
         app.state.pool = await db.create_pool(url, settings)
         app.state.pool_gate = asyncio.Semaphore(settings.pool_max_size)
-        maintenance = asyncio.create_task(_maintenance(app.state.pool, settings))
-        pool_sampler = asyncio.create_task(sample_pool(app.state.pool))
+        background = [asyncio.create_task(sample_pool(app.state.pool))]
+        if maintenance:
+            background.append(asyncio.create_task(_maintenance(app.state.pool, settings)))
         _tune_gc()
         try:
             yield
         finally:
-            maintenance.cancel()
-            pool_sampler.cancel()
+            for task in background:
+                task.cancel()
             await app.state.pool.close()
 
     app = FastAPI(

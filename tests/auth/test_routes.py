@@ -12,7 +12,7 @@ import httpx
 import jwt
 
 from crmsync.main import maintain
-from tests.conftest import TEST_SECRET, Account, MakeUser, assert_problem
+from tests.conftest import TEST_SECRET, Account, MakeUser, assert_problem, make_app
 
 
 async def test_login_returns_token_user_and_expiry(
@@ -63,10 +63,7 @@ async def test_throttle_is_shared_by_server_processes(
     client: httpx.AsyncClient, user: Account, database_url: str
 ) -> None:
     # A second app instance stands for another process: it shares only the database.
-    from crmsync.main import create_app
-    from tests.conftest import make_settings
-
-    other = create_app(make_settings(database_url))
+    other = make_app(database_url)
     async with other.router.lifespan_context(other):
         transport = httpx.ASGITransport(app=other)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as second:
