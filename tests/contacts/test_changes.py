@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
 import httpx
+from asyncpg.transaction import Transaction
 
 from crmsync.contacts.service import contact_changes_head, contact_changes_page
 from tests.conftest import Account, assert_problem
@@ -113,15 +116,28 @@ async def test_changed_and_deleted_contacts_reappear_once_at_their_latest_state(
     assert [c["id"] for c in everything] == [a["id"], b["id"]]
 
 
-async def test_a_change_committed_during_a_pull_is_never_missed(
-    client: httpx.AsyncClient, user: Account, database_url: str
-) -> None:
+@asynccontextmanager
+async def early_and_late(
+    database_url: str,
+) -> AsyncIterator[tuple[asyncpg.Connection, Transaction, asyncpg.Connection]]:
+    """Two sessions: `early` has begun a transaction and taken its transaction id, so
+    whatever `late` does next gets the later id."""
     early = await asyncpg.connect(database_url)
     late = await asyncpg.connect(database_url)
     try:
         early_tx = early.transaction()
         await early_tx.start()
-        await early.execute("SELECT pg_current_xact_id()")  # takes its transaction id first
+        await early.execute("SELECT pg_current_xact_id()")
+        yield early, early_tx, late
+    finally:
+        await early.close()
+        await late.close()
+
+
+async def test_a_change_committed_during_a_pull_is_never_missed(
+    client: httpx.AsyncClient, user: Account, database_url: str
+) -> None:
+    async with early_and_late(database_url) as (early, early_tx, late):
         late_tx = late.transaction()
         await late_tx.start()
         late_id = await late.fetchval(INSERT_CONTACT, "Late", "+14155550102")
@@ -135,9 +151,6 @@ async def test_a_change_committed_during_a_pull_is_never_missed(
         items, cursor = await pull_all(client, user, during["next_cursor"])
         assert sorted(c["id"] for c in items) == sorted([early_id, late_id])
         assert (await pull(client, user, cursor))["items"] == []
-    finally:
-        await early.close()
-        await late.close()
 
 
 async def test_garbage_or_foreign_cursor_is_400(
@@ -189,12 +202,7 @@ async def test_head_never_passes_a_change_still_being_committed(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, database_url: str
 ) -> None:
     key: bytes = client.app.state.cursor_key  # type: ignore[attr-defined]
-    early = await asyncpg.connect(database_url)
-    late = await asyncpg.connect(database_url)
-    try:
-        early_tx = early.transaction()
-        await early_tx.start()
-        await early.execute("SELECT pg_current_xact_id()")  # takes its transaction id first
+    async with early_and_late(database_url) as (early, early_tx, late):
         async with late.transaction():
             await late.fetchval(INSERT_CONTACT, "Late", "+14155550102")
         head = await contact_changes_head(conn, key=key)
@@ -203,6 +211,3 @@ async def test_head_never_passes_a_change_still_being_committed(
         await early_tx.commit()
         items, _ = await pull_all(client, user, head)
         assert early_id in {c["id"] for c in items}
-    finally:
-        await early.close()
-        await late.close()
