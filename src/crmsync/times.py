@@ -36,3 +36,9 @@ UtcDatetime = Annotated[
 ]
 Rfc3339 = Annotated[UtcDatetime, BeforeValidator(_rfc3339_text)]
 PastRfc3339 = Annotated[Rfc3339, AfterValidator(_not_in_future)]
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """The same instant in UTC, for a time handed to PostgreSQL inside JSON text: RFC 3339
+    allows offsets up to +-23:59, PostgreSQL reads at most +-15:59 from text."""
+    return None if value is None else value.astimezone(UTC)

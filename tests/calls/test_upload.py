@@ -397,6 +397,26 @@ async def test_every_rfc3339_spelling_of_a_timestamp_is_accepted(
     ]
 
 
+@pytest.mark.parametrize("with_an_invalid_item", [False, True])
+async def test_offsets_beyond_postgresqls_16_hours_are_stored_as_their_instant(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, with_an_invalid_item: bool
+) -> None:
+    # RFC 3339 allows offsets up to +-23:59; PostgreSQL's text input stops at +-15:59.
+    # An invalid item sends the batch through the item-by-item validation.
+    spellings = [
+        "2026-11-05T13:58:00+23:59",
+        "2026-11-03T14:01:00-23:59",
+        "2026-11-05T10:26:00+20:24",
+    ]
+    batch = [call(i, timestamp=t) for i, t in enumerate(spellings)]
+    if with_an_invalid_item:
+        batch.append(call(9, direction="sideways"))
+    body = (await upload(client, user, batch)).json()
+    assert (body["inserted"], len(body["rejected"])) == (3, int(with_an_invalid_item)), body
+    stored = [r[0] for r in await conn.fetch("SELECT timestamp FROM call_logs ORDER BY 1")]
+    assert stored == [T0 - timedelta(minutes=1), T0, T0 + timedelta(minutes=2)]
+
+
 async def test_every_error_of_an_item_is_reported(client: httpx.AsyncClient, user: Account) -> None:
     bad = {"direction": "sideways", "duration_seconds": -1, "timestamp": "2026-11-04T17:00:00"}
     body = (await upload(client, user, [bad])).json()

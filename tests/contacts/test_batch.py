@@ -245,6 +245,19 @@ async def test_batch_rejects_future_or_offsetless_times_and_keeps_the_rest(
     assert await conn.fetchval("SELECT array_agg(name) FROM contacts") == ["Fine"]
 
 
+async def test_batch_stores_created_at_with_an_offset_beyond_16_hours_as_its_instant(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    # RFC 3339 allows offsets up to +-23:59; PostgreSQL's text input stops at +-15:59.
+    batch = [
+        contact("East", "(415) 555-0101", created_at="2026-10-02T07:59:00+23:59"),
+        contact("West", "(415) 555-0102", created_at="2026-09-30T08:01:00-23:59"),
+    ]
+    results = (await upload(client, user, batch)).json()["results"]
+    assert [x["contact"]["created_at"] for x in results] == ["2026-10-01T08:00:00.000000Z"] * 2
+    assert await conn.fetchval("SELECT array_agg(DISTINCT created_at) FROM contacts") == [T0]
+
+
 async def test_concurrent_batches_of_the_same_numbers_in_opposite_orders_both_succeed(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:

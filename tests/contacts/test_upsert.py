@@ -233,6 +233,16 @@ async def test_bad_names_and_times_are_422_and_nothing_is_written(
     assert await conn.fetchval("SELECT count(*) FROM contacts") == 0
 
 
+async def test_created_at_with_an_offset_beyond_16_hours_is_stored_as_its_instant(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    # RFC 3339 allows offsets up to +-23:59; PostgreSQL's text input stops at +-15:59.
+    r = await post(client, user, contact(created_at="2026-10-02T07:59:00+23:59"))
+    assert r.status_code == 201, r.text
+    assert r.json()["contact"]["created_at"] == "2026-10-01T08:00:00.000000Z"
+    assert await conn.fetchval("SELECT created_at FROM contacts") == T0
+
+
 async def test_created_at_up_to_five_minutes_ahead_and_200_char_names_are_accepted(
     client: httpx.AsyncClient, user: Account
 ) -> None:

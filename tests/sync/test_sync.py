@@ -206,6 +206,16 @@ async def test_a_sync_of_1000_contacts_is_stored(
     assert await counts(conn) == (1000, 0, 1)
 
 
+async def test_times_with_offsets_beyond_16_hours_are_stored(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    far = "2026-10-02T07:59:00+23:59"  # RFC 3339 allows it; PostgreSQL's text input does not
+    body = {"contacts": [contact(1, created_at=far)], "calls": [call(0, timestamp=far)]}
+    r = await sync(client, user, body)
+    assert r.status_code == 200, r.text
+    assert await counts(conn) == (1, 1, 1)
+
+
 async def test_a_non_admin_naming_another_user_is_403_and_nothing_is_stored(
     client: httpx.AsyncClient, user: Account, admin: Account, conn: asyncpg.Connection
 ) -> None:

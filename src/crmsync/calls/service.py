@@ -202,6 +202,7 @@ async def call_insert_many(
             call["phone_raw"] = hint if raw is None else raw
             call["phone_normalized"] = normalize_with_hint(raw, hint, region)
             call["user_id"] = call.get("user_id") or user_id
+            call["timestamp"] = call["timestamp"].astimezone(UTC)  # see times.as_utc
         # One JSON parameter: orjson and PostgreSQL's JSON parser beat encoding 7 arrays.
         inserted = await conn.fetchval(INSERT_SQL, orjson.dumps(calls).decode())
     rejected = [{"index": i, "errors": errors[i]} for i in sorted(errors)]

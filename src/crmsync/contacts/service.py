@@ -37,6 +37,7 @@ from crmsync.pagination import (
     paginate,
 )
 from crmsync.phone import normalize, normalize_with_hint
+from crmsync.times import as_utc
 
 Loc = Sequence[str | int]
 
@@ -209,7 +210,7 @@ def _validate(
                 "name": contact["name"],
                 "phone_raw": contact["phone_raw"],
                 "phone": phone,
-                "created_at": contact.get("created_at"),
+                "created_at": as_utc(contact.get("created_at")),
             }
         )
     return rows, rejected
@@ -268,7 +269,13 @@ async def contact_upsert(
     phone = normalize_with_hint(phone_raw, phone_hint, region)
     if phone is None:
         raise ValidationFailed.one(["body", "phone_raw"], NOT_A_PHONE, "phone")
-    row = {"i": 0, "name": name, "phone_raw": phone_raw, "phone": phone, "created_at": created_at}
+    row = {
+        "i": 0,
+        "name": name,
+        "phone_raw": phone_raw,
+        "phone": phone,
+        "created_at": as_utc(created_at),
+    }
     results, counts = await _upsert(conn, [row], [], user_id=user_id, indexed=False)
     result: Result = next(r for r in ("created", "replaced", "existing") if counts[r])
     return ContactUpsert(result=result, json=results[1:-1])
