@@ -8,6 +8,7 @@ Each test starts from empty tables.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -90,12 +91,39 @@ def make_app(database_url: str, **overrides: Any) -> FastAPI:
     return create_app(make_settings(database_url, **overrides), maintenance=False)
 
 
+def documented_statuses(app: FastAPI) -> Callable[[httpx.Response], Awaitable[None]]:
+    """A response hook failing the test whose request got an answer its operation's OpenAPI
+    entry does not list: every answer of every test checks the document the mobile team
+    builds against (unknown paths and methods have no entry and are not checked)."""
+    operations = [
+        (method.upper(), re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", path) + "$"), op)
+        for path, item in app.openapi()["paths"].items()
+        for method, op in item.items()
+    ]
+
+    async def check(response: httpx.Response) -> None:
+        request = response.request
+        for method, path, op in operations:
+            if method == request.method and path.match(request.url.path):
+                status = str(response.status_code)
+                assert status in op["responses"], (
+                    f"{request.method} {request.url.path} answered {status}, "
+                    f"not in its OpenAPI responses {sorted(op['responses'])}"
+                )
+                return
+
+    return check
+
+
 @pytest.fixture(scope="session")
 async def app_client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
     app = make_app(database_url)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        hooks = {"response": [documented_statuses(app)]}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://testserver", event_hooks=hooks
+        ) as c:
             c.app = app  # type: ignore[attr-defined]
             yield c
 

@@ -8,6 +8,11 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from crmsync import openapi
 
 DOC = Path(__file__).parent.parent / "docs" / "openapi.json"
 
@@ -50,3 +55,29 @@ async def test_every_operation_is_described(client: httpx.AsyncClient) -> None:
                     missing.append(f"{where}: no request schema")
     assert not missing, "\n".join(missing)
     assert "HTTPValidationError" not in json.dumps(spec)
+
+
+def test_a_model_named_problem_cannot_shadow_the_problem_json_schema() -> None:
+    # It once did: the calls' item errors were a model named Problem, and the document's
+    # Problem schema replaced it, so POST /calls' 200 described its errors as problem+json.
+    class Problem(BaseModel):
+        loc: list[str]
+
+    app = FastAPI()
+
+    @app.get("/x", response_model=Problem)
+    def x() -> Problem:
+        return Problem(loc=[])
+
+    with pytest.raises(RuntimeError, match="clashes"):
+        openapi.build(app)
+
+
+async def test_rejected_items_errors_are_described_as_item_problems(
+    client: httpx.AsyncClient,
+) -> None:
+    schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
+    for name in ("RejectedItem", "ContactResultOut"):
+        errors = json.dumps(schemas[name]["properties"]["errors"])
+        assert "#/components/schemas/ItemProblem" in errors, name
+    assert set(schemas["ItemProblem"]["properties"]) == {"loc", "msg", "type"}

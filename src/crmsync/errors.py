@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from pydantic import BaseModel
+
 
 class ApiError(Exception):
     status: ClassVar[int] = 500
@@ -84,10 +86,6 @@ class PayloadTooLarge(ApiError):
     status, code, title = 413, "payload_too_large", "Content Too Large"
 
 
-class UnsupportedMediaType(ApiError):
-    status, code, title = 415, "unsupported_media_type", "Unsupported Media Type"
-
-
 class ValidationFailed(ApiError):
     status, code, title = 422, "validation_error", "Unprocessable Content"
 
@@ -111,3 +109,11 @@ class TooManyAttempts(ApiError):
 
 class ServiceUnavailable(ApiError):
     status, code, title = 503, "unavailable", "Service Unavailable"
+
+
+class ItemProblem(BaseModel):
+    """What failed, where: one entry of a 422's `errors`, or of a rejected batch item's."""
+
+    loc: list[str | int]
+    msg: str
+    type: str

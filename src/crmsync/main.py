@@ -248,12 +248,9 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         response_class=Response,
         responses={
             200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
-            403: {
-                "description": "`forbidden`: not loopback, a trusted proxy or the metrics token",
-                "content": {
-                    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
-                },
-            },
+            403: openapi.problem_answer(
+                "`forbidden`: not loopback, a trusted proxy or the metrics token"
+            ),
         },
     )
     def metrics(request: Request) -> Response:

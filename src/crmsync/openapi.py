@@ -62,14 +62,15 @@ ERRORS: dict[str, tuple[str, str]] = {
 }
 
 
-def _problem(status: str, description: str | None = None) -> dict[str, Any]:
-    code, text = ERRORS.get(status, ("", ""))
-    return {
-        "description": description or f"`{code}`: {text}",
-        "content": {
-            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
-        },
-    }
+def problem_answer(description: str) -> dict[str, Any]:
+    """An error answer for a route's `responses`: problem+json, as every error is."""
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {"description": description, "content": {"application/problem+json": {"schema": schema}}}
+
+
+def _problem(status: str) -> dict[str, Any]:
+    code, text = ERRORS[status]
+    return problem_answer(f"`{code}`: {text}")
 
 
 def _statuses(method: str, path: str, operation: dict[str, Any]) -> list[str]:
@@ -100,6 +101,8 @@ def build(app: FastAPI) -> dict[str, Any]:
     schemas = components.setdefault("schemas", {})
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
+    if "Problem" in schemas:  # it would describe every error answer, all of them wrong
+        raise RuntimeError("a model named Problem clashes with the problem+json schema")
     schemas["Problem"] = PROBLEM_SCHEMA
     components["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}

@@ -16,6 +16,7 @@ from pydantic_core import core_schema
 from typing_extensions import TypedDict
 
 from crmsync.db import NO_NUL
+from crmsync.errors import ItemProblem
 from crmsync.times import RFC3339, PastRfc3339, UtcDatetime
 
 MAX_CALLS = 5000
@@ -76,15 +77,9 @@ def calls_body_schema(max_items: int = MAX_CALLS) -> dict[str, Any]:
     }
 
 
-class Problem(BaseModel):
-    loc: list[str | int]
-    msg: str
-    type: str
-
-
 class RejectedItem(BaseModel):
     index: int
-    errors: list[Problem]
+    errors: list[ItemProblem]
 
 
 class CallUploadOut(BaseModel):

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
@@ -32,16 +32,11 @@ from crmsync.deps import (
     Tx,
 )
 from crmsync.idempotency import Answer, idempotent
+from crmsync.openapi import problem_answer
 from crmsync.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from crmsync.sync.service import sync_record_create
 
 router = APIRouter(prefix="/contacts", tags=["contacts"])
-
-
-def problem_answer(description: str) -> dict[str, Any]:
-    """An error answer for the OpenAPI document: problem+json, as every error is."""
-    schema = {"$ref": "#/components/schemas/Problem"}
-    return {"description": description, "content": {"application/problem+json": {"schema": schema}}}
 
 
 IfMatch = Annotated[

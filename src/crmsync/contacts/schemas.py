@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 from typing_extensions import TypedDict
 
 from crmsync.db import NO_NUL
+from crmsync.errors import ItemProblem
 from crmsync.phone import MAX_PHONE_LENGTH
 from crmsync.times import PastRfc3339
 
@@ -104,12 +105,6 @@ class ContactPage(BaseModel):
 class ContactUpsertOut(BaseModel):
     result: Result
     contact: ContactOut
-
-
-class ItemProblem(BaseModel):
-    loc: list[str | int]
-    msg: str
-    type: str
 
 
 class ContactResultOut(BaseModel):

@@ -1,15 +1,21 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from fastapi import APIRouter, Response
 
 from crmsync.auth.schemas import UserOut
 from crmsync.deps import AdminUser, AppSettings, Conn, JSONBytes, Page
+from crmsync.openapi import problem_answer
 from crmsync.users import service
 from crmsync.users.schemas import UserCreate, UserPage, UserUpdate
 
 router = APIRouter(prefix="/users", tags=["users"])
+
+EMAIL_TAKEN: dict[int | str, dict[str, Any]] = {
+    409: problem_answer("`email_taken`: another user has that email")
+}
 
 
 @router.get(
@@ -22,7 +28,13 @@ async def list_users(admin: AdminUser, conn: Conn, page: Page) -> Response:
     return JSONBytes(await service.user_list(conn, page))
 
 
-@router.post("", status_code=201, response_model=UserOut, summary="Create a user (admin)")
+@router.post(
+    "",
+    status_code=201,
+    response_model=UserOut,
+    summary="Create a user (admin)",
+    responses=EMAIL_TAKEN,
+)
 async def create_user(
     body: UserCreate, admin: AdminUser, conn: Conn, settings: AppSettings
 ) -> Response:
@@ -37,7 +49,9 @@ async def create_user(
     return JSONBytes(json, status_code=201)
 
 
-@router.patch("/{user_id}", response_model=UserOut, summary="Change a user (admin)")
+@router.patch(
+    "/{user_id}", response_model=UserOut, summary="Change a user (admin)", responses=EMAIL_TAKEN
+)
 async def update_user(
     user_id: uuid.UUID, body: UserUpdate, admin: AdminUser, conn: Conn, settings: AppSettings
 ) -> Response:
@@ -60,6 +74,7 @@ async def update_user(
     summary="Delete a user (admin)",
     description="The user can no longer sign in and its tokens are rejected at once; "
     "its contacts, calls and sync records stay. An admin cannot delete itself (409).",
+    responses={409: problem_answer("`cannot_delete_self`: an admin cannot delete itself")},
 )
 async def delete_user(user_id: uuid.UUID, admin: AdminUser, conn: Conn) -> Response:
     await service.user_delete(conn, user_id, actor_id=admin.id)
