@@ -15,6 +15,23 @@ async def test_unknown_route_and_wrong_method_are_problems(
     assert_problem(await client.put("/auth/login", json={}), 405, "method_not_allowed")
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("PUT", "/auth/login", "POST"),
+        ("TRACE", "/contacts", "GET, POST"),  # two routes share the path
+        ("POST", "/users/x", "PATCH, DELETE"),
+        ("PATCH", "/calls", "GET, POST"),
+    ],
+)
+async def test_a_wrong_method_answers_every_allowed_one(
+    client: httpx.AsyncClient, method: str, path: str, allow: str
+) -> None:
+    r = await client.request(method, path)
+    assert_problem(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == allow
+
+
 async def test_body_over_limit_is_413_before_reading_it(
     client: httpx.AsyncClient, user: Account
 ) -> None:

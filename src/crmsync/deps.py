@@ -32,7 +32,10 @@ AppSettings = Annotated[Settings, Depends(get_settings)]
 # Upload headers (POST /contacts/batch, /calls, /sync)
 IdempotencyKey = Annotated[
     str | None,
-    Header(description="1..200 characters; a repeat with the same body gets the first answer"),
+    Header(
+        description="1..200 characters; a repeat with the same body gets the first answer",
+        json_schema_extra={"minLength": 1, "maxLength": 200},
+    ),
 ]
 DeviceId = Annotated[
     str | None, Header(description="Stable per-install id, kept on the sync record")

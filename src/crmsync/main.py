@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from crmsync import __version__, db, openapi
 from crmsync.auth import service as auth_service
@@ -96,6 +97,17 @@ async def on_validation_error(request: Request, exc: Exception) -> Response:
     return problem(ValidationFailed(errors))
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route answers at this path, for a 405's Allow (RFC 9110). Starlette's
+    own names only the first route matching the path (`/contacts`: GET, not POST)."""
+    routes = request.app.router.routes
+    return ", ".join(
+        method
+        for method in ("GET", "POST", "PUT", "PATCH", "DELETE")
+        if any(r.matches({**request.scope, "method": method})[0] == Match.FULL for r in routes)
+    )
+
+
 async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if isinstance(exc.__cause__, ApiError):
@@ -104,6 +116,7 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
         return problem(NotFound("No such route"))
     if exc.status_code == 405:
         error: ApiError = MethodNotAllowed(f"{request.method} is not allowed here")
+        error.headers["Allow"] = _allowed_methods(request)
         return problem(error)
     if exc.status_code == 400:
         return problem(BadRequest(str(exc.detail)))
