@@ -66,6 +66,8 @@ async def test_duplicate_email_in_other_case_is_409(
         {"email": "e@example.com", "password": "long-enough"},
         {"name": "E", "email": "e@example.com", "password": "é" * 40},
         {"name": "E", "email": "e@example.com", "password": "long-enough", "is_admin": "maybe"},
+        {"name": "E", "email": "e@example.com", "password": "long-enough", "is_admin": 1},
+        {"name": "E", "email": "e@example.com", "password": "long-enough", "is_admin": "true"},
     ],
 )
 async def test_bad_user_bodies_are_422(
@@ -124,6 +126,10 @@ async def test_patch_changes_fields_and_password(
     assert new.status_code == 200
     r = await client.patch(f"/users/{user.id}", json={"name": "x\x00"}, headers=admin.headers)
     assert_problem(r, 422, "validation_error")
+    for flag in (0, "false", "no"):  # true or false only
+        r = await client.patch(f"/users/{user.id}", json={"is_admin": flag}, headers=admin.headers)
+        assert_problem(r, 422, "validation_error")
+    assert (await client.get("/auth/me", headers=user.headers)).json()["is_admin"] is True
 
 
 async def test_patch_to_taken_email_is_409(

@@ -2,7 +2,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StrictBool,
+    StringConstraints,
+)
 
 from crmsync.auth.schemas import UserOut
 from crmsync.auth.service import BCRYPT_MAX_BYTES
@@ -30,14 +38,14 @@ class UserCreate(BaseModel):
     name: Name
     email: EmailStr
     password: Password
-    is_admin: bool = False
+    is_admin: StrictBool = False  # true or false: the admin right is not given by a 1 or "yes"
 
 
 class UserUpdate(BaseModel):
     name: Name | None = None
     email: EmailStr | None = None
     password: Password | None = None
-    is_admin: bool | None = None
+    is_admin: StrictBool | None = None
 
 
 class UserPage(BaseModel):
