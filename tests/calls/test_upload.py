@@ -552,6 +552,21 @@ async def test_same_idempotency_key_and_body_returns_the_first_answer_and_stores
     assert fresh.json()["duplicates"] == 2
 
 
+async def test_concurrent_repeats_of_one_idempotency_key_all_get_the_one_first_answer(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    # A phone retrying while its first try is still running: the repeats wait for it.
+    batch = [call(i) for i in range(50)]
+    answers = await asyncio.gather(
+        *(upload(client, user, batch, **{"Idempotency-Key": "retry"}) for _ in range(8))
+    )
+    assert {r.status_code for r in answers} == {200}
+    assert len({r.text for r in answers}) == 1
+    assert answers[0].json()["inserted"] == 50
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 1
+    assert await conn.fetchval("SELECT count(*) FROM call_logs") == 50
+
+
 async def test_an_idempotency_key_is_1_to_200_characters(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
