@@ -49,6 +49,13 @@ def served_app() -> FastAPI:
     return create_app(maintenance=False)
 
 
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def server(database_url: str) -> Iterator[str]:
     with socket.socket() as s:
@@ -69,12 +76,11 @@ def server(database_url: str) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(100):
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        deadline = time.monotonic() + 30
+        while not _answers(f"{url}/healthz"):
+            assert process.poll() is None, "the server process exited"
+            assert time.monotonic() < deadline, "the server did not come up in 30 s"
+            time.sleep(0.1)
         yield url
     finally:
         process.terminate()
