@@ -61,6 +61,8 @@ users = Table(
     Column("deleted_at", TZ),
     _now("created_at"),
     _now("updated_at"),
+    # Every token carries the generation it was issued in; a new password moves it on.
+    Column("token_generation", Integer, nullable=False, server_default=text("0")),
     # One live account per email, case-insensitive; a deleted user's email can be reused.
     Index(
         "uq_users_email_live",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 import asyncpg
@@ -175,6 +176,55 @@ async def test_deleted_users_token_is_rejected_at_once(
     assert_problem(await client.get("/auth/me", headers=user.headers), 401, "unauthenticated")
     r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
     assert_problem(r, 401, "invalid_credentials")
+
+
+async def test_a_new_password_rejects_every_token_the_user_holds(
+    client: httpx.AsyncClient, admin: Account, user: Account
+) -> None:
+    second = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    phones = [user.headers, {"Authorization": f"Bearer {second.json()['token']}"}]
+    r = await client.patch(f"/users/{user.id}", json={"name": "Kept"}, headers=admin.headers)
+    assert r.status_code == 200
+    for headers in phones:  # other changes sign nobody out
+        assert (await client.get("/auth/me", headers=headers)).status_code == 200
+    r = await client.patch(
+        f"/users/{user.id}", json={"password": "changed-password"}, headers=admin.headers
+    )
+    assert r.status_code == 200
+    for headers in phones:
+        assert_problem(await client.get("/auth/me", headers=headers), 401, "unauthenticated")
+    assert (await client.get("/auth/me", headers=admin.headers)).status_code == 200
+    login = await client.post(
+        "/auth/login", json={"email": user.email, "password": "changed-password"}
+    )
+    fresh = {"Authorization": f"Bearer {login.json()['token']}"}
+    assert (await client.get("/auth/me", headers=fresh)).status_code == 200
+    # an admin that changes its own password signs itself out too
+    r = await client.patch(
+        f"/users/{admin.id}", json={"password": "admin-changed-pw"}, headers=admin.headers
+    )
+    assert r.status_code == 200
+    assert_problem(await client.get("/auth/me", headers=admin.headers), 401, "unauthenticated")
+    assert (await client.get("/auth/me", headers=fresh)).status_code == 200
+
+
+async def test_token_generation_claim(
+    client: httpx.AsyncClient, user: Account, conn: object
+) -> None:
+    claims = jwt.decode(user.token, TEST_SECRET, algorithms=["HS256"])
+    assert claims["gen"] == 0
+
+    def me(token_claims: dict[str, object]) -> Awaitable[httpx.Response]:
+        token = jwt.encode(token_claims, TEST_SECRET, algorithm="HS256")
+        return client.get("/auth/me", headers={"Authorization": f"Bearer {token}"})
+
+    before_generations = {k: v for k, v in claims.items() if k != "gen"}
+    assert (await me(before_generations)).status_code == 200
+    for bad in (1, -1, "0", True, 2**31, 0.0, None):
+        assert_problem(await me({**claims, "gen": bad}), 401, "unauthenticated")
+    await conn.execute("UPDATE users SET token_generation = 1 WHERE id = $1", user.id)  # type: ignore[attr-defined]
+    assert_problem(await me(before_generations), 401, "unauthenticated")
+    assert (await me({**claims, "gen": 1})).status_code == 200
 
 
 async def test_concurrent_logins_all_succeed(

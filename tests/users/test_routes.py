@@ -129,7 +129,8 @@ async def test_patch_changes_fields_and_password(
     for flag in (0, "false", "no"):  # true or false only
         r = await client.patch(f"/users/{user.id}", json={"is_admin": flag}, headers=admin.headers)
         assert_problem(r, 422, "validation_error")
-    assert (await client.get("/auth/me", headers=user.headers)).json()["is_admin"] is True
+    fresh = {"Authorization": f"Bearer {new.json()['token']}"}
+    assert (await client.get("/auth/me", headers=fresh)).json()["is_admin"] is True
 
 
 async def test_patch_to_taken_email_is_409(

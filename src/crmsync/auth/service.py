@@ -65,12 +65,17 @@ def _dummy_hash(rounds: int) -> str:
     return bcrypt.hashpw(b"no such user", bcrypt.gensalt(rounds)).decode()
 
 
-def issue_token(user_id: uuid.UUID, *, secret: str, ttl_seconds: int) -> tuple[str, datetime]:
+def issue_token(
+    user_id: uuid.UUID, generation: int, *, secret: str, ttl_seconds: int
+) -> tuple[str, datetime]:
+    """A signed token for the user. `gen` is the user's token generation: a new password
+    moves it on, and every token of an older generation is rejected from then on."""
     now = datetime.now(UTC).replace(microsecond=0)
     expires_at = now + timedelta(seconds=ttl_seconds)
     claims = {
         "sub": str(user_id),
         "jti": str(uuid.uuid4()),
+        "gen": generation,
         "iat": int(now.timestamp()),
         "exp": int(expires_at.timestamp()),
     }
@@ -78,10 +83,10 @@ def issue_token(user_id: uuid.UUID, *, secret: str, ttl_seconds: int) -> tuple[s
 
 
 @lru_cache(maxsize=4096)
-def _verified_claims(token: str, secret: str) -> tuple[uuid.UUID, uuid.UUID, datetime]:
-    """(user id, jti, expiry) of a token whose signature holds. A pure function of its
-    arguments, so a phone's token is verified once, not on every request; expiry,
-    revocation and deletion are checked on every request by the caller."""
+def _verified_claims(token: str, secret: str) -> tuple[uuid.UUID, uuid.UUID, datetime, int]:
+    """(user id, jti, expiry, generation) of a token whose signature holds. A pure
+    function of its arguments, so a phone's token is verified once, not on every request;
+    expiry, revocation, generation and deletion are checked on every request by the caller."""
     claims = jwt.decode(
         token,
         secret,
@@ -92,26 +97,34 @@ def _verified_claims(token: str, secret: str) -> tuple[uuid.UUID, uuid.UUID, dat
         uuid.UUID(claims["sub"]),
         uuid.UUID(claims["jti"]),
         datetime.fromtimestamp(int(claims["exp"]), UTC),
+        _generation(claims.get("gen", 0)),  # tokens from before generations: 0
     )
+
+
+def _generation(value: object) -> int:
+    if type(value) is not int or not 0 <= value < 2**31:
+        raise ValueError("bad token generation")
+    return value
 
 
 async def authenticate(conn: Connection, token: str, *, secret: str) -> AuthedUser:
     """The live user a token belongs to, or Unauthenticated (bad, expired, revoked, deleted)."""
     try:
-        user_id, jti, expires_at = _verified_claims(token, secret)
+        user_id, jti, expires_at, generation = _verified_claims(token, secret)
     except (jwt.PyJWTError, ValueError, TypeError, KeyError, OverflowError, OSError):
         raise Unauthenticated("Invalid or expired token") from None
     if expires_at <= datetime.now(UTC):
         raise Unauthenticated("Invalid or expired token")
     row = await conn.fetchrow(
         f"""SELECT u.is_admin, {USER_JSON}::text AS json FROM users u
-            WHERE u.id = $1 AND u.deleted_at IS NULL
+            WHERE u.id = $1 AND u.deleted_at IS NULL AND u.token_generation = $3
               AND NOT EXISTS (SELECT 1 FROM revoked_tokens t WHERE t.jti = $2)""",
         user_id,
         jti,
+        generation,
     )
     if row is None:
-        raise Unauthenticated("Token revoked or user deleted")
+        raise Unauthenticated("Token revoked, password changed or user deleted")
     return AuthedUser(user_id, row["is_admin"], row["json"], jti, expires_at)
 
 
@@ -147,7 +160,8 @@ async def login(
         LOGIN_FAILURES.inc()
         raise TooManyAttempts(max(1, math.ceil(wait)))
     row = await conn.fetchrow(
-        f"""SELECT u.id, u.password_hash, {USER_JSON}::text AS json FROM users u
+        f"""SELECT u.id, u.password_hash, u.token_generation, {USER_JSON}::text AS json
+            FROM users u
             WHERE lower(u.email) = $1 AND u.deleted_at IS NULL""",
         email_key,
     )
@@ -174,7 +188,9 @@ async def login(
         LOGIN_FAILURES.inc()
         raise InvalidCredentials("Invalid email or password")
     await conn.execute("DELETE FROM login_throttle WHERE email_key = $1", email_key)
-    token, expires_at = issue_token(row["id"], secret=secret, ttl_seconds=ttl_seconds)
+    token, expires_at = issue_token(
+        row["id"], row["token_generation"], secret=secret, ttl_seconds=ttl_seconds
+    )
     return token, expires_at, row["json"]
 
 

@@ -56,6 +56,8 @@ async def user_update(
         json: str | None = await conn.fetchval(
             f"""UPDATE users AS u SET name = coalesce($2, name), email = coalesce($3, email),
                   password_hash = coalesce($4, password_hash),
+                  -- a new password signs the user out everywhere (auth.service.authenticate)
+                  token_generation = token_generation + CASE WHEN $4 IS NULL THEN 0 ELSE 1 END,
                   is_admin = coalesce($5, is_admin), updated_at = now()
                 WHERE id = $1 AND deleted_at IS NULL RETURNING {USER_JSON}::text""",
             user_id,
