@@ -100,6 +100,45 @@ async def test_domain_counters_and_failed_logins(
     assert "crmsync_calls_uploaded" in text
 
 
+async def test_upload_counters_count_each_uploads_results_once(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    def counts() -> dict[str, float]:
+        return {
+            f"{name}:{result}": REGISTRY.get_sample_value(
+                f"crmsync_{name}_uploaded_total", {"result": result}
+            )
+            or 0.0
+            for name, results in (
+                ("calls", ("inserted", "duplicate", "rejected")),
+                ("contacts", ("created", "replaced", "existing", "rejected")),
+            )
+            for result in results
+        }
+
+    at = "2026-11-05T10:{:02d}:00Z"
+    call = {"direction": "incoming", "duration_seconds": 5, "phone_raw": "+1 907-555-0142"}
+    calls = [{**call, "timestamp": at.format(1)}, {**call, "timestamp": at.format(1)}, {}]
+    contact = {"name": "Counted", "phone_raw": "+1 907-555-0143"}
+    uploads = [
+        ("/calls", calls, {"calls:inserted": 1, "calls:duplicate": 1, "calls:rejected": 1}),
+        ("/contacts/batch", [contact, {}], {"contacts:created": 1, "contacts:rejected": 1}),
+        (
+            "/sync",
+            {"contacts": [contact], "calls": [{**call, "timestamp": at.format(2)}]},
+            {"contacts:existing": 1, "calls:inserted": 1},
+        ),
+    ]
+    for path, body, expected in uploads:
+        headers = {**user.headers, "Idempotency-Key": f"metrics-{uuid.uuid4()}"}
+        before = counts()
+        assert (await client.post(path, json=body, headers=headers)).status_code == 200
+        after = counts()
+        assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == expected
+        assert (await client.post(path, json=body, headers=headers)).status_code == 200
+        assert counts() == after, path  # a replayed answer counts nothing
+
+
 async def test_last_backup_timestamp_comes_from_the_newest_file(
     monitored: FastAPI, backups: Path
 ) -> None:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Annotated
 
@@ -18,8 +17,7 @@ from crmsync.deps import (
     Page,
     Tx,
 )
-from crmsync.idempotency import Answer, idempotent
-from crmsync.sync.service import sync_record_create
+from crmsync.sync.service import Upload, upload
 from crmsync.times import Rfc3339
 
 router = APIRouter(prefix="/calls", tags=["calls"])
@@ -49,43 +47,36 @@ async def upload_calls(
     x_device_id: DeviceId = None,
 ) -> Response:
     body = await request.body()
-    produced: list[service.CallBatch] = []
 
-    async def produce() -> Answer:
-        started = time.perf_counter()
+    async def work() -> Upload:
         items = service.batch_items(service.parse_json(body), loc=("body",), max_items=MAX_CALLS)
         batch = await service.call_insert_many(
             conn, items, user_id=user.id, is_admin=user.is_admin, region=settings.default_region
         )
-        sync_id = await sync_record_create(
-            conn,
-            user_id=user.id,
-            kind="calls",
+        return Upload(
             synced_contacts=0,
             synced_calls=batch.inserted,
             details={
                 "inserted": batch.inserted,
                 "duplicates": batch.duplicates,
                 "rejected": batch.rejected,
-                "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
-                "device_id": x_device_id[:200] if x_device_id else None,
             },
+            answer=lambda sync_id: (
+                f'{{"sync_id":"{sync_id}","inserted":{batch.inserted},'
+                f'"duplicates":{batch.duplicates},"rejected":{batch.rejected_json}}}'
+            ).encode(),
+            count_metrics=lambda: service.call_count_metrics(batch),
         )
-        produced.append(batch)
-        return 200, (
-            f'{{"sync_id":"{sync_id}","inserted":{batch.inserted},'
-            f'"duplicates":{batch.duplicates},"rejected":{batch.rejected_json}}}'
-        ).encode()
 
-    status, answer = await idempotent(
+    status, answer = await upload(
         conn,
         user_id=user.id,
+        kind="calls",
         key=idempotency_key,
+        device_id=x_device_id,
         request=("POST", request.url.path, body),
-        produce=produce,
+        work=work,
     )
-    for batch in produced:  # none when the answer was a stored one
-        service.call_count_metrics(batch)
     return JSONBytes(answer, status_code=status)
 
 

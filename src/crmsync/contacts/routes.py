@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Annotated
 
@@ -31,10 +30,9 @@ from crmsync.deps import (
     Page,
     Tx,
 )
-from crmsync.idempotency import Answer, idempotent
 from crmsync.openapi import problem_answer
 from crmsync.pagination import DEFAULT_LIMIT, MAX_LIMIT
-from crmsync.sync.service import sync_record_create
+from crmsync.sync.service import Upload, upload
 
 router = APIRouter(prefix="/contacts", tags=["contacts"])
 
@@ -201,39 +199,32 @@ async def upload_contacts(
     x_device_id: DeviceId = None,
 ) -> Response:
     body = await request.body()
-    produced: list[service.ContactBatch] = []
 
-    async def produce() -> Answer:
-        started = time.perf_counter()
+    async def work() -> Upload:
         items = batch_items(parse_json(body), loc=("body",), max_items=MAX_BATCH)
         batch = await service.contact_upsert_many(
             conn, items, user_id=user.id, region=settings.default_region
         )
         counts = batch.counts
-        sync_id = await sync_record_create(
-            conn,
-            user_id=user.id,
-            kind="contacts",
+        return Upload(
             synced_contacts=counts["created"] + counts["replaced"],
             synced_calls=0,
-            details={
-                **counts,
-                "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
-                "device_id": x_device_id[:200] if x_device_id else None,
-            },
+            details=counts,
+            answer=lambda sync_id: (
+                f'{{"sync_id":"{sync_id}","results":{batch.results_json}}}'.encode()
+            ),
+            count_metrics=lambda: service.contact_count_metrics(counts),
         )
-        produced.append(batch)
-        return 200, f'{{"sync_id":"{sync_id}","results":{batch.results_json}}}'.encode()
 
-    status, answer = await idempotent(
+    status, answer = await upload(
         conn,
         user_id=user.id,
+        kind="contacts",
         key=idempotency_key,
+        device_id=x_device_id,
         request=("POST", request.url.path, body),
-        produce=produce,
+        work=work,
     )
-    for batch in produced:  # none when the answer was a stored one
-        service.contact_count_metrics(batch.counts)
     return JSONBytes(answer, status_code=status)
 
 

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
@@ -33,7 +32,6 @@ from crmsync.deps import (
     Tx,
 )
 from crmsync.errors import Forbidden, ValidationFailed
-from crmsync.idempotency import Answer, idempotent
 from crmsync.sync import service
 from crmsync.sync.schemas import SyncOut, SyncPage, SyncStateOut
 
@@ -118,10 +116,8 @@ async def sync(
     x_device_id: DeviceId = None,
 ) -> Response:
     body = await request.body()
-    produced: list[tuple[ContactBatch, CallBatch]] = []
 
-    async def produce() -> Answer:
-        started = time.perf_counter()
+    async def work() -> service.Upload:
         payload = parse_json(body)
         if not isinstance(payload, dict):
             raise ValidationFailed.one(["body"], "Input should be a valid object", "dict_type")
@@ -162,10 +158,25 @@ async def sync(
             conn, cursor=cursor, limit=CHANGES_LIMIT, key=request.app.state.cursor_key
         )
         counts = contacts.counts
-        sync_id = await service.sync_record_create(
-            conn,
-            user_id=user.id,
-            kind="sync",
+
+        def answer(sync_id: uuid.UUID) -> bytes:
+            head = (
+                f'{{"sync_id":"{sync_id}","contacts":{contacts.results_json},'
+                f'"calls":{{"inserted":{calls.inserted},"duplicates":{calls.duplicates},'
+                f'"rejected":{calls.rejected_json}}},'
+                f'"changes":{{"items":'
+            )
+            tail = (
+                f',"next_cursor":{orjson.dumps(changes.next_cursor).decode()},'
+                f'"has_more":{"true" if changes.has_more else "false"}}}}}'
+            )
+            return head.encode() + changes.items_json + tail.encode()
+
+        def count_metrics() -> None:
+            contact_count_metrics(counts)
+            call_count_metrics(calls)
+
+        return service.Upload(
             synced_contacts=counts["created"] + counts["replaced"],
             synced_calls=calls.inserted,
             details={
@@ -173,31 +184,18 @@ async def sync(
                 "inserted": calls.inserted,
                 "duplicates": calls.duplicates,
                 "rejected_calls": calls.rejected,
-                "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
-                "device_id": x_device_id[:200] if x_device_id else None,
             },
+            answer=answer,
+            count_metrics=count_metrics,
         )
-        produced.append((contacts, calls))
-        head = (
-            f'{{"sync_id":"{sync_id}","contacts":{contacts.results_json},'
-            f'"calls":{{"inserted":{calls.inserted},"duplicates":{calls.duplicates},'
-            f'"rejected":{calls.rejected_json}}},'
-            f'"changes":{{"items":'
-        )
-        tail = (
-            f',"next_cursor":{orjson.dumps(changes.next_cursor).decode()},'
-            f'"has_more":{"true" if changes.has_more else "false"}}}}}'
-        )
-        return 200, head.encode() + changes.items_json + tail.encode()
 
-    status, answer = await idempotent(
+    status, answer = await service.upload(
         conn,
         user_id=user.id,
+        kind="sync",
         key=idempotency_key,
+        device_id=x_device_id,
         request=("POST", request.url.path, body),
-        produce=produce,
+        work=work,
     )
-    for contacts, calls in produced:  # none when the answer was a stored one
-        contact_count_metrics(contacts.counts)
-        call_count_metrics(calls)
     return JSONBytes(answer, status_code=status)

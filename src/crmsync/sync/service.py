@@ -2,15 +2,71 @@
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
 
 from crmsync.db import Connection
+from crmsync.idempotency import Answer, idempotent
 from crmsync.pagination import Listing, PageRequest, Shape, SortKey, paginate
 
 SyncKind = Literal["contacts", "calls", "sync"]
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What an upload's work did: its sync record's counts and details, its answer (given
+    the record's id) and the metrics it counts once the work has really run."""
+
+    synced_contacts: int
+    synced_calls: int
+    details: dict[str, Any]
+    answer: Callable[[uuid.UUID], bytes]
+    count_metrics: Callable[[], None]
+
+
+async def upload(
+    conn: Connection,
+    *,
+    user_id: uuid.UUID,
+    kind: SyncKind,
+    key: str | None,
+    device_id: str | None,
+    request: tuple[str, str, bytes],
+    work: Callable[[], Awaitable[Upload]],
+) -> Answer:
+    """How every upload (POST /contacts/batch, /calls, /sync) runs, in the request's
+    transaction: `work` stores the batch, one sync record is written beside it, and the
+    answer is kept under the Idempotency-Key. A repeat of the key gets the first answer
+    and runs nothing: no second record, nothing counted twice."""
+    done: list[Upload] = []
+
+    async def produce() -> Answer:
+        started = time.perf_counter()
+        result = await work()
+        sync_id = await sync_record_create(
+            conn,
+            user_id=user_id,
+            kind=kind,
+            synced_contacts=result.synced_contacts,
+            synced_calls=result.synced_calls,
+            details={
+                **result.details,
+                "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
+                "device_id": device_id[:200] if device_id else None,
+            },
+        )
+        done.append(result)
+        return 200, result.answer(sync_id)
+
+    answer = await idempotent(conn, user_id=user_id, key=key, request=request, produce=produce)
+    for result in done:  # none when the answer was a stored one
+        result.count_metrics()
+    return answer
 
 
 async def sync_record_create(
