@@ -115,6 +115,41 @@ async def test_the_last_allowed_page_is_an_empty_page(
     assert (r.json()["items"], r.json()["next_cursor"]) == ([], None)
 
 
+@pytest.mark.parametrize("path", ["/contacts", "/calls"])
+async def test_every_page_is_its_slice_of_the_whole_list_from_either_end(
+    client: httpx.AsyncClient, admin: Account, path: str
+) -> None:
+    # These lists have a kept total: pages in the second half are found from the far end.
+    h = admin.headers
+    contacts = [{"name": f"Paged {i}", "phone_raw": f"+1 907-555-{i:04d}"} for i in range(8)]
+    r = await client.post("/contacts/batch", json=contacts, headers=h)
+    gone = r.json()["results"][3]["contact"]["id"]
+    assert (await client.delete(f"/contacts/{gone}", headers=h)).status_code == 204
+    calls = [
+        {"direction": "incoming", "duration_seconds": 1, "timestamp": f"2026-11-05T10:0{i}:00Z"}
+        for i in range(7)
+    ]
+    calls.append({**calls[0], "direction": "outgoing"})  # same time: the ids break the tie
+    assert (await client.post("/calls", json=calls, headers=h)).status_code == 200
+    whole = (await client.get(path, params={"limit": 200}, headers=h)).json()["items"]
+    total = len(whole)
+    assert total == {"/contacts": 7, "/calls": 8}[path]
+    for limit in (1, 2, 3, 4, 6, 7, 8):
+        pages = -(-total // limit)
+        for number in range(1, pages + 2):
+            r = await client.get(path, params={"page": number, "limit": limit}, headers=h)
+            body = r.json()
+            expected = whole[(number - 1) * limit : number * limit]
+            assert body["items"] == expected, (limit, number)
+            assert body["total"] == total
+            assert (body["next_cursor"] is None) == (number >= pages), (limit, number)
+            if body["next_cursor"]:
+                rest = await client.get(
+                    path, params={"limit": 200, "cursor": body["next_cursor"]}, headers=h
+                )
+                assert rest.json()["items"] == whole[number * limit :]
+
+
 async def test_page_with_cursor_and_garbage_cursors_are_400(
     client: httpx.AsyncClient, admin: Account
 ) -> None:
