@@ -48,7 +48,7 @@ async def upload(
     async def produce() -> Answer:
         started = time.perf_counter()
         result = await work()
-        sync_id = await sync_record_create(
+        sync_id = await _sync_record_create(
             conn,
             user_id=user_id,
             kind=kind,
@@ -69,7 +69,7 @@ async def upload(
     return answer
 
 
-async def sync_record_create(
+async def _sync_record_create(
     conn: Connection,
     *,
     user_id: uuid.UUID,
