@@ -94,7 +94,8 @@ async def on_validation_error(request: Request, exc: Exception) -> Response:
         return problem(BadRequest("Malformed JSON body"))
     if errors and all(e["loc"][:1] == ["path"] for e in errors):
         return problem(NotFound("No such resource"))  # a malformed id is an unknown id
-    return problem(ValidationFailed(errors))
+    # ... so beside a bad body it answers as an unknown id would: the body's errors alone
+    return problem(ValidationFailed([e for e in errors if e["loc"][:1] != ["path"]]))
 
 
 def _allowed_methods(request: Request) -> str:

@@ -150,6 +150,13 @@ async def test_patch_unknown_or_bad_id_is_404(client: httpx.AsyncClient, admin: 
     assert_problem(
         await client.patch("/users/not-a-uuid", json={}, headers=admin.headers), 404, "not_found"
     )
+    # with a bad body, a malformed id answers exactly as an unknown one: the body's errors only
+    bad = {"email": "not-an-email"}
+    r_unknown = await client.patch(f"/users/{unknown}", json=bad, headers=admin.headers)
+    r_malformed = await client.patch("/users/not-a-uuid", json=bad, headers=admin.headers)
+    assert_problem(r_unknown, 422, "validation_error")
+    assert r_malformed.status_code == 422
+    assert r_malformed.json() == r_unknown.json()
 
 
 async def test_delete_rules(
