@@ -5,7 +5,7 @@ and the Shape of one row: its JSON keys and the SQL of each value.
 
 Lists get their JSON from orjson, not PostgreSQL: json_build_object costs PostgreSQL
 ~2 us a row (0.43 ms of a 200-row page) and plain columns arrive in Python no slower than
-JSON text does (measured in bench/README.md). Single rows still use Shape.object_sql.
+JSON text does (measured in bench/NOTES.md). Single rows still use Shape.object_sql.
 
 Cursors are the sort-key values of the last row, bound to the listing's scope (endpoint
 and filters) and signed, so a client can neither forge nor mix them up: anything else

@@ -17,7 +17,7 @@ depends_on = None
 # locking a row writes it (its xmax) and WAL-logs it. A 100-call upload dirtied up to 100
 # pages of `contacts` and queued 32 concurrent uploads on one `users` row. Without the two
 # foreign keys PostgreSQL inserted 100-call batches 15-18% faster (pgbench, 16 clients,
-# interleaved A/B on PostgreSQL 15 with 20k contacts; bench/README.md).
+# interleaved A/B on PostgreSQL 15 with 20k contacts; bench/NOTES.md).
 #
 # The guarantee stays in the database, checked per statement instead of per row:
 # - every INSERT or UPDATE of call_logs ends with one anti-join of its new rows against
