@@ -187,9 +187,9 @@ def test_cursor_is_tamper_proof_and_bound_to_its_listing() -> None:
 async def test_a_listed_item_is_the_same_json_as_the_single_item(
     conn: asyncpg.Connection, user: Account, shape: Shape, from_sql: str
 ) -> None:
-    """Lists build items with orjson from columns, single rows with json_build_object:
-    both must give the same JSON, nulls, escapes, nested objects and whole-second times
-    included."""
+    """Lists build items with orjson from columns, single rows in PostgreSQL: both must
+    give the same bytes (compact, no spaces), nulls, escapes, nested objects and
+    whole-second times included."""
     odd = 'Zoë "Q" \\ O\'Brien\t\u2028 日本'
     await conn.execute(
         """WITH c AS (
@@ -217,11 +217,8 @@ async def test_a_listed_item_is_the_same_json_as_the_single_item(
     )
     order = f"ORDER BY {shape.fields[0][1]}"  # the id
     singles = [
-        orjson.loads(r[0])
-        for r in await conn.fetch(f"SELECT {shape.object_sql}::text {from_sql} {order}")
+        r[0] for r in await conn.fetch(f"SELECT {shape.object_sql}::text {from_sql} {order}")
     ]
-    listed = orjson.loads(
-        shape.dumps(await conn.fetch(f"SELECT {shape.columns_sql} {from_sql} {order}"))
-    )
+    listed = shape.dumps(await conn.fetch(f"SELECT {shape.columns_sql} {from_sql} {order}"))
     assert len(singles) >= 2
-    assert listed == singles
+    assert listed.decode() == "[" + ",".join(singles) + "]"

@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 from prometheus_client import REGISTRY
 
 from crmsync.contacts.service import UPSERT_SQL, contact_upsert_many
@@ -58,6 +59,7 @@ async def test_batch_answers_results_in_request_order_and_stores_valid_items(
     assert results[3]["errors"][0]["loc"] == ["body", 3, "phone_raw"]
     assert results[4]["errors"][0]["loc"] == ["body", 4]
     assert "contact" not in results[2]
+    assert r.content == orjson.dumps(body)  # compact: the same bytes as the lists' JSON
     names = await conn.fetch("SELECT name FROM contacts ORDER BY name")
     assert [n["name"] for n in names] == ["Alice Moreira", "Carla Dias"]
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import httpx
+import orjson
 
 from tests.calls.test_list import walk
 from tests.calls.test_upload import call, upload
@@ -117,7 +118,9 @@ async def test_state_tells_where_the_next_upload_and_pull_start(
     await conn.execute(
         "INSERT INTO contacts (name, phone_raw, phone_normalized) VALUES ('C', '+14155550150', '+14155550150')"
     )
-    state = (await client.get("/sync/state", headers=user.headers)).json()
+    answer = await client.get("/sync/state", headers=user.headers)
+    state = answer.json()
+    assert answer.content == orjson.dumps(state)  # compact, like every answer
     assert state["last_call_timestamp"] == "2026-11-04T14:03:00.000000Z"
     assert state["last_sync_at"] == synced_at
     assert isinstance(state["contacts_cursor"], str) and state["contacts_cursor"]

@@ -33,6 +33,7 @@ from crmsync.pagination import (
     SortKey,
     decode_cursor,
     encode_cursor,
+    json_object_sql,
     kept_total,
     paginate,
 )
@@ -140,14 +141,14 @@ WITH item AS (
     FROM effective
 ), answer AS (
     SELECT j.i, j.result, CASE WHEN $5::bool
-        THEN json_build_object('index', j.i, 'result', j.result, 'contact', f.json)
-        ELSE json_build_object('result', j.result, 'contact', f.json)
+        THEN {json_object_sql([("index", "j.i"), ("result", "j.result"), ("contact", "f.json")])}
+        ELSE {json_object_sql([("result", "j.result"), ("contact", "f.json")])}
         END AS json
     FROM judged j JOIN final f USING (phone)
     UNION ALL
     SELECT (x ->> 'index')::int, 'rejected', x FROM json_array_elements($4::json) x
 )
-SELECT coalesce(json_agg(json ORDER BY i), '[]')::text AS results,
+SELECT '[' || coalesce(string_agg(json::text, ',' ORDER BY i), '') || ']' AS results,
        count(*) FILTER (WHERE result = 'created') AS created,
        count(*) FILTER (WHERE result = 'replaced') AS replaced,
        count(*) FILTER (WHERE result = 'existing') AS existing,

@@ -12,7 +12,7 @@ import orjson
 
 from crmsync.db import Connection
 from crmsync.idempotency import Answer, idempotent
-from crmsync.pagination import Listing, PageRequest, Shape, SortKey, paginate
+from crmsync.pagination import Listing, PageRequest, Shape, SortKey, json_object_sql, paginate
 
 SyncKind = Literal["contacts", "calls", "sync"]
 
@@ -118,17 +118,27 @@ async def sync_list(conn: Connection, page: PageRequest, *, user_id: uuid.UUID |
     return await paginate(conn, listing, page)
 
 
+SYNC_STATE_SQL = (
+    "SELECT "
+    + json_object_sql(
+        [
+            ("server_time", "api_time(clock_timestamp())"),
+            (
+                "last_call_timestamp",
+                '(SELECT api_time(max("timestamp")) FROM call_logs WHERE user_id = $1)',
+            ),
+            (
+                "last_sync_at",
+                "(SELECT api_time(max(created_at)) FROM sync_audit WHERE user_id = $1)",
+            ),
+            ("contacts_cursor", "$2::text"),
+        ]
+    )
+    + "::text"
+)
+
+
 async def sync_state(conn: Connection, *, user_id: uuid.UUID, contacts_cursor: str | None) -> str:
     """Where the user's next upload and pull start, as the JSON of GET /sync/state."""
-    state: str = await conn.fetchval(
-        """SELECT json_build_object(
-               'server_time', api_time(clock_timestamp()),
-               'last_call_timestamp', (SELECT api_time(max("timestamp")) FROM call_logs
-                                        WHERE user_id = $1),
-               'last_sync_at', (SELECT api_time(max(created_at)) FROM sync_audit
-                                 WHERE user_id = $1),
-               'contacts_cursor', $2::text)::text""",
-        user_id,
-        contacts_cursor,
-    )
+    state: str = await conn.fetchval(SYNC_STATE_SQL, user_id, contacts_cursor)
     return state
