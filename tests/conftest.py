@@ -26,7 +26,10 @@ from crmsync.config import Settings
 from crmsync.main import create_app
 
 TEST_SECRET = "test-secret-" + "x" * 40
-TABLES = "idempotency_keys, sync_audit, call_logs, contacts, login_throttle, revoked_tokens, users"
+TABLES = (
+    "idempotency_keys, relink_marks, sync_audit, call_logs, contacts, login_throttle,"
+    " revoked_tokens, users"
+)
 
 
 @pytest.fixture(scope="session")

@@ -154,7 +154,7 @@ async def maintain(
             return False
         await conn.execute(COMPACT_ROW_COUNTS)
         if relink:
-            await conn.execute(calls_service.RELINK_SQL)
+            await calls_service.relink(conn)
         if prune:
             await auth_service.prune(conn)
             await conn.execute(

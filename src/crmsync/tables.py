@@ -179,6 +179,14 @@ row_counts = Table(
     CheckConstraint("name IN ('contacts', 'calls')", name="name"),
 )
 
+# The relink rounds' marks (migration 0008, crmsync.calls.service.relink).
+relink_marks = Table(
+    "relink_marks",
+    metadata,
+    Column("taken_at", TZ, primary_key=True),
+    Column("snapshot_xmin", BigInteger, nullable=False),
+)
+
 sync_audit = Table(
     "sync_audit",
     metadata,

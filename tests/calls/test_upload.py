@@ -278,22 +278,75 @@ async def test_call_uploaded_before_its_contact_is_linked_when_the_contact_is_cr
     assert [c["contact_name"] for c in listed["items"]] == ["Carla"]
 
 
-async def test_a_call_racing_its_contacts_creation_is_linked_by_maintenance(
-    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, database_url: str
-) -> None:
+async def race(client: httpx.AsyncClient, user: Account, database_url: str, phone: str) -> str:
+    """A call uploaded while its contact is being created: neither transaction sees the
+    other's row, so the call is stored unlinked. The contact's id."""
     creating = await asyncpg.connect(database_url)
     try:
         tx = creating.transaction()
         await tx.start()  # the contact's transaction: its link UPDATE sees no call yet
-        contact_id = await add_contact(creating, "+14155550150", name="Carla")
-        body = (await upload(client, user, [call(0, phone_raw="(415) 555-0150")])).json()
+        contact_id = await add_contact(creating, phone, name="Carla")
+        body = (await upload(client, user, [call(0, phone_raw=phone)])).json()
         assert body["inserted"] == 1  # and the upload does not see the uncommitted contact
         await tx.commit()
     finally:
         await creating.close()
-    assert await conn.fetchval("SELECT contact_id FROM call_logs") is None
+    return contact_id
+
+
+async def linked(conn: asyncpg.Connection, phone: str) -> str | None:
+    found = await conn.fetchval(
+        "SELECT contact_id::text FROM call_logs WHERE phone_normalized = $1", phone
+    )
+    return str(found) if found else None
+
+
+async def test_a_call_racing_its_contacts_creation_is_linked_by_maintenance(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, database_url: str
+) -> None:
+    contact_id = await race(client, user, database_url, "+14155550150")
+    assert await linked(conn, "+14155550150") is None
     assert await maintain(conn, prune=False, idempotency_ttl_days=8)
-    assert str(await conn.fetchval("SELECT contact_id FROM call_logs")) == contact_id
+    assert await linked(conn, "+14155550150") == contact_id
+
+
+async def test_relink_rounds_look_only_at_contacts_written_since_an_hour_before_the_last(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, database_url: str
+) -> None:
+    """With a mark an hour older than the last round, a round relinks only contacts that
+    transactions at or after that mark's xmin wrote; without one, every contact."""
+    old = await race(client, user, database_url, "+14155550151")
+    await conn.execute(
+        "INSERT INTO relink_marks VALUES (now() - interval '2 hours',"
+        " pg_snapshot_xmin(pg_current_snapshot())::text::bigint),"
+        " (now() - interval '1 minute', 0)"
+    )
+    new = await race(client, user, database_url, "+14155550152")
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
+    assert await linked(conn, "+14155550151") is None  # written before the window
+    assert await linked(conn, "+14155550152") == new
+    await conn.execute("DELETE FROM relink_marks")
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
+    assert await linked(conn, "+14155550151") == old
+
+
+async def test_a_relink_round_keeps_its_mark_and_prunes_marks_older_than_the_one_it_used(
+    conn: asyncpg.Connection,
+) -> None:
+    await conn.execute(
+        "INSERT INTO relink_marks SELECT now() - m * interval '1 minute', 1"
+        " FROM unnest('{180, 120, 90, 30}'::int[]) m"
+    )
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
+    ages = await conn.fetch(
+        "SELECT round(extract(epoch FROM now() - taken_at) / 60) AS minutes, snapshot_xmin"
+        " FROM relink_marks ORDER BY taken_at"
+    )
+    assert [(int(a["minutes"]), a["snapshot_xmin"] > 1) for a in ages] == [
+        (90, False),
+        (30, False),
+        (0, True),
+    ]
 
 
 async def test_maintenance_never_links_a_call_to_a_deleted_contact(
