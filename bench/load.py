@@ -64,19 +64,19 @@ READS = {"auth_me", "contacts_page", "contacts_search", "contact_get", "contacts
 }
 
 
-def _get(client: httpx.Client, path: str) -> Any:
+def get_json(client: httpx.Client, path: str) -> Any:
     response = client.get(path)
     if response.status_code != 200:
         raise BenchError(f"GET {path}: {response.status_code} {response.text[:300]}")
     return orjson.loads(response.content)
 
 
-def _walk(client: httpx.Client, first: str, max_pages: int) -> tuple[list[str], list[Any]]:
+def walk(client: httpx.Client, first: str, max_pages: int) -> tuple[list[str], list[Any]]:
     """Follow next_cursor from `first`; the paths of every page and every item seen."""
     paths, items, path = [first], [], first
     sep = "&" if "?" in first else "?"
     for _ in range(max_pages):
-        page = _get(client, path)
+        page = get_json(client, path)
         items.extend(page["items"])
         cursor = page.get("next_cursor")
         if not cursor or page.get("has_more") is False:
@@ -121,7 +121,7 @@ def write_files(target: Target, data: DataSet, emails: list[str]) -> dict[str, i
         (files / name).write_text("\n".join(lines) + "\n")
 
     with target.client() as client:
-        _, contacts = _walk(client, "/contacts?limit=200", 1000)
+        _, contacts = walk(client, "/contacts?limit=200", 1000)
         ids = [c["id"] for c in contacts]
         if len(set(ids)) != len(ids) or len(ids) != data.contacts:
             raise BenchError(f"{target.name}: contacts walk saw {len(ids)} rows")
@@ -131,16 +131,16 @@ def write_files(target: Target, data: DataSet, emails: list[str]) -> dict[str, i
         put("contact_get", [f"/contacts/{i}" for i in sample])
         put("call_history", [f"/calls/{i}" for i in sample])
         put("contacts_search", [f"/contacts/search?q={quote(f)}" for f in fragments(data)])
-        changes, changed = _walk(client, "/contacts/changes?limit=200", 1000)
+        changes, changed = walk(client, "/contacts/changes?limit=200", 1000)
         if len(changed) != len({c["id"] for c in changed}) or len(changed) < data.contacts:
             raise BenchError(f"{target.name}: changes walk saw {len(changed)} rows")
         put("contacts_changes", changes)
         put("calls_first", ["/calls"])
-        walked, _ = _walk(client, "/calls?limit=200", MAX_WALK_PAGES)
+        walked, _ = walk(client, "/calls?limit=200", MAX_WALK_PAGES)
         deep = [p.replace("limit=200", "limit=50") for p in walked[len(walked) // 2 :]]
         put("calls_deep", deep or ["/calls"])
         put("auth_me", ["/auth/me"])
-        put("user_id", [_get(client, "/auth/me")["id"]])
+        put("user_id", [get_json(client, "/auth/me")["id"]])
         state = client.get("/sync/state")
         cursor = state.json().get("contacts_cursor") if state.status_code == 200 else None
         (files / "sync_cursor").write_text(cursor or "")
