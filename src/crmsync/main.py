@@ -154,7 +154,11 @@ async def maintain(
             return False
         await conn.execute(COMPACT_ROW_COUNTS)
         if relink:
-            await calls_service.relink(conn)
+            linked = await calls_service.relink(conn)
+            if linked:
+                log.info(
+                    "maintenance linked %d calls to contacts created while they uploaded", linked
+                )
         if prune:
             await auth_service.prune(conn)
             await conn.execute(

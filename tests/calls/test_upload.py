@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -302,12 +303,18 @@ async def linked(conn: asyncpg.Connection, phone: str) -> str | None:
 
 
 async def test_a_call_racing_its_contacts_creation_is_linked_by_maintenance(
-    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, database_url: str
+    client: httpx.AsyncClient,
+    user: Account,
+    conn: asyncpg.Connection,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     contact_id = await race(client, user, database_url, "+14155550150")
     assert await linked(conn, "+14155550150") is None
-    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
+    with caplog.at_level(logging.INFO, logger="crmsync.main"):
+        assert await maintain(conn, prune=False, idempotency_ttl_days=8)
     assert await linked(conn, "+14155550150") == contact_id
+    assert "maintenance linked 1 calls" in caplog.text
 
 
 async def test_relink_rounds_look_only_at_contacts_written_since_an_hour_before_the_last(

@@ -80,8 +80,8 @@ class CallBatch:
 # (or given that number, or revived) in another transaction, neither saw the other's rows.
 # The maintenance task relinks every minute; the partial index ix_call_logs_unlinked_phone
 # holds exactly the candidate calls. Looking at every contact is O(contacts + unlinked
-# calls): 3 s a round at 2M contacts and 1M unlinked calls, over the statement timeout not
-# far beyond. So a round looks only at contacts written since the xmin of a mark (see
+# calls): 3 s a round at 2M contacts and 1M unlinked calls, past the 30 s statement timeout
+# at ten times that. So a round looks only at contacts written since the xmin of a mark (see
 # migration 0008) taken at least RELINK_WINDOW before the previous round: any raced pair
 # whose contact was written earlier than that had both transactions finished (transactions
 # here last seconds: statements time out at 30 s, idle ones at 60 s) before the previous
