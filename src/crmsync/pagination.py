@@ -167,7 +167,10 @@ async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> byt
     elif page.page is not None:
         offset = (page.page - 1) * page.limit
     where_sql = f"WHERE {' AND '.join(where)}" if where else ""
-    key_columns = ", ".join(f"({k.expr})::text" for k in listing.keys)
+    # The sort keys as their own types: only the last row's are used, and PostgreSQL's text
+    # output of a timestamptz costs it more than its binary form costs asyncpg (0.06 of a
+    # 0.37 ms calls page, bench/README.md). str() of the Python value casts back exactly.
+    key_columns = ", ".join(k.expr for k in listing.keys)
     count_sql = listing.total_sql or f"SELECT count(*) {listing.from_sql} {where_sql}"
     # Page mode: the exact total comes from the same statement (run once, as an InitPlan).
     total_column = f"({count_sql})" if page.page is not None else "NULL::bigint"
@@ -226,7 +229,9 @@ async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> byt
     items = rows[: page.limit]
     first_key = len(listing.shape.fields)
     next_cursor = (
-        encode_cursor(page.key, listing.scope, list(items[-1][first_key:-1])) if more else None
+        encode_cursor(page.key, listing.scope, [str(v) for v in items[-1][first_key:-1]])
+        if more
+        else None
     )
     head = orjson.dumps(
         {"page": page.page, "limit": page.limit, "total": total, "next_cursor": next_cursor}

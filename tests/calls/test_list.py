@@ -90,6 +90,22 @@ async def test_calls_at_the_same_time_are_ordered_by_id_desc_and_walked_once(
     ]
 
 
+async def test_a_cursor_keeps_the_microsecond_of_the_row_it_stopped_at(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    # Neighbours a microsecond apart, one on a whole second: a cursor that rounded or
+    # dropped the fraction would skip or repeat a call.
+    stamps = [
+        "2026-11-04T14:00:00.000001Z",
+        "2026-11-04T14:00:00.000000Z",
+        "2026-11-04T13:59:59.999999Z",
+        "2026-11-04T13:59:59.999998Z",
+    ]
+    batch = [call(i, timestamp=t, phone_raw=f"+1415555{i:04d}") for i, t in enumerate(stamps)]
+    assert (await upload(client, user, batch)).status_code == 200
+    assert [c["timestamp"] for c in await walk(client, user, "/calls", limit=1)] == stamps
+
+
 async def test_filters_user_contact_direction_since_inclusive_until_exclusive(
     client: httpx.AsyncClient, admin: Account, user: Account, conn: asyncpg.Connection
 ) -> None:
