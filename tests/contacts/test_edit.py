@@ -7,6 +7,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 
 from tests.conftest import Account, MakeUser, assert_problem
 from tests.contacts.test_upsert import at, contact, post
@@ -90,6 +91,28 @@ async def test_stale_if_match_is_412_and_nothing_changes(
     assert (row["name"], row["deleted"]) == ("Carla Dias (Acme)", False)
     current = r.headers.get("etag") or await etag_of(client, user, c["id"])
     assert (await delete(client, user, c["id"], **{"If-Match": current})).status_code == 204
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [
+        b'"9223372036854775808"',  # one past a bigint
+        b'"99999999999999999999999"',
+        b'"' + b"9" * 5000 + b'"',  # past Python's int() digit limit
+        b'"\xb2"',  # latin-1 superscript two: str.isdigit() says yes
+        b'"\xd9\xa3"',  # Arabic-Indic digit three, as UTF-8 bytes
+    ],
+)
+async def test_an_if_match_this_server_never_made_is_412_not_an_error(
+    client: httpx.AsyncClient, user: Account, tag: bytes
+) -> None:
+    c = await create(client, user)
+    headers = {**user.headers, "If-Match": tag}  # type: ignore[dict-item]
+    r = await client.put(f"/contacts/{c['id']}", json={"name": "Y"}, headers=headers)
+    assert_problem(r, 412, "precondition_failed")
+    assert_problem(
+        await client.delete(f"/contacts/{c['id']}", headers=headers), 412, "precondition_failed"
+    )
 
 
 async def test_if_match_accepts_a_list_and_star(client: httpx.AsyncClient, user: Account) -> None:

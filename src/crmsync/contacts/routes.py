@@ -47,6 +47,9 @@ def etag(version: int) -> str:
     return f'"{version}"'
 
 
+MAX_VERSION = 2**63 - 1  # change_seq is a bigint
+
+
 def if_match_versions(header: str | None) -> list[int] | None:
     """The versions an If-Match header names; None when it sets no condition (absent, `*`).
     An entity tag this server never made names no version, so it never matches."""
@@ -55,8 +58,13 @@ def if_match_versions(header: str | None) -> list[int] | None:
     versions = []
     for tag in header.split(","):
         tag = tag.strip().removeprefix("W/")
-        if len(tag) >= 3 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
-            versions.append(int(tag[1:-1]))
+        digits = tag[1:-1]
+        # ASCII digits only ("²".isdigit() is true) and within a bigint, like every version.
+        quoted = len(tag) >= 3 and tag[0] == tag[-1] == '"'
+        if quoted and digits.isascii() and digits.isdigit() and len(digits) <= 19:
+            version = int(digits)
+            if version <= MAX_VERSION:
+                versions.append(version)
     return versions
 
 
