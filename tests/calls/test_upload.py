@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -126,6 +127,29 @@ async def test_duplicates_inside_one_batch_are_stored_once(
     ).json()
     assert (body["inserted"], body["duplicates"]) == (2, 2)
     assert await conn.fetchval("SELECT count(*) FROM call_logs") == 2
+
+
+async def test_of_repeats_inside_one_batch_the_first_is_the_one_stored(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    # 30 calls, each sent 5 times in other spellings and durations, the repeats shuffled
+    # through the batch: the stored copy of each is the one that came first.
+    spellings = ["+1 415-555-{n:04d}", "(415) 555-{n:04d}", "415.555.{n:04d}", "4155550{n:03d}"]
+    batch = [
+        call(n, phone_raw=spellings[(n + r) % 4].format(n=n), duration_seconds=r * 100 + n)
+        for r in range(5)
+        for n in range(30)
+    ]
+    random.Random(7).shuffle(batch)
+    first: dict[int, tuple[str, int]] = {}
+    for item in batch:  # n is the duration's last two digits
+        first.setdefault(
+            item["duration_seconds"] % 100, (item["phone_raw"], item["duration_seconds"])
+        )
+    body = (await upload(client, user, batch)).json()
+    assert (body["inserted"], body["duplicates"]) == (30, 120)
+    rows = await conn.fetch("SELECT phone_raw, duration_seconds FROM call_logs")
+    assert {r["duration_seconds"] % 100: tuple(r) for r in rows} == first
 
 
 async def test_dedupe_key_is_user_number_timestamp_direction(
@@ -719,7 +743,8 @@ async def test_concurrent_overlapping_uploads_never_store_a_duplicate(
 async def test_a_batch_is_inserted_in_the_dedupe_index_order(conn: asyncpg.Connection) -> None:
     # Concurrent uploads of overlapping batches take the dedupe index's keys in one order,
     # so they wait on each other instead of deadlocking: the INSERT sorts its rows by that
-    # index's own key before inserting. (The test above catches a deadlock only by timing.)
+    # index's own key before inserting (then request order, so the first of repeats is
+    # the one kept). (The test above catches a deadlock only by timing.)
     sort_keys = await insert_sort_keys(conn, INSERT_SQL, "call_logs", "[]")
     index = await conn.fetchval("SELECT pg_get_indexdef('uq_call_logs_dedupe'::regclass)")
     index_keys = index[index.index("(") + 1 : -1]
@@ -727,7 +752,7 @@ async def test_a_batch_is_inserted_in_the_dedupe_index_order(conn: asyncpg.Conne
     def bare(keys: str) -> str:
         return keys.replace("i.", "").replace("(", "").replace(")", "")
 
-    assert bare(sort_keys) == bare(index_keys)
+    assert bare(sort_keys) == bare(index_keys) + ", n"
 
 
 def _metric(result: str) -> float:

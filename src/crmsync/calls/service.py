@@ -40,7 +40,7 @@ CALL = Shape(
 # (a subquery, so the planner never hashes the whole contacts table for a batch). Rows go
 # in in dedupe-key order, so concurrent uploads of overlapping batches wait on each other's
 # keys in one order and never deadlock; the dedupe index turns repeats (stored or inside
-# the batch) into no-ops.
+# the batch) into no-ops. Within a key, request order: the first of repeats is the one kept.
 INSERT_SQL = """
 WITH ins AS (
     INSERT INTO call_logs AS l
@@ -51,10 +51,13 @@ WITH ins AS (
                                    WHERE c.phone_normalized = i.phone_normalized
                                      AND NOT c.deleted)),
            i.phone_raw, i.phone_normalized, i.direction, i.duration_seconds, i."timestamp"
-    FROM json_to_recordset($1::json)
-         AS i(user_id uuid, contact_id uuid, phone_raw text, phone_normalized text,
-              direction text, duration_seconds int, "timestamp" timestamptz)
-    ORDER BY i.user_id, i."timestamp", coalesce(i.phone_normalized, i.phone_raw, ''), i.direction
+    FROM ROWS FROM (json_to_recordset($1::json)
+         AS (user_id uuid, contact_id uuid, phone_raw text, phone_normalized text,
+             direction text, duration_seconds int, "timestamp" timestamptz)) WITH ORDINALITY
+         AS i(user_id, contact_id, phone_raw, phone_normalized, direction, duration_seconds,
+              "timestamp", n)
+    ORDER BY i.user_id, i."timestamp", coalesce(i.phone_normalized, i.phone_raw, ''), i.direction,
+             i.n
     ON CONFLICT (user_id, "timestamp", coalesce(phone_normalized, phone_raw, ''), direction)
         DO NOTHING
     RETURNING 1
