@@ -249,6 +249,22 @@ async def test_login_matches_an_email_stored_in_mixed_case(
         assert r.status_code == 200, r.text
 
 
+async def test_login_matches_emails_whose_letters_python_lowercases_otherwise(
+    client: httpx.AsyncClient, admin: Account
+) -> None:
+    # Python lowercases "İ" to "i" + a combining dot and a final "Σ" to "ς"; the unique
+    # index uses PostgreSQL's lower(). A user created with such an address can sign in.
+    for local in ("İnfo", "ΣΊΣΥΦΟΣ"):
+        email = f"{local}-{uuid.uuid4().hex[:6]}@example.com"
+        body = {"name": "U", "email": email, "password": "password-1234"}
+        assert (await client.post("/users", json=body, headers=admin.headers)).status_code == 201
+        for spelling in (email, email.upper()):
+            r = await client.post(
+                "/auth/login", json={"email": spelling, "password": "password-1234"}
+            )
+            assert r.status_code == 200, (spelling, r.text)
+
+
 async def test_login_ignores_spaces_around_the_email(
     client: httpx.AsyncClient, user: Account
 ) -> None:

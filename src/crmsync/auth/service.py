@@ -150,10 +150,12 @@ async def login(
     Each statement commits on its own: a failed attempt must be counted even though
     the request fails.
     """
-    email_key = email.strip().lower()
+    # Lowercased by PostgreSQL, as the unique index on lower(email) does: Python's lower()
+    # differs for some letters ("İ" -> "i̇", a final "Σ" -> "ς").
+    email_key = email.strip()
     wait = await conn.fetchval(
         """SELECT extract(epoch FROM locked_until - now()) FROM login_throttle
-           WHERE email_key = $1 AND locked_until > now()""",
+           WHERE email_key = lower($1) AND locked_until > now()""",
         email_key,
     )
     if wait is not None:
@@ -162,14 +164,14 @@ async def login(
     row = await conn.fetchrow(
         f"""SELECT u.id, u.password_hash, u.token_generation, {USER_JSON}::text AS json
             FROM users u
-            WHERE lower(u.email) = $1 AND u.deleted_at IS NULL""",
+            WHERE lower(u.email) = lower($1) AND u.deleted_at IS NULL""",
         email_key,
     )
     password_hash = row["password_hash"] if row else _dummy_hash(rounds)
     if not await check_password(password, password_hash) or row is None:
         await conn.execute(
             """INSERT INTO login_throttle AS t (email_key, failures, window_started_at, locked_until)
-               VALUES ($1, 1, now(), CASE WHEN $2 <= 1 THEN now() + make_interval(secs => $4) END)
+               VALUES (lower($1), 1, now(), CASE WHEN $2 <= 1 THEN now() + make_interval(secs => $4) END)
                ON CONFLICT (email_key) DO UPDATE SET
                  failures = CASE WHEN t.window_started_at < now() - make_interval(secs => $3)
                                  THEN 1 ELSE t.failures + 1 END,
@@ -187,7 +189,7 @@ async def login(
         )
         LOGIN_FAILURES.inc()
         raise InvalidCredentials("Invalid email or password")
-    await conn.execute("DELETE FROM login_throttle WHERE email_key = $1", email_key)
+    await conn.execute("DELETE FROM login_throttle WHERE email_key = lower($1)", email_key)
     token, expires_at = issue_token(
         row["id"], row["token_generation"], secret=secret, ttl_seconds=ttl_seconds
     )
