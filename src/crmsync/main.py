@@ -141,6 +141,17 @@ async def on_unavailable(request: Request, exc: Exception) -> Response:
     return problem(ServiceUnavailable("The database is unavailable; retry shortly"))
 
 
+async def on_rolled_back(request: Request, exc: Exception) -> Response:
+    """PostgreSQL ended the request's transaction to break a deadlock or a serialization
+    conflict with another writer: nothing of it was stored, and a retry will succeed."""
+    log.warning("transaction rolled back by PostgreSQL: %r", exc)
+    error = ServiceUnavailable(
+        "A concurrent write conflicted with this one; nothing was stored; retry"
+    )
+    error.headers["Retry-After"] = "1"
+    return problem(error)
+
+
 MAINTENANCE_LOCK_ID = 0x63726D7302  # "crms" 2: one maintainer at a time, cluster-wide
 
 
@@ -230,6 +241,7 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     for unavailable in _UNAVAILABLE:
         app.add_exception_handler(unavailable, on_unavailable)
+    app.add_exception_handler(asyncpg.TransactionRollbackError, on_rolled_back)
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(

@@ -58,7 +58,11 @@ ERRORS: dict[str, tuple[str, str]] = {
     "422": ("validation_error", "Body or query fails validation; `errors` says where"),
     "429": ("too_many_attempts", "Too many failed logins; wait Retry-After seconds"),
     "500": ("internal_error", "A server bug, logged with the answer's X-Request-ID"),
-    "503": ("unavailable", "The database is unavailable; retry with backoff"),
+    "503": (
+        "unavailable",
+        "The database is unavailable, or a concurrent write made PostgreSQL roll this one"
+        " back; nothing was stored; retry with backoff",
+    ),
 }
 
 

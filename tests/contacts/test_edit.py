@@ -3,6 +3,8 @@ If-Match, phone_taken, soft delete)."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from typing import Any
 
 import asyncpg
@@ -266,3 +268,82 @@ async def test_if_match_accepts_the_etag_weakened_by_a_compressing_proxy(
     assert r.status_code == 200, r.text
     tag = r.headers["etag"]
     assert (await delete(client, user, c["id"], **{"If-Match": f"W/{tag}"})).status_code == 204
+
+
+# Deadlocks between a PUT that gives a contact a new number and a batch that creates that
+# number and also names the contact's current one: each holds what the other waits for.
+# Played here with a transaction of the test standing in for one side; PostgreSQL ends the
+# wait after deadlock_timeout (1 s) by rolling back the side that waited first.
+
+NEW, CURRENT = "+14155550100", "+14155550199"
+
+
+async def wait_for_a_lock_wait(conn: asyncpg.Connection) -> None:
+    for _ in range(500):
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("nobody waited for a lock")
+
+
+async def test_a_put_rolled_back_to_break_a_deadlock_is_run_again(
+    client: httpx.AsyncClient, user: Account, database_url: str, conn: asyncpg.Connection
+) -> None:
+    x = await create(client, user, phone=CURRENT)
+    other = await asyncpg.connect(database_url)
+    try:
+        async with other.transaction():
+            await other.execute(
+                "INSERT INTO contacts (name, phone_raw, phone_normalized) VALUES ('N', $1, $1)",
+                NEW,
+            )
+            # The PUT locks x, then waits for this transaction's entry for NEW ...
+            putting = asyncio.create_task(put(client, user, x["id"], {"phone_raw": NEW}))
+            await wait_for_a_lock_wait(conn)
+            # ... and this transaction waits for x: PostgreSQL rolls the PUT back.
+            await other.execute("UPDATE contacts SET name = 'T' WHERE id = $1", uuid.UUID(x["id"]))
+        # Run again, the PUT finds NEW taken by this transaction's contact.
+        r = await putting
+    finally:
+        await other.close()
+    assert_problem(r, 409, "phone_taken")
+    assert r.json()["contact"]["phone_normalized"] == NEW
+    row = await conn.fetchrow(
+        "SELECT name, phone_normalized FROM contacts WHERE id = $1", uuid.UUID(x["id"])
+    )
+    assert tuple(row) == ("T", CURRENT)
+
+
+async def test_a_batch_rolled_back_to_break_a_deadlock_is_a_503_to_retry(
+    client: httpx.AsyncClient, user: Account, database_url: str, conn: asyncpg.Connection
+) -> None:
+    x = await create(client, user, phone=CURRENT, created_at=at(10))
+    batch = [contact("New", NEW), contact("Older", CURRENT, created_at=at(0))]
+    other = await asyncpg.connect(database_url)
+    try:
+        async with other.transaction():
+            await other.execute("UPDATE contacts SET name = 'T' WHERE id = $1", uuid.UUID(x["id"]))
+            # The batch inserts NEW, then waits for x (its older item would replace it) ...
+            sending = asyncio.create_task(
+                client.post("/contacts/batch", json=batch, headers=user.headers)
+            )
+            await wait_for_a_lock_wait(conn)
+            # ... and this transaction waits for the batch's NEW: the batch is rolled back.
+            await other.execute(
+                "INSERT INTO contacts (name, phone_raw, phone_normalized) VALUES ('N', $1, $1)",
+                NEW,
+            )
+        r = await sending
+    finally:
+        await other.close()
+    assert_problem(r, 503, "unavailable")
+    assert r.headers["Retry-After"] == "1"
+    rows = await conn.fetch("SELECT name, phone_normalized FROM contacts ORDER BY phone_normalized")
+    assert [tuple(row) for row in rows] == [("N", NEW), ("T", CURRENT)]  # nothing of the batch
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0
+    retried = await client.post("/contacts/batch", json=batch, headers=user.headers)
+    assert retried.status_code == 200, retried.text

@@ -440,6 +440,9 @@ def _refusal(
     return NotFound("No such contact")
 
 
+DEADLOCK_RETRIES = 3
+
+
 async def contact_update(
     conn: Connection,
     contact_id: uuid.UUID,
@@ -458,17 +461,20 @@ async def contact_update(
         phone = normalize(phone_raw, region)
         if phone is None:
             raise ValidationFailed.one(["body", "phone_raw"], NOT_A_PHONE, "phone")
+    versions = None if if_match is None else list(if_match)
     try:
-        row = await conn.fetchrow(
-            UPDATE_SQL,
-            contact_id,
-            name,
-            phone_raw,
-            phone,
-            is_admin,
-            user_id,
-            None if if_match is None else list(if_match),
-        )
+        for attempt in range(1, DEADLOCK_RETRIES + 1):
+            try:
+                row = await conn.fetchrow(
+                    UPDATE_SQL, contact_id, name, phone_raw, phone, is_admin, user_id, versions
+                )
+                break
+            except asyncpg.DeadlockDetectedError:
+                # The new number's index entry was awaited while this row was locked, and
+                # the writer of that entry (a batch) waited for this row. The statement
+                # was rolled back whole (its own transaction), so it is simply run again.
+                if attempt == DEADLOCK_RETRIES or conn.is_in_transaction():
+                    raise
     except asyncpg.UniqueViolationError:
         # Another transaction gave the number to a contact after this one looked.
         taken = await conn.fetchval(
