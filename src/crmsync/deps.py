@@ -5,10 +5,13 @@ thread hop on every request."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
+import orjson
 from fastapi import Depends, Header, Query, Request
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 
 from crmsync.auth.service import AuthedUser, authenticate
 from crmsync.config import Settings
@@ -87,3 +90,28 @@ class JSONBytes(Response):
     """An answer whose JSON PostgreSQL already built."""
 
     media_type = "application/json"
+
+
+class StrictJSONRequest(Request):
+    """Parses a body as strict JSON: NaN, Infinity, a BOM or a lone surrogate is malformed
+    JSON (400 bad_request), as in the batch endpoints, where Python's json module accepts
+    them and validation would answer 422."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = orjson.loads(await self.body())  # JSONDecodeError: FastAPI's 400
+        return self._json
+
+
+class Route(APIRoute):
+    """Every crmsync route: bodies parsed by StrictJSONRequest."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            if request.method in ("GET", "DELETE"):
+                return await handler(request)
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict

@@ -4,9 +4,9 @@ from fastapi import APIRouter, Response
 
 from crmsync.auth import service
 from crmsync.auth.schemas import LoginIn, LoginOut, UserOut
-from crmsync.deps import AppSettings, Conn, CurrentUser, JSONBytes
+from crmsync.deps import AppSettings, Conn, CurrentUser, JSONBytes, Route
 
-router = APIRouter(prefix="/auth", tags=["auth"])
+router = APIRouter(prefix="/auth", tags=["auth"], route_class=Route)
 
 
 @router.post(

@@ -15,12 +15,13 @@ from crmsync.deps import (
     IdempotencyKey,
     JSONBytes,
     Page,
+    Route,
     Tx,
 )
 from crmsync.sync.service import Upload, upload
 from crmsync.times import Rfc3339
 
-router = APIRouter(prefix="/calls", tags=["calls"])
+router = APIRouter(prefix="/calls", tags=["calls"], route_class=Route)
 
 
 @router.post(

@@ -28,13 +28,14 @@ from crmsync.deps import (
     IdempotencyKey,
     JSONBytes,
     Page,
+    Route,
     Tx,
 )
 from crmsync.openapi import problem_answer
 from crmsync.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from crmsync.sync.service import Upload, upload
 
-router = APIRouter(prefix="/contacts", tags=["contacts"])
+router = APIRouter(prefix="/contacts", tags=["contacts"], route_class=Route)
 
 
 IfMatch = Annotated[

@@ -29,13 +29,14 @@ from crmsync.deps import (
     IdempotencyKey,
     JSONBytes,
     Page,
+    Route,
     Tx,
 )
 from crmsync.errors import Forbidden, ValidationFailed
 from crmsync.sync import service
 from crmsync.sync.schemas import SyncOut, SyncPage, SyncStateOut
 
-router = APIRouter(prefix="/sync", tags=["sync"])
+router = APIRouter(prefix="/sync", tags=["sync"], route_class=Route)
 
 MAX_CONTACTS = 1000
 CHANGES_LIMIT = 200

@@ -6,12 +6,12 @@ from typing import Any
 from fastapi import APIRouter, Response
 
 from crmsync.auth.schemas import UserOut
-from crmsync.deps import AdminUser, AppSettings, Conn, JSONBytes, Page
+from crmsync.deps import AdminUser, AppSettings, Conn, JSONBytes, Page, Route
 from crmsync.openapi import problem_answer
 from crmsync.users import service
 from crmsync.users.schemas import UserCreate, UserPage, UserUpdate
 
-router = APIRouter(prefix="/users", tags=["users"])
+router = APIRouter(prefix="/users", tags=["users"], route_class=Route)
 
 EMAIL_TAKEN: dict[int | str, dict[str, Any]] = {
     409: problem_answer("`email_taken`: another user has that email")
