@@ -26,6 +26,16 @@ async def test_admin_creates_user_who_can_log_in(client: httpx.AsyncClient, admi
     assert login.status_code == 200
 
 
+async def test_is_admin_null_is_like_absent_a_plain_user(
+    client: httpx.AsyncClient, admin: Account
+) -> None:
+    # Optional fields accept an explicit null everywhere (Kotlin serializers send them).
+    body = {"name": "Cy", "email": "cy@example.com", "password": "long-enough", "is_admin": None}
+    r = await client.post("/users", json=body, headers=admin.headers)
+    assert r.status_code == 201, r.text
+    assert r.json()["is_admin"] is False
+
+
 async def test_password_is_stored_as_bcrypt_hash(
     client: httpx.AsyncClient, admin: Account, conn: object
 ) -> None:

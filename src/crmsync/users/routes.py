@@ -43,7 +43,7 @@ async def create_user(
         name=body.name,
         email=body.email,
         password=body.password,
-        is_admin=body.is_admin,
+        is_admin=bool(body.is_admin),
         rounds=settings.bcrypt_rounds,
     )
     return JSONBytes(json, status_code=201)

@@ -38,7 +38,8 @@ class UserCreate(BaseModel):
     name: Name
     email: EmailStr
     password: Password
-    is_admin: StrictBool = False  # true or false: the admin right is not given by a 1 or "yes"
+    # true or false (the admin right is not given by a 1 or "yes"); null, like absent, is false
+    is_admin: StrictBool | None = False
 
 
 class UserUpdate(BaseModel):
