@@ -145,6 +145,9 @@ async def test_search_escapes_like_wildcards(
         assert [c["name"] for c in items] == expected, q
 
 
+FULL_WIDTH = {ord(d): 0xFF10 + int(d) for d in "0123456789"}
+
+
 async def test_search_by_mostly_digits_matches_e164_digits_ordered_by_name(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
@@ -159,6 +162,11 @@ async def test_search_by_mostly_digits_matches_e164_digits_ordered_by_name(
     assert [c["name"] for c in items] == ["Amy", "Zed"]
     items = await walk(client, user, "/contacts/search", q="555")
     assert [c["name"] for c in items] == ["Amy", "Other", "Room 555", "Zed"]
+    # Digits of other scripts, as lookup and POST /contacts read them: full-width, Arabic-Indic.
+    items = await walk(client, user, "/contacts/search", q="415 555 012".translate(FULL_WIDTH))
+    assert [c["name"] for c in items] == ["Amy", "Zed"]
+    items = await walk(client, user, "/contacts/search", q="\u0664\u0660\u0668")  # Arabic-Indic 408
+    assert [c["name"] for c in items] == ["Other"]
     # Not mostly digits: a name search.
     items = await walk(client, user, "/contacts/search", q="Room 555")
     assert [c["name"] for c in items] == ["Room 555"]

@@ -4,7 +4,6 @@ tombstones included, so a deleted contact keeps its calls and comes back with it
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import phonenumbers
 from pydantic import ValidationError
 
 from crmsync.contacts.schemas import BATCH_ADAPTER, CONTACT_ADAPTER, ContactIn, Result
@@ -304,13 +304,10 @@ async def contact_list(conn: Connection, page: PageRequest) -> bytes:
     return await paginate(conn, listing, page)
 
 
-_NON_DIGIT = re.compile(r"\D")
-
-
 def phone_digits(q: str) -> str | None:
     """The digits to look for when q is mostly digits: at least 3, making up at least 60%
     of its non-space characters."""
-    digits = _NON_DIGIT.sub("", q)
+    digits = phonenumbers.normalize_digits_only(q)  # any script's digits, as ASCII
     significant = len("".join(q.split()))
     if len(digits) >= 3 and len(digits) >= 0.6 * significant:
         return digits
