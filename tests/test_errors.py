@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.conftest import Account, assert_problem, make_app
 
@@ -19,9 +20,9 @@ async def test_unknown_route_and_wrong_method_are_problems(
     ("method", "path", "allow"),
     [
         ("PUT", "/auth/login", "POST"),
-        ("TRACE", "/contacts", "GET, POST"),  # two routes share the path
+        ("TRACE", "/contacts", "GET, HEAD, POST"),  # two routes share the path
         ("POST", "/users/x", "PATCH, DELETE"),
-        ("PATCH", "/calls", "GET, POST"),
+        ("PATCH", "/calls", "GET, HEAD, POST"),
     ],
 )
 async def test_a_wrong_method_answers_every_allowed_one(
@@ -30,6 +31,26 @@ async def test_a_wrong_method_answers_every_allowed_one(
     r = await client.request(method, path)
     assert_problem(r, 405, "method_not_allowed")
     assert r.headers["allow"] == allow
+
+
+async def test_head_answers_wherever_get_does_with_its_headers_and_no_body(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    for path, headers in [("/healthz", {}), ("/contacts", user.headers)]:
+        get = await client.get(path, headers=headers)
+        head = await client.head(path, headers=headers)
+        assert (head.status_code, head.content) == (200, b"")
+        for name in ("content-type", "content-length"):
+            assert head.headers[name] == get.headers[name]
+    r = await client.head("/contacts")  # the GET's 401, without its body
+    assert (r.status_code, r.content) == (401, b"")
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert (await client.head("/auth/login")).status_code == 405  # no GET there
+    counted = REGISTRY.get_sample_value(
+        "crmsync_http_requests_total", {"method": "HEAD", "route": "/contacts", "status": "200"}
+    )
+    assert counted is not None and counted >= 1  # under its route, not "unmatched"
 
 
 async def test_body_over_limit_is_413_before_reading_it(

@@ -33,7 +33,7 @@ from crmsync.errors import (
     ServiceUnavailable,
     ValidationFailed,
 )
-from crmsync.middleware import BodyLimit, HttpsGuard, Peers
+from crmsync.middleware import BodyLimit, HeadAsGet, HttpsGuard, Peers
 from crmsync.observability import RequestContext, metrics_response, sample_pool
 from crmsync.sync.routes import router as sync_router
 from crmsync.users.routes import router as users_router
@@ -102,11 +102,14 @@ def _allowed_methods(request: Request) -> str:
     """Every method some route answers at this path, for a 405's Allow (RFC 9110). Starlette's
     own names only the first route matching the path (`/contacts`: GET, not POST)."""
     routes = request.app.router.routes
-    return ", ".join(
+    allowed = [
         method
         for method in ("GET", "POST", "PUT", "PATCH", "DELETE")
         if any(r.matches({**request.scope, "method": method})[0] == Match.FULL for r in routes)
-    )
+    ]
+    if "GET" in allowed:
+        allowed.insert(1, "HEAD")  # middleware.HeadAsGet
+    return ", ".join(allowed)
 
 
 async def on_http_error(request: Request, exc: Exception) -> Response:
@@ -243,6 +246,7 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         app.add_exception_handler(unavailable, on_unavailable)
     app.add_exception_handler(asyncpg.TransactionRollbackError, on_rolled_back)
 
+    app.add_middleware(HeadAsGet)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(
         HttpsGuard, peers=Peers(settings.trusted_proxies), require_https=settings.require_https

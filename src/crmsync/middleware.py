@@ -1,4 +1,4 @@
-"""Request guards that run before routing: HTTPS and trusted proxies, the body size limit."""
+"""What runs before routing: HTTPS and trusted proxies, the body size limit, HEAD."""
 
 from __future__ import annotations
 
@@ -162,6 +162,31 @@ class BodyLimit:
 
     def _detail(self) -> str:
         return f"Request body over {self.max_bytes} bytes"
+
+
+class HeadAsGet:
+    """HEAD wherever GET is answered (RFC 9110): the GET's status and headers, no body.
+    FastAPI routes name GET alone, so the application is shown a GET."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        as_get = {**scope, "method": "GET"}  # the server's own scope stays HEAD
+        try:
+            await self.app(as_get, receive, headers_only)
+        finally:
+            if "route" in as_get:  # for the access log and the metrics' route label
+                scope["route"] = as_get["route"]
 
 
 async def send_problem(send: Send, error: ApiError, *, close: bool = False) -> None:
