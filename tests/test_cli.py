@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -145,6 +146,26 @@ def test_serve_embedded_create_admin_login_and_sigterm(tmp_path: Path) -> None:
     assert not (pgdata / "postmaster.pid").exists()
 
 
+def check_unparsable_requests_get_a_problem(base: str) -> None:
+    """What uvicorn cannot parse never reaches the application; its 400 is a problem too."""
+    host, port = base.removeprefix("http://").split(":")
+    for request in (
+        b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n",  # an unknown method
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-ID: a\x7fb\r\n\r\n",
+        b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+    ):
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(request)
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), answer
+        assert b"content-type: application/problem+json" in head.lower(), answer
+        problem = json.loads(body)
+        assert (problem["status"], problem["code"]) == (400, "bad_request"), problem
+
+
 def test_serve_with_database_url(
     tmp_path: Path, make_database: Callable[[str], Awaitable[str]]
 ) -> None:
@@ -152,6 +173,7 @@ def test_serve_with_database_url(
     env = clean_env(CRMSYNC_DATABASE_URL=url, CRMSYNC_JWT_SECRET=TEST_SECRET)
     with serving(env=env, cwd=tmp_path) as (process, base):
         check_create_admin_and_login(env, tmp_path, base)
+        check_unparsable_requests_get_a_problem(base)
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     assert not (tmp_path / "data").exists()  # no embedded server was started

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from crmsync import db
 from crmsync.config import Settings
 from crmsync.errors import EmailTaken
+from crmsync.middleware import ProblemHttpProtocol
 from crmsync.observability import configure_logging, logging_config
 
 
@@ -90,7 +91,7 @@ def serve(
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
+        http=ProblemHttpProtocol,
         ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
         proxy_headers=False,  # crmsync.middleware decides which proxies to trust

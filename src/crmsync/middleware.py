@@ -1,4 +1,5 @@
-"""What runs before routing: HTTPS and trusted proxies, the body size limit, HEAD."""
+"""What runs before routing: HTTPS and trusted proxies, the body size limit, HEAD, and the
+answer to a request too malformed for HTTP parsing."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from collections.abc import Iterable
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from crmsync.config import IPNetwork
-from crmsync.errors import ApiError, HttpsRequired, PayloadTooLarge
+from crmsync.errors import ApiError, BadRequest, HttpsRequired, PayloadTooLarge
 
 # Headers a proxy adds; a loopback request carrying one came through a proxy, not from
 # a local tool, so it does not get the plain-HTTP exemption.
@@ -201,3 +203,17 @@ async def send_problem(send: Send, error: ApiError, *, close: bool = False) -> N
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class ProblemHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol, whose 400 for what it cannot parse (an unknown method, a
+    control byte in a header, a bad Content-Length) is a problem, not plain text."""
+
+    def send_400_response(self, msg: str) -> None:
+        body = orjson.dumps(BadRequest(msg).body())
+        head = (
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/problem+json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
+        )
+        self.transport.write(head + body)
+        self.transport.close()
