@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import asyncpg
+import orjson
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -58,6 +59,37 @@ async def test_time_ordered_ids_are_native_uuidv7_where_postgresql_has_it(
         db.migrate(url, "0003")
         assert "gen_random_uuid()" in await conn.fetchval(body)
         assert (await conn.fetchval("SELECT time_ordered_uuid()")).version == 7
+    finally:
+        await conn.close()
+
+
+async def test_0009_moves_device_id_and_elapsed_ms_out_of_details_and_back(
+    make_database: Callable[[str], Awaitable[str]],
+) -> None:
+    url = await make_database("crmsync_migration_0009")
+    db.migrate(url)
+    db.migrate(url, "0008")
+    conn = await asyncpg.connect(url)
+    try:
+        user = await conn.fetchval(
+            "INSERT INTO users (name, email, password_hash) VALUES ('U', 'u@x.io', 'h') RETURNING id"
+        )
+        written = '{"inserted": 3, "elapsed_ms": 4.5, "device_id": "pixel-8"}'
+        await conn.execute(
+            "INSERT INTO sync_audit (user_id, kind, details) VALUES ($1, 'calls', $2::jsonb),"
+            " ($1, 'calls', '{\"inserted\": 1}')",
+            user,
+            written,
+        )
+        rows = "SELECT details::text, device_id, elapsed_ms FROM sync_audit ORDER BY id"
+        db.migrate(url)  # 0009
+        assert [tuple(r) for r in await conn.fetch(rows)] == [
+            ('{"inserted": 3}', "pixel-8", 4.5),
+            ('{"inserted": 1}', None, None),
+        ]
+        db.migrate(url, "0008")
+        details = await conn.fetchval("SELECT details FROM sync_audit ORDER BY id LIMIT 1")
+        assert orjson.loads(details) == orjson.loads(written)
     finally:
         await conn.close()
 

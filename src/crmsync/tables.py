@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     Column,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -195,8 +196,10 @@ sync_audit = Table(
     Column("synced_contacts", Integer, nullable=False, server_default=text("0")),
     Column("synced_calls", Integer, nullable=False, server_default=text("0")),
     Column("kind", Text, nullable=False),
-    Column("details", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("details", JSONB, nullable=False, server_default=text("'{}'::jsonb")),  # counts
     _now("created_at"),
+    Column("device_id", Text),  # X-Device-Id, first 200 characters (migration 0009)
+    Column("elapsed_ms", Double),
     CheckConstraint("kind IN ('contacts', 'calls', 'sync')", name="kind"),
     Index("ix_sync_audit_created", text("created_at DESC"), text("id DESC")),
     Index("ix_sync_audit_user", "user_id", text("created_at DESC"), text("id DESC")),

@@ -71,7 +71,8 @@ async def test_upload_stores_calls_and_one_sync_record_with_its_counts(
     assert (record["synced_contacts"], record["synced_calls"]) == (0, 3)
     details = json.loads(record["details"])
     assert details["inserted"] == 3 and details["duplicates"] == 0 and details["rejected"] == 0
-    assert details["device_id"] == "pixel-8" and details["elapsed_ms"] >= 0
+    assert set(details) == {"inserted", "duplicates", "rejected"}
+    assert record["device_id"] == "pixel-8" and record["elapsed_ms"] >= 0
 
 
 async def test_the_sync_record_keeps_the_first_200_characters_of_the_device_id(
@@ -79,7 +80,7 @@ async def test_the_sync_record_keeps_the_first_200_characters_of_the_device_id(
 ) -> None:
     device = "d" * 199 + "!" + "cut-off"
     assert (await upload(client, user, [call(0)], **{"X-Device-Id": device})).status_code == 200
-    kept = await conn.fetchval("SELECT details->>'device_id' FROM sync_audit")
+    kept = await conn.fetchval("SELECT device_id FROM sync_audit")
     assert kept == device[:200]
 
 

@@ -69,7 +69,7 @@ async def test_one_round_trip_stores_contacts_and_calls_and_writes_one_sync_reco
     assert str(record["id"]) == answer["sync_id"] and str(record["user_id"]) == user.id
     assert (record["kind"], record["synced_contacts"], record["synced_calls"]) == ("sync", 2, 2)
     details = json.loads(record["details"])
-    assert {k: v for k, v in details.items() if k != "elapsed_ms"} == {
+    assert details == {
         "created": 2,
         "replaced": 0,
         "existing": 0,
@@ -77,9 +77,8 @@ async def test_one_round_trip_stores_contacts_and_calls_and_writes_one_sync_reco
         "inserted": 2,
         "duplicates": 1,
         "rejected_calls": 1,
-        "device_id": "pixel-8",
     }
-    assert details["elapsed_ms"] >= 0
+    assert record["device_id"] == "pixel-8" and record["elapsed_ms"] >= 0
 
 
 async def test_the_sync_record_keeps_the_first_200_characters_of_the_device_id(
@@ -87,7 +86,7 @@ async def test_the_sync_record_keeps_the_first_200_characters_of_the_device_id(
 ) -> None:
     device = "d" * 199 + "!" + "cut-off"
     assert (await sync(client, user, {}, **{"X-Device-Id": device})).status_code == 200
-    kept = await conn.fetchval("SELECT details->>'device_id' FROM sync_audit")
+    kept = await conn.fetchval("SELECT device_id FROM sync_audit")
     assert kept == device[:200]
 
 

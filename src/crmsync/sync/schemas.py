@@ -16,10 +16,12 @@ class SyncRecordOut(BaseModel):
     synced_calls: int = Field(description="Calls inserted")
     created_at: datetime
     kind: Literal["contacts", "calls", "sync"]
-    details: dict[str, Any] = Field(
-        description="Counts (created, replaced, existing, rejected, inserted, duplicates, "
-        "rejected_calls as applicable), elapsed_ms and device_id (X-Device-Id)"
+    details: dict[str, int] = Field(
+        description="Counts: created, replaced, existing, rejected, inserted, duplicates, "
+        "rejected_calls as applicable"
     )
+    device_id: str | None = Field(description="The upload's X-Device-Id (first 200 characters)")
+    elapsed_ms: float | None = Field(description="How long the upload's work took")
 
 
 class SyncPage(BaseModel):

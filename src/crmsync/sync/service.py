@@ -6,7 +6,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import orjson
 
@@ -24,7 +24,7 @@ class Upload:
 
     synced_contacts: int
     synced_calls: int
-    details: dict[str, Any]
+    details: dict[str, int]  # counts only (the contract's `details`)
     answer: Callable[[uuid.UUID], bytes]
     count_metrics: Callable[[], None]
 
@@ -54,11 +54,9 @@ async def upload(
             kind=kind,
             synced_contacts=result.synced_contacts,
             synced_calls=result.synced_calls,
-            details={
-                **result.details,
-                "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
-                "device_id": device_id[:200] if device_id else None,
-            },
+            details=result.details,
+            device_id=device_id[:200] if device_id else None,
+            elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         done.append(result)
         return 200, result.answer(sync_id)
@@ -76,16 +74,21 @@ async def _sync_record_create(
     kind: SyncKind,
     synced_contacts: int,
     synced_calls: int,
-    details: dict[str, Any],
+    details: dict[str, int],
+    device_id: str | None,
+    elapsed_ms: float,
 ) -> uuid.UUID:
     sync_id: uuid.UUID = await conn.fetchval(
-        """INSERT INTO sync_audit (user_id, kind, synced_contacts, synced_calls, details)
-           VALUES ($1, $2, $3, $4, $5::text::jsonb) RETURNING id""",
+        """INSERT INTO sync_audit
+               (user_id, kind, synced_contacts, synced_calls, details, device_id, elapsed_ms)
+           VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7) RETURNING id""",
         user_id,
         kind,
         synced_contacts,
         synced_calls,
         orjson.dumps(details).decode(),
+        device_id,
+        elapsed_ms,
     )
     return sync_id
 
@@ -99,6 +102,8 @@ SYNC = Shape(
         ("created_at", "api_time(s.created_at)"),
         ("kind", "s.kind"),
         ("details", "s.details"),
+        ("device_id", "s.device_id"),
+        ("elapsed_ms", "s.elapsed_ms"),
     ),
     nested=frozenset({"details"}),
 )
