@@ -313,3 +313,36 @@ async def test_idempotency_key_is_kept_at_least_seven_days_through_maintenance(
     again = await upload(client, user, batch, **{"Idempotency-Key": "week-old"})
     assert again.content == first.content
     assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 1
+
+
+async def test_a_failure_mid_way_stores_none_of_the_batch(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    # The batch's first statement creates the new numbers; its second, replacing an older
+    # contact's row, fails: the created contacts and the sync record go with it.
+    await conn.execute(
+        """CREATE FUNCTION test_batch_fail() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+               IF NEW.name = 'boom' THEN RAISE EXCEPTION 'boom'; END IF;
+               RETURN NEW;
+           END $$"""
+    )
+    await conn.execute(
+        "CREATE TRIGGER test_batch_fail BEFORE UPDATE ON contacts"
+        " FOR EACH ROW EXECUTE FUNCTION test_batch_fail()"
+    )
+    try:
+        kept = (await post(client, user, contact("Kept", "+14155550150", created_at=at(10)))).json()
+        batch = [
+            contact("New", "+14155550177"),
+            contact("boom", "+14155550150", created_at=at(0)),  # older: replaces "Kept"
+        ]
+        r = await upload(client, user, batch)
+        assert r.status_code >= 500
+        assert r.headers["content-type"].startswith("application/problem+json")
+        rows = await conn.fetch("SELECT id::text, name FROM contacts")
+        assert [tuple(row) for row in rows] == [(kept["contact"]["id"], "Kept")]
+        assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0
+    finally:
+        await conn.execute("DROP TRIGGER test_batch_fail ON contacts")
+        await conn.execute("DROP FUNCTION test_batch_fail()")
