@@ -81,14 +81,17 @@ async def test_0009_moves_device_id_and_elapsed_ms_out_of_details_and_back(
             user,
             written,
         )
-        rows = "SELECT details::text, device_id, elapsed_ms FROM sync_audit ORDER BY id"
+        # Not ORDER BY id: ids made in one millisecond are in random order before PostgreSQL 18.
+        rows = "SELECT details::text, device_id, elapsed_ms FROM sync_audit ORDER BY details::text DESC"
         db.migrate(url)  # 0009
         assert [tuple(r) for r in await conn.fetch(rows)] == [
             ('{"inserted": 3}', "pixel-8", 4.5),
             ('{"inserted": 1}', None, None),
         ]
         db.migrate(url, "0008")
-        details = await conn.fetchval("SELECT details FROM sync_audit ORDER BY id LIMIT 1")
+        details = await conn.fetchval(
+            "SELECT details FROM sync_audit WHERE details ->> 'inserted' = '3'"
+        )
         assert orjson.loads(details) == orjson.loads(written)
     finally:
         await conn.close()
