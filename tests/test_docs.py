@@ -1,8 +1,9 @@
 """docs/mobile.md cannot drift: every documented request is replayed, in order, against the
 real server, and each answer must have the documented status and shape (field names and
-JSON types). Documented ids and tokens stand for the real ones: once an answer is seen,
-the value the doc shows at a place is mapped to the value the server gave there, and
-later requests are rewritten with it."""
+JSON types), and the documented values of the fields a client switches on (EXACT).
+Documented ids and tokens stand for the real ones: once an answer is seen, the value the
+doc shows at a place is mapped to the value the server gave there, and later requests
+are rewritten with it."""
 
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ def _split(block: str) -> tuple[str, dict[str, str], str]:
     return first, headers, body.strip()
 
 
+# Fields whose documented value is the answer's, not an example of its type: what a client
+# switches on (codes, results, kinds) and what an error says.
+EXACT = {"code", "type", "title", "msg", "status", "result", "kind", "direction", "token_type"}
+
+
 def _shape_errors(doc: Any, real: Any, where: str = "$") -> list[str]:
     if isinstance(doc, dict):
         if not isinstance(real, dict):
@@ -60,6 +66,8 @@ def _shape_errors(doc: Any, real: Any, where: str = "$") -> list[str]:
         return errors
     if doc is None or real is None:
         return []  # a nullable field; the doc's field tables say when
+    if where.rpartition(".")[2] in EXACT and doc != real:
+        return [f"{where}: {doc!r} documented, {real!r} answered"]
     kinds = {bool: "boolean", int: "number", float: "number", str: "string"}
     if kinds[type(doc)] != kinds[type(real)]:
         return [f"{where}: {kinds[type(doc)]} documented, {real!r:.40} answered"]
