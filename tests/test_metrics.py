@@ -250,6 +250,13 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
             r = await get(app, "/readyz")
             assert time.monotonic() - started < 2
             assert_problem(r, 503, "unavailable")
+            assert r.headers["Retry-After"] == "5"
+            transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 4321))
+            async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+                login = {"email": "a@example.com", "password": "whatever-123"}
+                r = await client.post("/auth/login", json=login)
+            assert_problem(r, 503, "unavailable")  # any route needing the database
+            assert r.headers["Retry-After"] == "5"
             await observability.probe_database(app.state.pool)
             assert REGISTRY.get_sample_value("crmsync_database_up") == 0
             pg_ctl(

@@ -81,3 +81,23 @@ async def test_rejected_items_errors_are_described_as_item_problems(
         errors = json.dumps(schemas[name]["properties"]["errors"])
         assert "#/components/schemas/ItemProblem" in errors, name
     assert set(schemas["ItemProblem"]["properties"]) == {"loc", "msg", "type"}
+
+
+async def test_codes_and_headers_are_described_where_they_differ(
+    client: httpx.AsyncClient,
+) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    paths = spec["paths"]
+    login = paths["/auth/login"]["post"]["responses"]
+    assert login["401"]["description"].startswith("`invalid_credentials`")
+    assert login["403"]["description"].startswith("`https_required`")
+    assert paths["/auth/me"]["get"]["responses"]["401"]["description"].startswith(
+        "`unauthenticated`"
+    )
+    assert "Retry-After" in login["429"]["headers"]
+    for path, item in paths.items():
+        for method, op in item.items():
+            assert "Retry-After" in op["responses"]["503"].get("headers", {}), (method, path)
+    contact = paths["/contacts/{contact_id}"]
+    for method in ("get", "put"):
+        assert "ETag" in contact[method]["responses"]["200"]["headers"], method

@@ -110,6 +110,10 @@ class TooManyAttempts(ApiError):
 class ServiceUnavailable(ApiError):
     status, code, title = 503, "unavailable", "Service Unavailable"
 
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.headers["Retry-After"] = str(retry_after)
+
 
 class ItemProblem(BaseModel):
     """What failed, where: one entry of a 422's `errors`, or of a rejected batch item's."""

@@ -141,18 +141,19 @@ _UNAVAILABLE = (
 
 async def on_unavailable(request: Request, exc: Exception) -> Response:
     log.warning("database unavailable: %r", exc)
-    return problem(ServiceUnavailable("The database is unavailable; retry shortly"))
+    return problem(ServiceUnavailable("The database is unavailable; retry shortly", retry_after=5))
 
 
 async def on_rolled_back(request: Request, exc: Exception) -> Response:
     """PostgreSQL ended the request's transaction to break a deadlock or a serialization
     conflict with another writer: nothing of it was stored, and a retry will succeed."""
     log.warning("transaction rolled back by PostgreSQL: %r", exc)
-    error = ServiceUnavailable(
-        "A concurrent write conflicted with this one; nothing was stored; retry"
+    return problem(
+        ServiceUnavailable(
+            "A concurrent write conflicted with this one; nothing was stored; retry",
+            retry_after=1,
+        )
     )
-    error.headers["Retry-After"] = "1"
-    return problem(error)
 
 
 MAINTENANCE_LOCK_ID = 0x63726D7302  # "crms" 2: one maintainer at a time, cluster-wide
@@ -270,7 +271,7 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
                 async with pool.acquire() as conn:
                     await conn.fetchval("SELECT 1")
         except Exception:
-            return problem(ServiceUnavailable("The database does not answer"))
+            return problem(ServiceUnavailable("The database does not answer", retry_after=5))
         return Response(b'{"status":"ok"}', media_type="application/json")
 
     @app.get(

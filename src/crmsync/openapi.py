@@ -66,21 +66,49 @@ ERRORS: dict[str, tuple[str, str]] = {
 }
 
 
+# Where a status means something else on one operation than everywhere else.
+OPERATION_ERRORS: dict[tuple[str, str], dict[str, tuple[str, str]]] = {
+    ("post", "/auth/login"): {
+        "401": ("invalid_credentials", "Unknown email or wrong password (one answer for both)"),
+        "403": ("https_required", "Plain HTTP where HTTPS is enforced"),
+    },
+    ("get", "/readyz"): {"403": ("https_required", "Plain HTTP where HTTPS is enforced")},
+    ("get", "/metrics"): {
+        "403": (
+            "forbidden",
+            "Not from loopback or a trusted proxy, and no metrics token; or https_required",
+        ),
+    },
+}
+
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying",
+        "schema": {"type": "integer"},
+    }
+}
+
+
 def problem_answer(description: str) -> dict[str, Any]:
     """An error answer for a route's `responses`: problem+json, as every error is."""
     schema = {"$ref": "#/components/schemas/Problem"}
     return {"description": description, "content": {"application/problem+json": {"schema": schema}}}
 
 
-def _problem(status: str) -> dict[str, Any]:
-    code, text = ERRORS[status]
-    return problem_answer(f"`{code}`: {text}")
+def _problem(status: str, method: str, path: str) -> dict[str, Any]:
+    code, text = OPERATION_ERRORS.get((method, path), {}).get(status) or ERRORS[status]
+    answer = problem_answer(f"`{code}`: {text}")
+    if status in ("429", "503"):
+        answer["headers"] = RETRY_AFTER
+    return answer
 
 
 def _statuses(method: str, path: str, operation: dict[str, Any]) -> list[str]:
     statuses = ["500", "503"]
     if (method, path) not in PUBLIC:
         statuses += ["401", "403"]
+    elif "403" in OPERATION_ERRORS.get((method, path), {}):
+        statuses.append("403")
     if "{" in path:
         statuses.append("404")
     params = operation.get("parameters", [])
@@ -119,10 +147,13 @@ def build(app: FastAPI) -> dict[str, Any]:
                 responses.pop("422", None)  # a malformed path id answers 404 here
             for status in statuses:
                 existing = responses.get(status)
+                problem = _problem(status, method, path)
                 if existing is None or "HTTPValidationError" in json.dumps(existing):
-                    responses[status] = _problem(status)
+                    responses[status] = problem
                 else:
-                    existing["content"] = _problem(status)["content"]
+                    existing["content"] = problem["content"]
+                    if "headers" in problem:
+                        existing["headers"] = problem["headers"]
             if (method, path) not in PUBLIC:
                 operation["security"] = [{"bearer": []}]
     return spec

@@ -44,6 +44,17 @@ IfMatch = Annotated[
 ]
 
 
+ETAG_ANSWER = {
+    "description": "The contact",
+    "headers": {
+        "ETag": {
+            "description": 'Its version, `"<n>"`: send it as If-Match to PUT or DELETE',
+            "schema": {"type": "string"},
+        }
+    },
+}
+
+
 def etag(version: int) -> str:
     return f'"{version}"'
 
@@ -151,6 +162,7 @@ async def contact_changes(
     summary="One contact",
     description="With an `ETag` header, for `If-Match` on PUT and DELETE. A deleted "
     "contact is 404.",
+    responses={200: ETAG_ANSWER},
 )
 async def get_contact(contact_id: uuid.UUID, user: CurrentUser, conn: Conn) -> Response:
     contact = await service.contact_get(conn, contact_id)
@@ -245,6 +257,7 @@ async def upload_contacts(
     "changes; without it the last write wins. A number another contact has (deleted ones "
     "included) is 409 `phone_taken` with that contact in `contact`.",
     responses={
+        200: ETAG_ANSWER,
         409: problem_answer("`phone_taken`: another contact has that number, in `contact`"),
         412: problem_answer("`precondition_failed`: If-Match does not match the ETag"),
     },
