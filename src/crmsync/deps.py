@@ -77,6 +77,7 @@ async def page_request(
         str | None, Query(max_length=2000, description="next_cursor of a previous answer")
     ] = None,
 ) -> PageRequest:
+    cursor = cursor or None  # `cursor=` (empty) is no cursor: the first page
     if page is not None and cursor is not None:
         raise BadRequest("Give either page or cursor, not both")
     key: bytes = request.app.state.cursor_key

@@ -153,6 +153,18 @@ async def test_a_change_committed_during_a_pull_is_never_missed(
         assert (await pull(client, user, cursor))["items"] == []
 
 
+async def test_an_empty_cursor_is_from_the_beginning(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await conn.execute(
+        "INSERT INTO contacts (name, phone_raw, phone_normalized) VALUES ('A', $1, $1)",
+        "+14155550101",
+    )
+    r = await client.get("/contacts/changes?cursor=&limit=200", headers=user.headers)
+    assert r.status_code == 200, r.text
+    assert [c["name"] for c in r.json()["items"]] == ["A"]
+
+
 async def test_garbage_or_foreign_cursor_is_400(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:

@@ -159,6 +159,15 @@ async def test_changes_after_the_cursor_at_most_200_and_none_missed(
     assert new_id in pulled
 
 
+async def test_an_empty_cursor_pulls_from_the_beginning(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    assert (await sync(client, user, {"contacts": [contact(1)]})).status_code == 200
+    r = await sync(client, user, {"cursor": ""})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["changes"]["items"]) == 1
+
+
 async def test_a_bad_cursor_is_400_and_stores_nothing(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
