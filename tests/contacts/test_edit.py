@@ -72,6 +72,34 @@ async def test_admin_may_edit_and_delete_anyones_contact_others_get_403(
     assert (await delete(client, admin, c["id"])).status_code == 204
 
 
+async def test_a_put_that_changes_nothing_writes_nothing(
+    client: httpx.AsyncClient, user: Account, make_user: MakeUser
+) -> None:
+    """Same ETag, same updated_at, no new entry in the changes feed: other phones' tags stay
+    good. The checks still apply: a stale If-Match is 412, a stranger 403."""
+    c = await create(client, user, name="Ana", phone="(415) 555-0123")
+    tag = await etag_of(client, user, c["id"])
+    head = (await client.get("/sync/state", headers=user.headers)).json()["contacts_cursor"]
+    for body in (
+        {},
+        {"name": None},
+        {"name": "Ana"},
+        {"name": "Ana", "phone_raw": "(415) 555-0123"},
+    ):
+        r = await put(client, user, c["id"], body, **{"If-Match": tag})
+        assert r.status_code == 200, (body, r.text)
+        assert r.json() == c and r.headers["etag"] == tag, body
+    changes = await client.get(f"/contacts/changes?cursor={head}", headers=user.headers)
+    assert changes.json()["items"] == []
+    assert_problem(
+        await put(client, user, c["id"], {}, **{"If-Match": '"1"'}), 412, "precondition_failed"
+    )
+    assert_problem(await put(client, await make_user(), c["id"], {}), 403, "forbidden")
+    r = await put(client, user, c["id"], {"phone_raw": "+1 415 555 0123"})  # another spelling
+    assert r.status_code == 200 and r.headers["etag"] != tag
+    assert r.json()["phone_raw"] == "+1 415 555 0123" and r.json()["updated_at"] > c["updated_at"]
+
+
 async def test_stale_if_match_is_412_and_nothing_changes(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
@@ -347,3 +375,55 @@ async def test_a_batch_rolled_back_to_break_a_deadlock_is_a_503_to_retry(
     assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0
     retried = await client.post("/contacts/batch", json=batch, headers=user.headers)
     assert retried.status_code == 200, retried.text
+
+
+async def test_a_put_racing_an_identical_change_answers_200(
+    client: httpx.AsyncClient, user: Account, database_url: str, conn: asyncpg.Connection
+) -> None:
+    """The PUT's snapshot has the old name; by the time it may write, a concurrent write
+    gave the contact the same name, so it has nothing to write: it looks again, not 404."""
+    x = await create(client, user, name="Old")
+    other = await asyncpg.connect(database_url)
+    try:
+        async with other.transaction():
+            await other.execute(
+                "UPDATE contacts SET name = 'New' WHERE id = $1", uuid.UUID(x["id"])
+            )
+            putting = asyncio.create_task(put(client, user, x["id"], {"name": "New"}))
+            await wait_for_a_lock_wait(conn)
+        r = await putting
+    finally:
+        await other.close()
+    assert r.status_code == 200, r.text
+    assert r.json()["name"] == "New"
+
+
+async def test_a_delete_racing_a_change_of_owner_is_403(
+    client: httpx.AsyncClient,
+    user: Account,
+    make_user: MakeUser,
+    database_url: str,
+    conn: asyncpg.Connection,
+) -> None:
+    """An older upload by another user takes the contact over while the owner's DELETE
+    waits: the DELETE is refused for what the contact now is (403), not as unknown (404)."""
+    x = await create(client, user)
+    taker = await make_user()
+    other = await asyncpg.connect(database_url)
+    try:
+        async with other.transaction():
+            await other.execute(
+                "UPDATE contacts SET created_by = $2 WHERE id = $1",
+                uuid.UUID(x["id"]),
+                uuid.UUID(taker.id),
+            )
+            deleting = asyncio.create_task(delete(client, user, x["id"]))
+            await wait_for_a_lock_wait(conn)
+        r = await deleting
+    finally:
+        await other.close()
+    assert_problem(r, 403, "forbidden")
+    assert (
+        await conn.fetchval("SELECT deleted FROM contacts WHERE id = $1", uuid.UUID(x["id"]))
+        is False
+    )

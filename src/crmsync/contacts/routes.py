@@ -255,7 +255,8 @@ async def upload_contacts(
     summary="Change a contact (owner or admin)",
     description="`If-Match` with the contact's ETag: a stale one is 412 and nothing "
     "changes; without it the last write wins. A number another contact has (deleted ones "
-    "included) is 409 `phone_taken` with that contact in `contact`.",
+    "included) is 409 `phone_taken` with that contact in `contact`. A PUT that changes "
+    "nothing writes nothing: the same contact, the same ETag.",
     responses={
         200: ETAG_ANSWER,
         409: problem_answer("`phone_taken`: another contact has that number, in `contact`"),

@@ -23,6 +23,7 @@ from crmsync.errors import (
     NotFound,
     PhoneTaken,
     PreconditionFailed,
+    ServiceUnavailable,
     ValidationFailed,
 )
 from crmsync.observability import CONTACT_RESULTS
@@ -381,6 +382,8 @@ async def contact_get(conn: Connection, contact_id: uuid.UUID) -> ContactVersion
 # number free) are in its WHERE, evaluated on the row's latest version, so a concurrent
 # write either happens before (and the check sees it) or waits.
 
+# A PUT that changes nothing writes nothing: the contact keeps its ETag, updated_at and
+# place in the changes feed (`same` answers it), so other phones' tags stay good.
 UPDATE_SQL = f"""
 WITH cur AS (
     SELECT c.deleted, c.created_by, c.change_seq FROM contacts c WHERE c.id = $1
@@ -394,13 +397,20 @@ WITH cur AS (
     WHERE c.id = $1 AND NOT c.deleted AND ($5::bool OR c.created_by = $6::uuid)
       AND ($7::bigint[] IS NULL OR c.change_seq = ANY($7::bigint[]))
       AND NOT EXISTS (SELECT 1 FROM taken)
+      AND (c.name <> coalesce($2::text, c.name) OR c.phone_raw <> coalesce($3::text, c.phone_raw))
     RETURNING c.id, c.phone_normalized, {CONTACT_JSON}::text AS json, c.change_seq
+), same AS (
+    SELECT {CONTACT_JSON}::text AS json, c.change_seq FROM contacts c
+    WHERE c.id = $1 AND NOT c.deleted AND ($5::bool OR c.created_by = $6::uuid)
+      AND ($7::bigint[] IS NULL OR c.change_seq = ANY($7::bigint[]))
+      AND c.name = coalesce($2::text, c.name) AND c.phone_raw = coalesce($3::text, c.phone_raw)
 ), linked AS (
     UPDATE call_logs l SET contact_id = u.id FROM upd u
     WHERE $4::text IS NOT NULL AND l.contact_id IS NULL AND l.phone_normalized IS NOT NULL
       AND l.phone_normalized = u.phone_normalized
 )
-SELECT (SELECT json FROM upd) AS json, (SELECT change_seq FROM upd) AS version,
+SELECT coalesce((SELECT json FROM upd), (SELECT json FROM same)) AS json,
+       coalesce((SELECT change_seq FROM upd), (SELECT change_seq FROM same)) AS version,
        (SELECT json FROM taken LIMIT 1) AS taken, cur.deleted, cur.created_by,
        cur.change_seq AS current_version
 FROM (SELECT 1) one LEFT JOIN cur ON true"""
@@ -421,8 +431,10 @@ FROM (SELECT 1) one LEFT JOIN cur ON true"""
 
 def _refusal(
     row: Any, *, user_id: uuid.UUID, is_admin: bool, if_match: Sequence[int] | None
-) -> Exception:
-    """Why a write to one contact changed nothing, in the order a client should hear it."""
+) -> Exception | None:
+    """Why a write to one contact changed nothing, in the order a client should hear it;
+    None when nothing refused it (the row changed between the statement's snapshot and
+    its write, and no If-Match was given): the statement is to be run again."""
     if row["deleted"] is None or row["deleted"]:
         return NotFound("No such contact")
     if not is_admin and row["created_by"] != user_id:
@@ -434,10 +446,11 @@ def _refusal(
     # The row changed between this statement's snapshot and its write.
     if if_match is not None:
         return PreconditionFailed("The contact changed since that ETag")
-    return NotFound("No such contact")
+    return None
 
 
-DEADLOCK_RETRIES = 3
+ATTEMPTS = 3
+RACED = "Concurrent writes to this contact kept conflicting; nothing was changed; retry"
 
 
 async def contact_update(
@@ -460,18 +473,24 @@ async def contact_update(
             raise ValidationFailed.one(["body", "phone_raw"], NOT_A_PHONE, "phone")
     versions = None if if_match is None else list(if_match)
     try:
-        for attempt in range(1, DEADLOCK_RETRIES + 1):
+        for attempt in range(1, ATTEMPTS + 1):
             try:
                 row = await conn.fetchrow(
                     UPDATE_SQL, contact_id, name, phone_raw, phone, is_admin, user_id, versions
                 )
-                break
             except asyncpg.DeadlockDetectedError:
                 # The new number's index entry was awaited while this row was locked, and
                 # the writer of that entry (a batch) waited for this row. The statement
                 # was rolled back whole (its own transaction), so it is simply run again.
-                if attempt == DEADLOCK_RETRIES or conn.is_in_transaction():
+                if attempt == ATTEMPTS or conn.is_in_transaction():
                     raise
+                continue
+            assert row is not None
+            if row["json"] is not None:
+                return ContactVersion(row["json"], row["version"])
+            refusal = _refusal(row, user_id=user_id, is_admin=is_admin, if_match=if_match)
+            if refusal is not None:
+                raise refusal
     except asyncpg.UniqueViolationError:
         # Another transaction gave the number to a contact after this one looked.
         taken = await conn.fetchval(
@@ -480,10 +499,7 @@ async def contact_update(
         raise PhoneTaken(
             "Another contact has that number", contact=orjson.Fragment(taken or "null")
         ) from None
-    assert row is not None
-    if row["json"] is None:
-        raise _refusal(row, user_id=user_id, is_admin=is_admin, if_match=if_match)
-    return ContactVersion(row["json"], row["version"])
+    raise ServiceUnavailable(RACED, retry_after=1)
 
 
 async def contact_delete(
@@ -495,12 +511,16 @@ async def contact_delete(
     if_match: Sequence[int] | None,
 ) -> None:
     """Soft delete (owner or admin): the row stays as a tombstone the changes feed reports."""
-    row = await conn.fetchrow(
-        DELETE_SQL, contact_id, is_admin, user_id, None if if_match is None else list(if_match)
-    )
-    assert row is not None
-    if not row["done"]:
-        raise _refusal(row, user_id=user_id, is_admin=is_admin, if_match=if_match)
+    versions = None if if_match is None else list(if_match)
+    for _ in range(ATTEMPTS):
+        row = await conn.fetchrow(DELETE_SQL, contact_id, is_admin, user_id, versions)
+        assert row is not None
+        if row["done"]:
+            return
+        refusal = _refusal(row, user_id=user_id, is_admin=is_admin, if_match=if_match)
+        if refusal is not None:
+            raise refusal
+    raise ServiceUnavailable(RACED, retry_after=1)
 
 
 # The changes feed.
