@@ -13,7 +13,6 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from crmsync import db
 from crmsync.tables import metadata
@@ -28,7 +27,7 @@ def _diff(connection: Connection) -> list[object]:
 
 
 async def test_migrated_schema_matches_tables_py(database_url: str) -> None:
-    engine = create_async_engine(db._sqlalchemy_url(database_url))
+    engine = db.engine(database_url)
     try:
         async with engine.connect() as connection:
             diff = await connection.run_sync(_diff)
@@ -123,7 +122,7 @@ async def test_tables_py_has_the_migrations_checks_defaults_and_indexes(
     database_url: str, make_database: Callable[[str], Awaitable[str]]
 ) -> None:
     url = await make_database("crmsync_tables_py")
-    engine = create_async_engine(db._sqlalchemy_url(url))
+    engine = db.engine(url)
     try:
         async with engine.begin() as connection:
             await connection.execute(text("CREATE EXTENSION pg_trgm"))
@@ -225,3 +224,18 @@ async def test_portable_time_ordered_ids_carry_the_clock_milliseconds(
     made = uuid.UUID(str(made))
     assert (made.version, made.variant) == (7, uuid.RFC_4122)
     assert before.timestamp() * 1000 - 1 <= made.int >> 80 <= after.timestamp() * 1000 + 1
+
+
+async def test_libpq_options_in_the_url_reach_migrations_as_they_reach_the_pool(
+    make_database: Callable[[str], Awaitable[str]],
+) -> None:
+    """operations.md tells operators to add `?sslmode=verify-full`; SQLAlchemy used to pass
+    URL options to asyncpg.connect as keyword arguments (TypeError: 'sslmode')."""
+    url = await make_database("crmsync_migration_sslmode")
+    url += ("&" if "?" in url else "?") + "sslmode=disable&application_name=crmsync-migrate"
+    db.migrate(url)
+    conn = await asyncpg.connect(url)
+    try:
+        assert await conn.fetchval("SELECT version_num FROM alembic_version") is not None
+    finally:
+        await conn.close()

@@ -7,14 +7,16 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeAlias
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from alembic import command, op
 from alembic.config import Config
 from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from crmsync.config import Settings
 
@@ -121,10 +123,11 @@ def database_url(settings: Settings) -> str:
     return start_embedded(settings.data_dir)
 
 
-def _sqlalchemy_url(url: str) -> str:
-    parts = urlsplit(url)
-    query = urlencode(parse_qsl(parts.query))
-    return urlunsplit(parts._replace(scheme="postgresql+asyncpg", query=query))
+def engine(url: str) -> AsyncEngine:
+    """A SQLAlchemy engine (for Alembic) whose connections asyncpg opens from the libpq URL
+    itself, so every libpq option asyncpg knows (sslmode, sslrootcert, ...) means what it
+    means to the pool and to pg_dump; SQLAlchemy would pass them on as keyword arguments."""
+    return create_async_engine("postgresql+asyncpg://", async_creator=partial(asyncpg.connect, url))
 
 
 def migrate(url: str, revision: str = "head") -> None:
@@ -132,7 +135,7 @@ def migrate(url: str, revision: str = "head") -> None:
     several processes at once); an older one, or "base", downgrades."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.set_main_option("sqlalchemy.url", _sqlalchemy_url(url).replace("%", "%%"))
+    config.attributes["url"] = url
     errors: list[BaseException] = []
 
     # Alembic's env runs its own event loop; a thread keeps it away from any running one.

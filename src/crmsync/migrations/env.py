@@ -6,8 +6,8 @@ import asyncio
 
 from alembic import context
 from sqlalchemy import Connection, text
-from sqlalchemy.ext.asyncio import create_async_engine
 
+from crmsync import db
 from crmsync.tables import metadata
 
 # Several server processes may start at once; they take turns (the lock is released at
@@ -28,9 +28,7 @@ def _run(connection: Connection) -> None:
 
 
 async def _main() -> None:
-    url = context.config.get_main_option("sqlalchemy.url")
-    assert url is not None
-    engine = create_async_engine(url)
+    engine = db.engine(context.config.attributes["url"])
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)
