@@ -196,12 +196,23 @@ def test_bad_settings_and_an_unreachable_database_are_one_line_not_a_traceback(
         ("CRMSYNC_TRUSTED_PROXIES", "not-a-network"),
         ("CRMSYNC_LOG_LEVEL", "chatty"),
         ("CRMSYNC_IDEMPOTENCY_TTL_DAYS", "6"),  # the app is promised 7 days
+        ("CRMSYNC_DATABASE_URL", "not-a-url"),
+        ("CRMSYNC_DATABASE_URL", "mysql://someone@127.0.0.1/none"),
+        ("CRMSYNC_DATABASE_URL", "postgresql://someone@localhost:notaport/none"),
+        ("CRMSYNC_DATABASE_URL", "postgresql://someone@localhost:70000/none"),
     ):
-        env = clean_env(CRMSYNC_DATABASE_URL=unreachable, **{setting: value})
+        env = clean_env(**{"CRMSYNC_DATABASE_URL": unreachable, setting: value})
         result = run_cli("migrate", env=env, cwd=tmp_path)
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith(f"invalid setting {setting}:"), result.stderr
         assert "Traceback" not in result.stderr
+    env = clean_env(CRMSYNC_DATABASE_URL=unreachable, CRMSYNC_POOL_MIN_SIZE="11")  # max 10
+    result = run_cli("migrate", env=env, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("invalid settings: Value error, CRMSYNC_POOL_MIN_SIZE")
+    result = run_cli("serve", "--port", "70000", env=clean_env(), cwd=tmp_path)
+    assert result.returncode == 2 and "65535" in result.stderr, result.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything started
     for command in (["migrate"], ["backup", "--out", str(tmp_path)]):
         result = run_cli(*command, env=clean_env(CRMSYNC_DATABASE_URL=unreachable), cwd=tmp_path)
         assert result.returncode == 1, result.stderr
@@ -218,3 +229,14 @@ def test_embedded_mode_generates_one_private_secret_and_keeps_it(tmp_path: Path)
     assert stat.S_IMODE((data_dir / "jwt_secret").stat().st_mode) == 0o600
     again = Settings(data_dir=data_dir, database_url=None, jwt_secret=None).secret
     assert again == first
+    (data_dir / "jwt_secret").write_text("\n")  # left empty by a crash: nothing was signed
+    renewed = Settings(data_dir=data_dir, database_url=None, jwt_secret=None).secret
+    assert len(renewed) >= 32 and renewed != first
+    assert (data_dir / "jwt_secret").read_text() == renewed
+    assert stat.S_IMODE((data_dir / "jwt_secret").stat().st_mode) == 0o600
+    assert [p.name for p in data_dir.iterdir()] == ["jwt_secret"]
+
+
+def test_empty_database_url_and_metrics_token_are_unset() -> None:
+    settings = Settings(database_url=" ", metrics_token="", jwt_secret=None)
+    assert settings.embedded and settings.metrics_token is None

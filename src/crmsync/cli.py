@@ -15,6 +15,7 @@ from typing import Annotated
 
 import asyncpg
 import typer
+from alembic.util import CommandError
 from pydantic import ValidationError
 
 from crmsync import db
@@ -34,6 +35,13 @@ class _App(typer.Typer):
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             typer.echo(f"crmsync: {type(exc).__name__}: {exc}", err=True)
             raise SystemExit(1) from None
+        except CommandError as exc:  # Alembic: most likely a database a newer crmsync migrated
+            typer.echo(
+                f"crmsync: the database's schema is not one this version knows ({exc}); was it"
+                " migrated by a newer crmsync? Run that version, or restore a backup of this one.",
+                err=True,
+            )
+            raise SystemExit(1) from None
 
 
 app = _App(no_args_is_help=True, add_completion=False, help="crmsync server")
@@ -44,8 +52,9 @@ def _settings() -> Settings:
         settings = Settings()
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
-            name = "CRMSYNC_" + "_".join(str(part) for part in error["loc"]).upper()
-            typer.echo(f"invalid setting {name}: {error['msg']}", err=True)
+            name = "_".join(str(part) for part in error["loc"]).upper()
+            where = f" CRMSYNC_{name}" if name else "s"
+            typer.echo(f"invalid setting{where}: {error['msg']}", err=True)
         raise typer.Exit(2) from None
     configure_logging(settings.log_level)
     return settings
@@ -54,7 +63,7 @@ def _settings() -> Settings:
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM)")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM)")] = None,

@@ -7,8 +7,9 @@ import secrets
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -40,6 +41,30 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = None
     backup_dir: Path = Path("backups")
     log_level: str = "INFO"
+
+    @field_validator("database_url", "metrics_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`CRMSYNC_METRICS_TOKEN=` must not be a token an empty Bearer matches, nor
+        `CRMSYNC_DATABASE_URL=` a database."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql://user:password@host:port/database URL")
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number in range
+        return value
+
+    @model_validator(mode="after")
+    def _pool_sizes(self) -> Settings:
+        if self.pool_min_size > self.pool_max_size:
+            raise ValueError("CRMSYNC_POOL_MIN_SIZE must not exceed CRMSYNC_POOL_MAX_SIZE")
+        return self
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -89,8 +114,15 @@ class Settings(BaseSettings):
         if not self.embedded:
             raise ValueError("CRMSYNC_JWT_SECRET is required when CRMSYNC_DATABASE_URL is set")
         path = self.data_dir / "jwt_secret"
-        if not path.exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            path.touch(mode=0o600)
-            path.write_text(secrets.token_urlsafe(48))
-        return path.read_text().strip()
+        if path.exists() and len(value := path.read_text().strip()) >= 32:
+            return value
+        # Missing, or too short to have signed anything (left empty by a crash, say): a new
+        # one, written under another name and renamed, so no crash leaves a part of it.
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        value = secrets.token_urlsafe(48)
+        partial = path.with_name(".jwt_secret.partial")
+        partial.unlink(missing_ok=True)
+        partial.touch(mode=0o600)
+        partial.write_text(value)
+        partial.replace(path)
+        return value
