@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import psutil
 
@@ -177,6 +178,26 @@ def test_serve_with_database_url(
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     assert not (tmp_path / "data").exists()  # no embedded server was started
+
+
+def test_a_database_a_newer_version_migrated_is_named_as_such(
+    tmp_path: Path, make_database: Callable[[str], Awaitable[str]]
+) -> None:
+    url = asyncio.run(make_database(f"crmsync_cli_newer_{os.getpid()}"))
+    env = clean_env(CRMSYNC_DATABASE_URL=url)
+    assert run_cli("migrate", env=env, cwd=tmp_path).returncode == 0
+
+    async def from_the_future() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("UPDATE alembic_version SET version_num = '9999'")
+        finally:
+            await conn.close()
+
+    asyncio.run(from_the_future())
+    result = run_cli("migrate", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "migrated by a newer crmsync" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_serve_refuses_to_start_without_a_secret_for_a_database_url(tmp_path: Path) -> None:
