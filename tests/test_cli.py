@@ -114,6 +114,20 @@ def check_create_admin_and_login(env: dict[str, str], cwd: Path, base: str) -> s
     token: str = r.json()["token"]
     me = httpx.get(base + "/auth/me", headers={"Authorization": f"Bearer {token}"})
     assert me.status_code == 200 and me.json()["is_admin"] is True
+    plain = {"name": "Plain", "email": "plain@example.com", "password": PASSWORD}
+    r = httpx.post(base + "/users", json=plain, headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 201, r.text
+    third = run_cli(
+        "create-admin",
+        "--email",
+        "PLAIN@example.com",
+        "--name",
+        "Plain",
+        env={**env, "CRMSYNC_ADMIN_PASSWORD": PASSWORD},
+        cwd=cwd,
+    )
+    assert third.returncode == 0, third.stderr  # the contract: idempotent, exit 0 ...
+    assert "already exists and is NOT an admin" in third.stdout  # ... but says what it found
     return token
 
 

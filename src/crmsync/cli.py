@@ -147,7 +147,8 @@ def create_admin(
     url = db.database_url(settings)
     db.migrate(url)
 
-    async def run() -> bool:
+    async def run() -> bool | None:
+        """None: created; else whether the live user with that email is an admin."""
         conn = await asyncpg.connect(url)
         try:
             async with conn.transaction():
@@ -159,16 +160,26 @@ def create_admin(
                     is_admin=True,
                     rounds=settings.bcrypt_rounds,
                 )
-            return True
+            return None
         except EmailTaken:
-            return False
+            is_admin: bool = await conn.fetchval(
+                "SELECT is_admin FROM users WHERE lower(email) = lower($1) AND deleted_at IS NULL",
+                data.email,
+            )
+            return is_admin
         finally:
             await conn.close()
 
-    if asyncio.run(run()):
+    existing = asyncio.run(run())
+    if existing is None:
         typer.echo(f"admin {data.email} created")
+    elif existing:
+        typer.echo(f"an admin with email {data.email} already exists; nothing changed")
     else:
-        typer.echo(f"a user with email {data.email} already exists; nothing changed")
+        typer.echo(
+            f"a user with email {data.email} already exists and is NOT an admin; nothing"
+            " changed (an admin can make it one: PATCH /users/{id} with is_admin true)"
+        )
 
 
 @app.command("backup")
