@@ -178,3 +178,28 @@ async def test_a_request_without_a_client_address_counts_as_local(guarded: FastA
     async with httpx.AsyncClient(transport=transport, base_url="http://api.example") as client:
         r = await client.get("/auth/me")
     assert_problem(r, 401, "unauthenticated")
+
+
+def test_serve_refuses_tls_files_that_cannot_serve(tmp_path: Path, ca: trustme.CA) -> None:
+    """One line and exit 2 before anything starts: a missing file, a certificate without
+    its key, a key that is not the certificate's."""
+    from tests.test_cli import clean_env, run_cli
+
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    other = ca.issue_cert("127.0.0.1")
+    other.private_key_pem.write_to_path(str(tmp_path / "other-key.pem"))
+    for args in (
+        ["--ssl-certfile", str(tmp_path / "missing.pem"), "--ssl-keyfile", str(tmp_path / "k")],
+        ["--ssl-certfile", str(tmp_path / "cert.pem")],
+        [
+            "--ssl-certfile",
+            str(tmp_path / "cert.pem"),
+            "--ssl-keyfile",
+            str(tmp_path / "other-key.pem"),
+        ],
+    ):
+        result = run_cli("serve", "--port", "1", *args, env=clean_env(), cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()  # refused before the database started

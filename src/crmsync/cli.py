@@ -8,10 +8,11 @@ import atexit
 import os
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import asyncpg
 import typer
@@ -60,17 +61,31 @@ def _settings() -> Settings:
     return settings
 
 
+PEM: dict[str, Any] = {"exists": True, "dir_okay": False, "readable": True}
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
-    ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM)")] = None,
-    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM)")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM)", **PEM)] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM)", **PEM)] = None,
 ) -> None:
     """Run the API (starting the embedded PostgreSQL when CRMSYNC_DATABASE_URL is unset)."""
     import uvicorn
 
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        typer.echo("give both --ssl-certfile and --ssl-keyfile, or neither", err=True)
+        raise typer.Exit(2)
+    if ssl_certfile is not None:
+        try:  # before any work, not as a traceback once the database is up
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                ssl_certfile, ssl_keyfile
+            )
+        except ssl.SSLError as exc:
+            typer.echo(f"the TLS certificate and key do not load together: {exc}", err=True)
+            raise typer.Exit(2) from None
     settings = _settings()
     try:
         settings.secret  # noqa: B018 - a missing or short secret stops us before any work
@@ -92,7 +107,6 @@ def serve(
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exiting normally instead
     # lets atexit stop the embedded PostgreSQL.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    typer.echo(f"crmsync listening on http{'s' if ssl_certfile else ''}://{host}:{port}", err=True)
     uvicorn.run(
         "crmsync.main:create_app",
         factory=True,
