@@ -10,6 +10,7 @@ import asyncpg
 import httpx
 import pytest
 
+from crmsync.sync.schemas import SyncOut
 from tests.calls.test_upload import call
 from tests.conftest import Account, assert_problem
 
@@ -49,6 +50,7 @@ async def test_one_round_trip_stores_contacts_and_calls_and_writes_one_sync_reco
     assert r.status_code == 200, r.text
     answer = r.json()
     assert set(answer) == {"sync_id", "contacts", "calls", "changes"}
+    SyncOut.model_validate(answer, strict=False)  # what the OpenAPI document describes
     assert [c["result"] for c in answer["contacts"]] == ["created", "created", "rejected"]
     assert [c["index"] for c in answer["contacts"]] == [0, 1, 2]
     assert answer["contacts"][2]["errors"][0]["loc"][:3] == ["body", "contacts", 2]

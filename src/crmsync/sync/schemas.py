@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
 from crmsync.calls.schemas import RejectedItem
+from crmsync.contacts.schemas import ContactOut, ContactResultOut
 
 
 class SyncRecordOut(BaseModel):
@@ -48,13 +49,13 @@ class SyncCallsOut(BaseModel):
 
 
 class SyncChangesOut(BaseModel):
-    items: list[dict[str, Any]] = Field(description="Contacts, as GET /contacts/changes")
+    items: list[ContactOut] = Field(description="Contacts, as GET /contacts/changes")
     next_cursor: str
     has_more: bool
 
 
 class SyncOut(BaseModel):
     sync_id: uuid.UUID
-    contacts: list[dict[str, Any]] = Field(description="Results as POST /contacts/batch")
+    contacts: list[ContactResultOut] = Field(description="Results as POST /contacts/batch")
     calls: SyncCallsOut
     changes: SyncChangesOut
