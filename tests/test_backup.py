@@ -7,9 +7,10 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -71,6 +72,64 @@ async def snapshot(url: str) -> dict[str, list[str]]:
         return rows
     finally:
         await conn.close()
+
+
+async def execute(url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def fetchval(url: str, query: str) -> object:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(query)
+    finally:
+        await conn.close()
+
+
+OwnedDatabase = Callable[[str, str], str]
+
+
+@pytest.fixture
+def owned_database(server_url: str) -> Iterator[OwnedDatabase]:
+    """make(name, schema): a new database set up as docs/operations.md §3 says, owned by a
+    role that is no superuser, with pg_trgm created by the superuser in schema (public, or
+    as managed PostgreSQL does, a schema of its own on the database's search_path); the URL
+    of that role in it. The databases and the role are dropped afterwards."""
+    role = f"crmsync_backup_owner_{os.getpid()}"
+    made: list[str] = []
+    asyncio.run(execute(server_url, f'DROP ROLE IF EXISTS "{role}"', f'CREATE ROLE "{role}" LOGIN'))
+
+    def make(name: str, schema: str) -> str:
+        made.append(name)
+        asyncio.run(
+            execute(
+                server_url,
+                f'DROP DATABASE IF EXISTS "{name}"',
+                f'CREATE DATABASE "{name}" OWNER "{role}"',
+            )
+        )
+        setup = ["CREATE EXTENSION pg_trgm"]
+        if schema != "public":
+            setup = [
+                f"CREATE SCHEMA {schema}",
+                f"GRANT USAGE ON SCHEMA {schema} TO PUBLIC",
+                f"CREATE EXTENSION pg_trgm SCHEMA {schema}",
+                f'ALTER DATABASE "{name}" SET search_path = public, {schema}',
+            ]
+        asyncio.run(execute(db.with_database(server_url, name), *setup))
+        parts = urlsplit(db.with_database(server_url, name))
+        return urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
+
+    try:
+        yield make
+    finally:
+        drops = [f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in made]
+        asyncio.run(execute(server_url, *drops, f'DROP ROLE IF EXISTS "{role}"'))
 
 
 @pytest.fixture
@@ -258,3 +317,112 @@ def test_backup_refuses_to_keep_no_backup(tmp_path: Path) -> None:
     result = run_cli("backup", "--out", str(tmp_path), "--keep", "0", env=env, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "--keep" in result.stderr
+
+
+def test_forced_restore_beside_an_extensions_schema_is_all_or_nothing(
+    owned_database: OwnedDatabase, tmp_path: Path
+) -> None:
+    """pg_trgm in a schema `extensions` on the search path, as on managed PostgreSQL: the
+    backup holds schema public only, and `restore --force` drops the old contents and loads
+    the dump in one transaction, so a load failing after the drop leaves the old data."""
+    pid = os.getpid()
+    source = owned_database(f"crmsync_backup_ext_src_{pid}", "extensions")
+    target = owned_database(f"crmsync_backup_ext_dst_{pid}", "extensions")
+    for url in (source, target):
+        db.migrate(url)
+    asyncio.run(execute(source, SEED))
+    kept = "INSERT INTO users (name, email, password_hash) VALUES ('{0}', '{0}@example.com', 'x')"
+    asyncio.run(execute(target, kept.format("old")))
+    out, tmp = tmp_path / "backups", tmp_path / "tmp"
+    tmp.mkdir()
+    source_env = clean_env(CRMSYNC_DATABASE_URL=source)
+    target_env = clean_env(CRMSYNC_DATABASE_URL=target, TMPDIR=str(tmp))
+
+    made = run_cli("backup", "--out", str(out), env=source_env, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    forced = run_cli(
+        "restore", "--force", str(backup.newest_backup(out)), env=target_env, cwd=tmp_path
+    )
+    assert forced.returncode == 0, forced.stderr
+    assert asyncio.run(snapshot(target)) == asyncio.run(snapshot(source))
+    trgm = "SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'pg_trgm'"
+    assert asyncio.run(fetchval(target, trgm)) == "extensions"
+    assert asyncio.run(fetchval(target, "SELECT to_regclass('ix_contacts_name_trgm')::text"))
+
+    # The source's contacts get a trigger calling a function of a schema only the source
+    # has: the next dump holds the trigger (schema public), not the function, and its
+    # load fails at the trigger, after the drop and every row.
+    asyncio.run(execute(target, kept.format("kept")))
+    before = asyncio.run(snapshot(target))
+    asyncio.run(
+        execute(
+            source,
+            "CREATE SCHEMA elsewhere",
+            "CREATE FUNCTION elsewhere.noop() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN RETURN NULL; END $$",
+            "CREATE TRIGGER zz_elsewhere AFTER INSERT ON contacts"
+            " FOR EACH STATEMENT EXECUTE FUNCTION elsewhere.noop()",
+        )
+    )
+    made = run_cli("backup", "--out", str(out), env=source_env, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    failed = run_cli(
+        "restore", "--force", str(backup.newest_backup(out)), env=target_env, cwd=tmp_path
+    )
+    assert failed.returncode == 1
+    assert "changed nothing" in failed.stderr and "elsewhere" in failed.stderr, failed.stderr
+    assert asyncio.run(snapshot(target)) == before
+    assert not list(tmp.iterdir())  # the dump's SQL (password hashes) is not left behind
+
+
+def test_restore_into_a_fresh_database_of_a_role_that_is_no_superuser(
+    source: str, owned_database: OwnedDatabase, tmp_path: Path
+) -> None:
+    """The disaster-recovery path on your own PostgreSQL (docs/operations.md §3): a database
+    owned by the crmsync role, pg_trgm created by a superuser. Restore into it, then
+    `restore --force` over it, which leaves other schemas alone."""
+    target = owned_database(f"crmsync_backup_owned_{os.getpid()}", "public")
+    out = tmp_path / "backups"
+    made = run_cli(
+        "backup", "--out", str(out), env=clean_env(CRMSYNC_DATABASE_URL=source), cwd=tmp_path
+    )
+    assert made.returncode == 0, made.stderr
+    file = str(backup.newest_backup(out))
+    target_env = clean_env(CRMSYNC_DATABASE_URL=target)
+    expected = asyncio.run(snapshot(source))
+
+    restored = run_cli("restore", file, env=target_env, cwd=tmp_path)
+    assert restored.returncode == 0, restored.stderr
+    assert asyncio.run(snapshot(target)) == expected
+
+    # --force drops schema public, and pg_trgm (the superuser's) with it; the role makes it
+    # again (a trusted extension), in the same transaction. Other schemas stay as they are.
+    changed = "UPDATE contacts SET name = 'changed' WHERE name = 'Contact 3'"
+    asyncio.run(
+        execute(
+            target, changed, "CREATE SCHEMA reports", "CREATE TABLE reports.daily AS SELECT 1 AS n"
+        )
+    )
+    relations = asyncio.run(backup.public_relations(target))
+    assert "public.contacts" in relations and "reports.daily" not in relations
+    forced = run_cli("restore", "--force", file, env=target_env, cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert asyncio.run(snapshot(target)) == expected
+    trgm = "SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'pg_trgm'"
+    assert asyncio.run(fetchval(target, trgm)) == "public"
+    assert asyncio.run(fetchval(target, "SELECT n FROM reports.daily")) == 1
+    public = "SELECT pg_get_userbyid(nspowner) || ' ' || has_schema_privilege('public',"
+    public += " nspname, 'USAGE') FROM pg_namespace WHERE nspname = 'public'"
+    assert asyncio.run(fetchval(target, public)) == "pg_database_owner true"  # as it was
+
+    # A role that may not create pg_trgm: --force stops at once, saying what to do.
+    name = urlsplit(target).path.lstrip("/")
+    role = urlsplit(target).username
+    asyncio.run(execute(source, f'REVOKE CREATE ON DATABASE "{name}" FROM "{role}"'))
+    asyncio.run(execute(target, changed))
+    before = asyncio.run(snapshot(target))
+    refused = run_cli("restore", "--force", file, env=target_env, cwd=tmp_path)
+    assert refused.returncode == 1
+    message = [line for line in refused.stderr.splitlines() if "pg_trgm" in line]
+    assert len(message) == 1 and f"GRANT CREATE ON DATABASE {name}" in message[0], refused.stderr
+    assert asyncio.run(snapshot(target)) == before

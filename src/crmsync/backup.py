@@ -1,10 +1,14 @@
-"""Backups: `pg_dump --format=custom` files in one directory, pruned to the newest N, and
-their restore into an empty database."""
+"""Backups: `pg_dump --format=custom` files of schema public (what crmsync owns; not the
+extensions, not other schemas) in one directory, pruned to the newest N, and their restore:
+all of it in one transaction, or nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import subprocess
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -59,31 +63,20 @@ async def server_major(url: str) -> int:
         await conn.close()
 
 
-async def user_relations(url: str) -> list[str]:
-    """Tables, views and sequences the database holds outside the system schemas."""
+async def public_relations(url: str) -> list[str]:
+    """Tables, views and sequences in schema public, what a restore replaces (extensions'
+    own objects aside)."""
     conn = await asyncpg.connect(url)
     try:
         rows = await conn.fetch(
             """SELECT n.nspname || '.' || c.relname AS name FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
-               WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
-                 AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-                 AND n.nspname NOT LIKE 'pg\\_toast%'
+               WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND n.nspname = 'public'
                  AND NOT EXISTS (SELECT 1 FROM pg_depend d
                                  WHERE d.objid = c.oid AND d.deptype = 'e')
                ORDER BY 1"""
         )
         return [row["name"] for row in rows]
-    finally:
-        await conn.close()
-
-
-async def empty_public_schema(url: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        async with conn.transaction():
-            await conn.execute("DROP SCHEMA public CASCADE")
-            await conn.execute("CREATE SCHEMA public")
     finally:
         await conn.close()
 
@@ -102,13 +95,18 @@ def _libpq(url: str) -> tuple[str, dict[str, str]]:
     return url, env
 
 
-def _run(command: list[str], url: str) -> None:
-    libpq_url, env = _libpq(url)
+def _run(command: list[str], url: str | None = None) -> str:
+    """Run a PostgreSQL client (on the database at url, if given); its standard output."""
+    env = dict(os.environ)
+    if url is not None:
+        libpq_url, env = _libpq(url)
+        command = [*command, f"--dbname={libpq_url}"]
     result = subprocess.run(  # noqa: S603 - our own tool paths and arguments
-        [*command, f"--dbname={libpq_url}"], env=env, capture_output=True, text=True, check=False
+        command, env=env, capture_output=True, text=True, errors="replace", check=False
     )
     if result.returncode != 0:
         raise BackupError(f"{Path(command[0]).name} failed: {result.stderr.strip()}")
+    return result.stdout
 
 
 def backup(url: str, directory: Path, *, keep: int, tool: Path) -> Path:
@@ -126,7 +124,7 @@ def backup(url: str, directory: Path, *, keep: int, tool: Path) -> Path:
     partial.unlink(missing_ok=True)
     partial.touch(mode=0o600)
     try:
-        _run([str(tool), "--format=custom", f"--file={partial}"], url)
+        _run([str(tool), "--format=custom", "--schema=public", f"--file={partial}"], url)
         partial.replace(target)
     finally:
         partial.unlink(missing_ok=True)
@@ -145,21 +143,130 @@ def check_archive(file: Path, *, tool: Path) -> None:
         raise BackupError(f"{file} is not a whole backup: {result.stderr.strip()}")
 
 
-def restore(url: str, file: Path, *, tool: Path) -> None:
-    """Load a dump into the (empty) database at url, in one transaction."""
+# Schema public again as it was (owner, grants), once dropped.
+PUBLIC_OWNER = """SELECT format('CREATE SCHEMA public AUTHORIZATION %I;', pg_get_userbyid(nspowner))
+                  FROM pg_namespace WHERE nspname = 'public'"""
+PUBLIC_GRANTS = """SELECT format('GRANT %s ON SCHEMA public TO %s%s;', a.privilege_type,
+                                 CASE a.grantee WHEN 0 THEN 'PUBLIC'
+                                      ELSE quote_ident(pg_get_userbyid(a.grantee)) END,
+                                 CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
+                   FROM pg_namespace n, aclexplode(n.nspacl) a
+                   WHERE n.nspname = 'public' AND a.grantee <> n.nspowner"""
+TRGM = """SELECT current_database() AS db, current_user AS "user",
+                 (SELECT n.nspname FROM pg_extension e
+                  JOIN pg_namespace n ON n.oid = e.extnamespace
+                  WHERE e.extname = 'pg_trgm') AS installed,
+                 EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1) AS schema_exists,
+                 EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pg_trgm')
+                     AS available,
+                 (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+                     OR has_database_privilege(current_database(), 'CREATE') AS may_create"""
+# How pg_dump names an operator class of pg_trgm in an index: schema-qualified.
+TRGM_OPCLASS = re.compile(r'(\w+|"(?:[^"]|"")+")\.g(?:in|ist)_trgm_ops\b')
+DUMP_COMPLETE = b"-- PostgreSQL database dump complete"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def trgm_schema(file: Path, *, tool: Path) -> str | None:
+    """The schema whose pg_trgm the dump's indexes use (None: they use none)."""
+    indexes = _run([str(tool), "--schema=public", "--section=post-data", "--file=-", str(file)])
+    names = {
+        name[1:-1].replace('""', '"') if name.startswith('"') else name
+        for name in TRGM_OPCLASS.findall(indexes)
+    }
+    if len(names) > 1:
+        raise BackupError(f"{file} uses pg_trgm from several schemas: {sorted(names)}")
+    return names.pop() if names else None
+
+
+async def before_load(url: str, trgm: str | None, *, replace: bool) -> str:
+    """The statements run before the dump's, in its transaction: with replace, schema public
+    dropped and made again (same owner and grants); then pg_trgm created in the schema the
+    dump's indexes name, unless already there. BackupError, saying what the operator must
+    do, if it cannot be."""
+    conn = await asyncpg.connect(url)
+    try:
+        statements = ["SET client_min_messages = warning;"]
+        if replace:
+            statements.append("DROP SCHEMA public CASCADE;")
+            statements.append(await conn.fetchval(PUBLIC_OWNER))
+            statements += [row[0] for row in await conn.fetch(PUBLIC_GRANTS)]
+        if trgm is None:
+            return "\n".join(statements)
+        state = await conn.fetchrow(TRGM, trgm)
+        assert state is not None  # one row, always
+    finally:
+        await conn.close()
+    db, user, installed = state["db"], state["user"], state["installed"]
+    dropped = replace and installed == "public"  # DROP SCHEMA public takes it along
+    if installed == trgm and not dropped:
+        return "\n".join(statements)
+    need = f"the backup's indexes need pg_trgm in schema {trgm}"
+    if installed is not None and not dropped:
+        raise BackupError(
+            f"{need}, but database {db} has it in schema {installed}: restore into a"
+            f" database set up like the backed-up one (pg_trgm in schema {trgm})"
+        )
+    if not (state["schema_exists"] or trgm == "public"):
+        raise BackupError(
+            f"{need}, and database {db} has no such schema: as a superuser run `CREATE SCHEMA"
+            f" {trgm}; GRANT USAGE ON SCHEMA {trgm} TO PUBLIC; CREATE EXTENSION pg_trgm SCHEMA"
+            f" {trgm}` in database {db}"
+        )
+    if not state["available"]:
+        raise BackupError(
+            f"{need}, and the database server lacks it: install PostgreSQL's contrib"
+            " extensions on the server"
+        )
+    if not state["may_create"]:
+        todo = f"`GRANT CREATE ON DATABASE {db} TO {user}`"
+        if not dropped:
+            todo = f"`CREATE EXTENSION pg_trgm SCHEMA {trgm}` in database {db}, or {todo}"
+        raise BackupError(f"{need}, and user {user} may not create it: as a superuser run {todo}")
+    statements.append(f"CREATE EXTENSION pg_trgm SCHEMA {_ident(trgm)};")
+    return "\n".join(statements)
+
+
+def restore(url: str, file: Path, *, tool: Path, replace: bool = False) -> None:
+    """Load a dump's schema public into the database at url, all in one transaction: with
+    replace, the drop of the old schema public too, so a failure anywhere changes nothing.
+
+    pg_restore writes the SQL to a private temporary file (it holds password hashes) and
+    must finish, whole, before psql (the one of pg_restore's installation) runs it."""
     if not file.is_file():
         raise BackupError(f"no such backup file: {file}")
-    _run(
-        [
-            str(tool),
-            "--no-owner",
-            "--no-privileges",
-            "--exit-on-error",
-            "--single-transaction",
-            str(file),
-        ],
-        url,
-    )
+    fd, name = tempfile.mkstemp(prefix="crmsync-restore-", suffix=".sql")
+    os.close(fd)
+    sql = Path(name)
+    try:
+        _run(
+            [
+                str(tool),
+                "--schema=public",
+                "--no-owner",
+                "--no-privileges",
+                "--exit-on-error",
+                f"--file={sql}",
+                str(file),
+            ]
+        )
+        with sql.open("rb") as written:
+            written.seek(max(0, sql.stat().st_size - 4096))
+            if DUMP_COMPLETE not in written.read():
+                raise BackupError(f"pg_restore did not write all of {file}")
+        first = asyncio.run(before_load(url, trgm_schema(file, tool=tool), replace=replace))
+        psql = tool.with_name("psql")
+        command = [str(psql), "--no-psqlrc", "--quiet", "--single-transaction"]
+        command += ["--set=ON_ERROR_STOP=1", f"--command={first}", f"--file={sql}"]
+        try:
+            _run(command, url)
+        except BackupError as exc:
+            raise BackupError(f"the restore failed and changed nothing: {exc}") from None
+    finally:
+        sql.unlink(missing_ok=True)
 
 
 async def advance_transaction_ids(url: str) -> int:

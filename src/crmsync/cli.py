@@ -224,11 +224,12 @@ def backup_command(
 def restore_command(
     file: Annotated[Path, typer.Argument(help="A file written by `crmsync backup`")],
     force: Annotated[
-        bool, typer.Option("--force", help="Drop everything in a non-empty database first")
+        bool,
+        typer.Option("--force", help="Replace what schema public holds (in the same transaction)"),
     ] = False,
 ) -> None:
-    """Restore a backup into the database, which must be empty unless --force is given.
-    Stop the server first."""
+    """Restore a backup into the database, whose schema public must be empty unless --force
+    is given. All or nothing: a failed restore changes nothing. Stop the server first."""
     from crmsync import backup
 
     settings = _settings()
@@ -236,12 +237,12 @@ def restore_command(
         typer.echo(f"no such backup file: {file}", err=True)
         raise typer.Exit(1)
     url = db.database_url(settings)
-    existing = asyncio.run(backup.user_relations(url))
+    existing = asyncio.run(backup.public_relations(url))
     if existing and not force:
         typer.echo(
-            f"the database is not empty ({len(existing)} tables and sequences, e.g. "
-            f"{existing[0]}); restore into an empty one, or give --force to replace "
-            "everything in it",
+            f"the database is not empty: its schema public has {len(existing)} tables and"
+            f" sequences, e.g. {existing[0]}; restore into an empty one, or give --force to"
+            " replace them",
             err=True,
         )
         raise typer.Exit(1)
@@ -249,9 +250,7 @@ def restore_command(
     tool = backup.pg_tool("pg_restore", server_major=major, embedded=settings.embedded)
     try:
         backup.check_archive(file, tool=tool)
-        if existing:
-            asyncio.run(backup.empty_public_schema(url))
-        backup.restore(url, file, tool=tool)
+        backup.restore(url, file, tool=tool, replace=bool(existing))
     except backup.BackupError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
