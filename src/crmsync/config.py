@@ -62,7 +62,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _pool_sizes(self) -> Settings:
-        if self.pool_min_size > self.pool_max_size:
+        """A minimum given above the maximum is a mistake; the default one follows a small
+        maximum down (CRMSYNC_POOL_MAX_SIZE=1 alone is fine; see db.create_pool)."""
+        if "pool_min_size" in self.model_fields_set and self.pool_min_size > self.pool_max_size:
             raise ValueError("CRMSYNC_POOL_MIN_SIZE must not exceed CRMSYNC_POOL_MAX_SIZE")
         return self
 

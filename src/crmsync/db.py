@@ -166,7 +166,7 @@ async def _reset(conn: Connection) -> None:
 async def create_pool(url: str, settings: Settings) -> Pool:
     pool = await asyncpg.create_pool(
         url,
-        min_size=settings.pool_min_size,
+        min_size=min(settings.pool_min_size, settings.pool_max_size),
         max_size=settings.pool_max_size,
         reset=_reset,
         command_timeout=max(settings.statement_timeout_ms / 1000 + 5, 10),
