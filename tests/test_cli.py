@@ -90,11 +90,13 @@ def postgres_processes(pgdata: Path) -> list[psutil.Process]:
     return found
 
 
-def create_admin(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def create_admin(
+    env: dict[str, str], cwd: Path, email: str = "Boss@Example.com"
+) -> subprocess.CompletedProcess[str]:
     return run_cli(
         "create-admin",
         "--email",
-        "Boss@Example.com",
+        email,
         "--name",
         "Boss",
         env={**env, "CRMSYNC_ADMIN_PASSWORD": PASSWORD},
@@ -117,15 +119,7 @@ def check_create_admin_and_login(env: dict[str, str], cwd: Path, base: str) -> s
     plain = {"name": "Plain", "email": "plain@example.com", "password": PASSWORD}
     r = httpx.post(base + "/users", json=plain, headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 201, r.text
-    third = run_cli(
-        "create-admin",
-        "--email",
-        "PLAIN@example.com",
-        "--name",
-        "Plain",
-        env={**env, "CRMSYNC_ADMIN_PASSWORD": PASSWORD},
-        cwd=cwd,
-    )
+    third = create_admin(env, cwd, email="PLAIN@example.com")
     assert third.returncode == 0, third.stderr  # the contract: idempotent, exit 0 ...
     assert "already exists and is NOT an admin" in third.stdout  # ... but says what it found
     return token
