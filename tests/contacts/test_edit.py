@@ -304,6 +304,10 @@ async def test_if_match_accepts_the_etag_weakened_by_a_compressing_proxy(
 # wait after deadlock_timeout (1 s) by rolling back the side that waited first.
 
 NEW, CURRENT = "+14155550100", "+14155550199"
+# Each side looks for a deadlock deadlock_timeout after it began to wait, and the one that
+# looks first is rolled back: the server's side (1 s) waits first, but on a loaded machine
+# its check can come late. The test's side looks only after 10 s, so it never wins the race.
+HOLD_OUT = "SET deadlock_timeout = '10s'"
 
 
 async def wait_for_a_lock_wait(conn: asyncpg.Connection) -> None:
@@ -323,6 +327,7 @@ async def test_a_put_rolled_back_to_break_a_deadlock_is_run_again(
 ) -> None:
     x = await create(client, user, phone=CURRENT)
     other = await asyncpg.connect(database_url)
+    await other.execute(HOLD_OUT)
     try:
         async with other.transaction():
             await other.execute(
@@ -352,6 +357,7 @@ async def test_a_batch_rolled_back_to_break_a_deadlock_is_a_503_to_retry(
     x = await create(client, user, phone=CURRENT, created_at=at(10))
     batch = [contact("New", NEW), contact("Older", CURRENT, created_at=at(0))]
     other = await asyncpg.connect(database_url)
+    await other.execute(HOLD_OUT)
     try:
         async with other.transaction():
             await other.execute("UPDATE contacts SET name = 'T' WHERE id = $1", uuid.UUID(x["id"]))
