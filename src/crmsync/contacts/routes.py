@@ -144,8 +144,8 @@ async def contact_changes(
     cursor: Annotated[str | None, Query(max_length=2000)] = None,
 ) -> Response:
     changes = await service.contact_changes_page(
-        conn, cursor=cursor or None, limit=limit, key=request.app.state.cursor_key
-    )  # `cursor=` (empty) is no cursor: from the beginning
+        conn, cursor=cursor, limit=limit, key=request.app.state.cursor_key
+    )
     has_more = b"true" if changes.has_more else b"false"
     return JSONBytes(
         b'{"items":'

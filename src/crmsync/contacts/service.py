@@ -566,7 +566,7 @@ class ChangesPage:
 
 
 def _changes_position(cursor: str | None, key: bytes) -> tuple[int, int]:
-    if cursor is None:
+    if not cursor:  # none, or empty (`?cursor=`): from the beginning
         return 0, 0
     xid, seq = decode_cursor(key, CHANGES_SCOPE, cursor, 2)
     try:

@@ -127,7 +127,6 @@ async def sync(
             raise ValidationFailed.one(
                 ["body", "cursor"], "Input should be a valid string", "string_type"
             )
-        cursor = cursor or None  # "" is no cursor: from the beginning
         contact_items = _optional_batch(payload, "contacts", MAX_CONTACTS)
         call_items = _optional_batch(payload, "calls", MAX_CALLS)
         contacts = (
