@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 
+from crmsync.contacts import service as contacts_service
 from tests.conftest import Account, MakeUser, assert_problem
 from tests.contacts.test_upsert import at, contact, post
 
@@ -383,23 +385,39 @@ async def test_a_batch_rolled_back_to_break_a_deadlock_is_a_503_to_retry(
     assert retried.status_code == 200, retried.text
 
 
+async def racing(
+    database_url: str,
+    conn: asyncpg.Connection,
+    request: Awaitable[httpx.Response],
+    sql: str,
+    *args: object,
+) -> tuple[httpx.Response, Any]:
+    """The answer to `request` sent while another transaction, having run `sql` (its value
+    returned too), holds a contact's row, and commits once the request waits for it."""
+    other = await asyncpg.connect(database_url)
+    try:
+        async with other.transaction():
+            value = await other.fetchval(sql, *args)
+            sending = asyncio.ensure_future(request)
+            await wait_for_a_lock_wait(conn)
+        return await sending, value
+    finally:
+        await other.close()
+
+
 async def test_a_put_racing_an_identical_change_answers_200(
     client: httpx.AsyncClient, user: Account, database_url: str, conn: asyncpg.Connection
 ) -> None:
     """The PUT's snapshot has the old name; by the time it may write, a concurrent write
     gave the contact the same name, so it has nothing to write: it looks again, not 404."""
     x = await create(client, user, name="Old")
-    other = await asyncpg.connect(database_url)
-    try:
-        async with other.transaction():
-            await other.execute(
-                "UPDATE contacts SET name = 'New' WHERE id = $1", uuid.UUID(x["id"])
-            )
-            putting = asyncio.create_task(put(client, user, x["id"], {"name": "New"}))
-            await wait_for_a_lock_wait(conn)
-        r = await putting
-    finally:
-        await other.close()
+    r, _ = await racing(
+        database_url,
+        conn,
+        put(client, user, x["id"], {"name": "New"}),
+        "UPDATE contacts SET name = 'New' WHERE id = $1",
+        uuid.UUID(x["id"]),
+    )
     assert r.status_code == 200, r.text
     assert r.json()["name"] == "New"
 
@@ -415,21 +433,61 @@ async def test_a_delete_racing_a_change_of_owner_is_403(
     waits: the DELETE is refused for what the contact now is (403), not as unknown (404)."""
     x = await create(client, user)
     taker = await make_user()
-    other = await asyncpg.connect(database_url)
-    try:
-        async with other.transaction():
-            await other.execute(
-                "UPDATE contacts SET created_by = $2 WHERE id = $1",
-                uuid.UUID(x["id"]),
-                uuid.UUID(taker.id),
-            )
-            deleting = asyncio.create_task(delete(client, user, x["id"]))
-            await wait_for_a_lock_wait(conn)
-        r = await deleting
-    finally:
-        await other.close()
+    r, _ = await racing(
+        database_url,
+        conn,
+        delete(client, user, x["id"]),
+        "UPDATE contacts SET created_by = $2 WHERE id = $1",
+        uuid.UUID(x["id"]),
+        uuid.UUID(taker.id),
+    )
     assert_problem(r, 403, "forbidden")
     assert (
         await conn.fetchval("SELECT deleted FROM contacts WHERE id = $1", uuid.UUID(x["id"]))
+        is False
+    )
+
+
+async def test_a_write_that_loses_every_race_is_a_503_to_retry_and_writes_nothing(
+    client: httpx.AsyncClient,
+    user: Account,
+    make_user: MakeUser,
+    database_url: str,
+    conn: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A PUT or DELETE is run again each time its row changed under it, but not forever:
+    after ATTEMPTS lost races (here one) it answers 503 with Retry-After and writes nothing."""
+    monkeypatch.setattr(contacts_service, "ATTEMPTS", 1)
+    x = await create(client, user, name="Old")
+    y = await create(client, user, name="Old", phone=NEW)
+    r, version = await racing(
+        database_url,
+        conn,
+        put(client, user, x["id"], {"name": "New"}),
+        "UPDATE contacts SET name = 'New' WHERE id = $1 RETURNING xmin::text",
+        uuid.UUID(x["id"]),
+    )
+    assert_problem(r, 503, "unavailable")
+    assert r.headers["Retry-After"] == "1"
+    # the row as the other transaction left it: the PUT wrote no version of its own
+    assert (
+        await conn.fetchval("SELECT xmin::text FROM contacts WHERE id = $1", uuid.UUID(x["id"]))
+        == version
+    )
+
+    taker = await make_user()
+    r, _ = await racing(
+        database_url,
+        conn,
+        delete(client, user, y["id"]),
+        "UPDATE contacts SET created_by = $2 WHERE id = $1",
+        uuid.UUID(y["id"]),
+        uuid.UUID(taker.id),
+    )
+    assert_problem(r, 503, "unavailable")
+    assert r.headers["Retry-After"] == "1"
+    assert (
+        await conn.fetchval("SELECT deleted FROM contacts WHERE id = $1", uuid.UUID(y["id"]))
         is False
     )
