@@ -60,6 +60,23 @@ async def test_login_throttled_after_repeated_failures_with_retry_after(
     assert 1 <= int(r.headers["Retry-After"]) <= 300
 
 
+async def test_parallel_failures_are_throttled_like_sequential_ones(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    # Attempts that arrive together are counted one after another: however many race,
+    # only five passwords are checked before the lockout (each used to pass the lockout
+    # check before any failure was counted, and was checked).
+    answers = await asyncio.gather(
+        *[
+            client.post("/auth/login", json={"email": user.email, "password": f"bad-{i}"})
+            for i in range(20)
+        ]
+    )
+    assert sorted(a.status_code for a in answers) == [401] * 5 + [429] * 15
+    r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    assert_problem(r, 429, "too_many_attempts")
+
+
 async def test_throttle_is_shared_by_server_processes(
     client: httpx.AsyncClient, user: Account, database_url: str
 ) -> None:

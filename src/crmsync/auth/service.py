@@ -135,6 +135,33 @@ class Throttle:
     lockout_seconds: int
 
 
+# pg_advisory_xact_lock(class, key) for one account's logins (main.MAINTENANCE_LOCK_ID uses
+# the one-key form, whose key space the two-key form does not share).
+LOGIN_LOCK_CLASS = 0x63726D73  # "crms"
+
+
+async def _count_failure(conn: Connection, email_key: str, throttle: Throttle) -> None:
+    """One more failure of the account, locking it once they reach max_failures in the window."""
+    await conn.execute(
+        """INSERT INTO login_throttle AS t (email_key, failures, window_started_at, locked_until)
+           VALUES (lower($1), 1, now(), CASE WHEN $2 <= 1 THEN now() + make_interval(secs => $4) END)
+           ON CONFLICT (email_key) DO UPDATE SET
+             failures = CASE WHEN t.window_started_at < now() - make_interval(secs => $3)
+                             THEN 1 ELSE t.failures + 1 END,
+             window_started_at = CASE
+                             WHEN t.window_started_at < now() - make_interval(secs => $3)
+                             THEN now() ELSE t.window_started_at END,
+             locked_until = CASE
+                 WHEN t.window_started_at >= now() - make_interval(secs => $3)
+                      AND t.failures + 1 >= $2
+                 THEN now() + make_interval(secs => $4) END""",
+        email_key,
+        throttle.max_failures,
+        float(throttle.window_seconds),
+        float(throttle.lockout_seconds),
+    )
+
+
 async def login(
     conn: Connection,
     *,
@@ -147,49 +174,47 @@ async def login(
 ) -> tuple[str, datetime, str]:
     """(token, expires_at, user JSON) for right credentials.
 
-    Each statement commits on its own: a failed attempt must be counted even though
-    the request fails.
+    One attempt per account at a time, in every server process: an advisory lock on the
+    email, held from the lockout check to the failure's count. Attempts sent together
+    otherwise all passed the check before any of them was counted, and each had its
+    password checked (20 at once: 20 guesses, not 5). A failed attempt's count is
+    committed before the request fails.
     """
     # Lowercased by PostgreSQL, as the unique index on lower(email) does: Python's lower()
     # differs for some letters ("İ" -> "i̇", a final "Σ" -> "ς").
     email_key = email.strip()
-    wait = await conn.fetchval(
-        """SELECT extract(epoch FROM locked_until - now()) FROM login_throttle
-           WHERE email_key = lower($1) AND locked_until > now()""",
-        email_key,
-    )
+    row = None
+    async with conn.transaction():
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext(lower($2)))", LOGIN_LOCK_CLASS, email_key
+        )
+        wait = await conn.fetchval(
+            """SELECT extract(epoch FROM locked_until - now()) FROM login_throttle
+               WHERE email_key = lower($1) AND locked_until > now()""",
+            email_key,
+        )
+        if wait is None:
+            row = await conn.fetchrow(
+                f"""SELECT u.id, u.password_hash, u.token_generation, {USER_JSON}::text AS json
+                    FROM users u
+                    WHERE lower(u.email) = lower($1) AND u.deleted_at IS NULL""",
+                email_key,
+            )
+            password_hash = row["password_hash"] if row else _dummy_hash(rounds)
+            if not await check_password(password, password_hash):
+                row = None
+            if row is None:
+                await _count_failure(conn, email_key, throttle)
+            else:
+                await conn.execute(
+                    "DELETE FROM login_throttle WHERE email_key = lower($1)", email_key
+                )
     if wait is not None:
         LOGIN_FAILURES.inc()
         raise TooManyAttempts(max(1, math.ceil(wait)))
-    row = await conn.fetchrow(
-        f"""SELECT u.id, u.password_hash, u.token_generation, {USER_JSON}::text AS json
-            FROM users u
-            WHERE lower(u.email) = lower($1) AND u.deleted_at IS NULL""",
-        email_key,
-    )
-    password_hash = row["password_hash"] if row else _dummy_hash(rounds)
-    if not await check_password(password, password_hash) or row is None:
-        await conn.execute(
-            """INSERT INTO login_throttle AS t (email_key, failures, window_started_at, locked_until)
-               VALUES (lower($1), 1, now(), CASE WHEN $2 <= 1 THEN now() + make_interval(secs => $4) END)
-               ON CONFLICT (email_key) DO UPDATE SET
-                 failures = CASE WHEN t.window_started_at < now() - make_interval(secs => $3)
-                                 THEN 1 ELSE t.failures + 1 END,
-                 window_started_at = CASE
-                                 WHEN t.window_started_at < now() - make_interval(secs => $3)
-                                 THEN now() ELSE t.window_started_at END,
-                 locked_until = CASE
-                     WHEN t.window_started_at >= now() - make_interval(secs => $3)
-                          AND t.failures + 1 >= $2
-                     THEN now() + make_interval(secs => $4) END""",
-            email_key,
-            throttle.max_failures,
-            float(throttle.window_seconds),
-            float(throttle.lockout_seconds),
-        )
+    if row is None:
         LOGIN_FAILURES.inc()
         raise InvalidCredentials("Invalid email or password")
-    await conn.execute("DELETE FROM login_throttle WHERE email_key = lower($1)", email_key)
     token, expires_at = issue_token(
         row["id"], row["token_generation"], secret=secret, ttl_seconds=ttl_seconds
     )
