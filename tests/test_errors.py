@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
 import httpx
 import pytest
+import uvicorn
 from prometheus_client import REGISTRY
 
+from crmsync.middleware import MAX_HEAD_BYTES, ProblemHttpProtocol
 from tests.conftest import Account, assert_problem, make_app
 
 
@@ -164,3 +174,66 @@ async def test_nan_and_infinity_are_malformed_json_on_every_body(
     headers = {**admin.headers, "Content-Type": "application/json"}
     r = await client.request(method, url, content=body, headers=headers)
     assert_problem(r, 400, "bad_request")
+
+
+async def _hello(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture(scope="module")
+def served_protocol() -> Iterator[int]:
+    """crmsync's HTTP protocol in a real uvicorn, before an application that answers 200."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    config = uvicorn.Config(
+        _hello, host="127.0.0.1", port=port, http=ProblemHttpProtocol, log_config=None
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _exchange(port: int, request: bytes, answers: int = 1) -> bytes:
+    """What the server sends back, read until it closes or has sent `answers` answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        with contextlib.suppress(ConnectionResetError):  # refused before all was sent
+            conn.sendall(request)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while answer.count(b"HTTP/1.1 ") < answers and (chunk := conn.recv(65536)):
+                answer += chunk
+    return answer
+
+
+def test_a_request_head_over_the_limit_is_refused_unread(served_protocol: int) -> None:
+    # httptools buffers a head of any size: 200 MiB of headers cost the process 200 MiB.
+    huge = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (MAX_HEAD_BYTES + 1) + b"\r\n\r\n"
+    answer = _exchange(served_protocol, huge)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"content-type: application/problem+json" in head.lower()
+    assert json.loads(body)["code"] == "bad_request"
+
+
+def test_heads_under_the_limit_pass_also_with_a_body_or_one_after_another(
+    served_protocol: int,
+) -> None:
+    pad = b"X-Pad: " + b"a" * 40_000 + b"\r\n"
+    body = b"x" * 200_000  # arrives with its head, in writes larger than the limit
+    post = b"POST / HTTP/1.1\r\nHost: x\r\n" + pad + b"Content-Length: %d\r\n\r\n" % len(body)
+    get = b"GET / HTTP/1.1\r\nHost: x\r\n" + pad + b"\r\n"
+    # Pipelined: together more than the limit, each under it.
+    answer = _exchange(served_protocol, post + body + get * 3, answers=4)
+    assert answer.count(b"HTTP/1.1 200 OK") == 4, answer[:300]

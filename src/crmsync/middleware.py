@@ -205,9 +205,47 @@ async def send_problem(send: Send, error: ApiError, *, close: bool = False) -> N
     await send({"type": "http.response.body", "body": body})
 
 
+# The longest request line and headers taken (nginx's default allows 4 x 8 KiB lines).
+MAX_HEAD_BYTES = 64 * 1024
+
+
 class ProblemHttpProtocol(HttpToolsProtocol):
     """uvicorn's HTTP protocol, whose 400 for what it cannot parse (an unknown method, a
-    control byte in a header, a bad Content-Length) is a problem, not plain text."""
+    control byte in a header, a bad Content-Length) is a problem, not plain text.
+
+    It also refuses a request head (request line and headers) over MAX_HEAD_BYTES:
+    httptools sets no bound and buffers all of it, so one client sending endless headers
+    grew the process by as much as it sent (200 MiB of headers: +200 MiB)."""
+
+    _in_head = True  # between requests or inside one's head: bytes are counted
+    _head_bytes = 0
+    _requests = 0  # requests parsed to their end on this connection
+
+    def data_received(self, data: bytes) -> None:
+        while self._in_head and len(data) > MAX_HEAD_BYTES - self._head_bytes:
+            # What fits may end the head (then the rest is its body or the next request).
+            room = MAX_HEAD_BYTES - self._head_bytes
+            requests = self._requests
+            super().data_received(data[:room])
+            data = data[room:]
+            if self.transport.is_closing():
+                return
+            if self._in_head and self._requests == requests:  # the same head, still going
+                self.send_400_response(f"Request head over {MAX_HEAD_BYTES} bytes")
+                return
+        if self._in_head:
+            self._head_bytes += len(data)
+        if data:
+            super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head, self._head_bytes = True, 0
+        self._requests += 1
 
     def send_400_response(self, msg: str) -> None:
         body = orjson.dumps(BadRequest(msg).body())
