@@ -28,6 +28,7 @@ async def test_login_returns_token_user_and_expiry(
     assert set(body["user"]) == {"id", "name", "email", "is_admin", "created_at", "updated_at"}
     claims = jwt.decode(body["token"], TEST_SECRET, algorithms=["HS256"])
     assert {"sub", "jti", "exp"} <= claims.keys()
+    assert r.headers["Cache-Control"] == "no-store"  # a token: no cache may keep it (RFC 6749)
 
 
 async def test_login_email_is_case_insensitive(client: httpx.AsyncClient, user: Account) -> None:

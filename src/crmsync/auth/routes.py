@@ -34,7 +34,7 @@ async def login(body: LoginIn, conn: Conn, settings: AppSettings) -> Response:
     body_json = (
         f'{{"token":"{token}","token_type":"bearer","expires_at":"{expires}","user":{user_json}}}'
     )
-    return JSONBytes(body_json)
+    return JSONBytes(body_json, headers={"Cache-Control": "no-store"})  # a token: never cached
 
 
 @router.post(
