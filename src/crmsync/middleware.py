@@ -54,11 +54,6 @@ class Peers:
             self._known[host] = known
         return known
 
-    def is_local(self, host: str) -> bool:
-        """Loopback or a trusted proxy: may read /metrics without a token."""
-        loopback, trusted = self.classify(host)
-        return loopback or trusted
-
 
 class HttpsGuard:
     """Pure ASGI. Believes X-Forwarded-Proto and X-Forwarded-For only from trusted proxies

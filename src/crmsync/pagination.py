@@ -90,10 +90,6 @@ class PageRequest:
     cursor: str | None
     key: bytes = field(repr=False)
 
-    @property
-    def cursor_mode(self) -> bool:
-        return self.page is None
-
 
 @dataclass(frozen=True)
 class Listing:
