@@ -59,7 +59,8 @@ class HttpsGuard:
     """Pure ASGI. Believes X-Forwarded-Proto and X-Forwarded-For only from trusted proxies
     (then the scope's scheme and client become the original ones), refuses plain HTTP
     with 403 https_required unless it is a direct loopback request without forwarding
-    headers, and adds Strict-Transport-Security to HTTPS answers.
+    headers or for a path in HTTPS_EXEMPT (/healthz), and adds Strict-Transport-Security
+    to HTTPS answers.
 
     scope["state"]["local_client"] tells later code whether the original client is
     loopback or a trusted proxy."""
