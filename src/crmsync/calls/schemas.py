@@ -67,12 +67,12 @@ CALL_ADAPTER: TypeAdapter[CallIn] = TypeAdapter(CallIn)
 BATCH_ADAPTER: TypeAdapter[list[CallIn]] = TypeAdapter(list[_BatchCallIn])
 
 
-def calls_body_schema(max_items: int = MAX_CALLS) -> dict[str, Any]:
+def calls_body_schema() -> dict[str, Any]:
     """The request body's JSON schema, for routes that read the body themselves."""
     return {
         "type": "array",
         "minItems": 1,
-        "maxItems": max_items,
+        "maxItems": MAX_CALLS,
         "items": CALL_ADAPTER.json_schema(),
     }
 

@@ -45,12 +45,12 @@ CONTACT_ADAPTER: TypeAdapter[ContactIn] = TypeAdapter(ContactIn)
 BATCH_ADAPTER: TypeAdapter[list[ContactIn]] = TypeAdapter(list[ContactIn])
 
 
-def contacts_body_schema(max_items: int = MAX_BATCH) -> dict[str, Any]:
+def contacts_body_schema() -> dict[str, Any]:
     """The batch body's JSON schema, for a route that reads the body itself."""
     return {
         "type": "array",
         "minItems": 1,
-        "maxItems": max_items,
+        "maxItems": MAX_BATCH,
         "items": CONTACT_ADAPTER.json_schema(),
     }
 
