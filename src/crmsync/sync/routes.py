@@ -14,6 +14,7 @@ from crmsync.calls.service import (
     call_insert_many,
     parse_json,
 )
+from crmsync.contacts.schemas import MAX_BATCH
 from crmsync.contacts.service import (
     ContactBatch,
     contact_changes_head,
@@ -38,7 +39,6 @@ from crmsync.sync.schemas import SyncOut, SyncPage, SyncStateOut
 
 router = APIRouter(prefix="/sync", tags=["sync"], route_class=Route)
 
-MAX_CONTACTS = 1000
 CHANGES_LIMIT = 200
 
 SYNC_BODY_SCHEMA: dict[str, Any] = {
@@ -46,7 +46,7 @@ SYNC_BODY_SCHEMA: dict[str, Any] = {
     "properties": {
         "contacts": {
             "type": "array",
-            "maxItems": MAX_CONTACTS,
+            "maxItems": MAX_BATCH,
             "items": {"type": "object", "description": "As an item of POST /contacts/batch"},
         },
         "calls": {**calls_body_schema(), "minItems": 0},
@@ -98,7 +98,7 @@ async def sync_state(request: Request, user: CurrentUser, conn: Conn) -> Respons
     "",
     response_model=SyncOut,
     summary="Upload contacts and calls, pull contact changes",
-    description=f"One round trip: contacts (at most {MAX_CONTACTS}, as POST /contacts/batch) "
+    description=f"One round trip: contacts (at most {MAX_BATCH}, as POST /contacts/batch) "
     f"and calls (at most {MAX_CALLS}, as POST /calls) stored in one transaction, then up to "
     f"{CHANGES_LIMIT} contact changes after `cursor`. Writes one sync record.",
     openapi_extra={
@@ -127,7 +127,7 @@ async def sync(
             raise ValidationFailed.one(
                 ["body", "cursor"], "Input should be a valid string", "string_type"
             )
-        contact_items = _optional_batch(payload, "contacts", MAX_CONTACTS)
+        contact_items = _optional_batch(payload, "contacts", MAX_BATCH)
         call_items = _optional_batch(payload, "calls", MAX_CALLS)
         contacts = (
             await contact_upsert_many(
