@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 
 class ApiError(Exception):
@@ -121,3 +121,11 @@ class ItemProblem(BaseModel):
     loc: list[str | int]
     msg: str
     type: str
+
+
+def item_problems(error: ValidationError, loc: Sequence[str | int]) -> list[dict[str, Any]]:
+    """A batch item's validation errors as ItemProblem entries, each `loc` prefixed."""
+    return [
+        {"loc": [*loc, *e["loc"]], "msg": e["msg"], "type": e["type"]}
+        for e in error.errors(include_url=False, include_context=False, include_input=False)
+    ]

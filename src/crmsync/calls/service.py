@@ -13,7 +13,14 @@ from pydantic import ValidationError
 
 from crmsync.calls.schemas import BATCH_ADAPTER, CALL_ADAPTER, CallIn
 from crmsync.db import Connection
-from crmsync.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
+from crmsync.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    ValidationFailed,
+    item_problems,
+)
 from crmsync.observability import CALL_RESULTS
 from crmsync.pagination import Listing, PageRequest, Shape, SortKey, kept_total, paginate
 from crmsync.phone import normalize_with_hint
@@ -156,13 +163,6 @@ def batch_items(
     return value
 
 
-def _problems(error: ValidationError, loc: tuple[str | int, ...]) -> list[dict[str, Any]]:
-    return [
-        {"loc": [*loc, *e["loc"]], "msg": e["msg"], "type": e["type"]}
-        for e in error.errors(include_url=False, include_context=False, include_input=False)
-    ]
-
-
 def _validate(
     items: Sequence[object], loc: Loc
 ) -> tuple[list[int] | None, list[CallIn], dict[int, list[dict[str, Any]]]]:
@@ -185,7 +185,7 @@ def _validate(
             valid.append(CALL_ADAPTER.validate_python(item))
             indexes.append(index)
         except ValidationError as exc:
-            errors[index] = _problems(exc, (*loc, index))
+            errors[index] = item_problems(exc, (*loc, index))
     return indexes, valid, errors
 
 

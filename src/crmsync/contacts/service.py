@@ -25,6 +25,7 @@ from crmsync.errors import (
     PreconditionFailed,
     ServiceUnavailable,
     ValidationFailed,
+    item_problems,
 )
 from crmsync.observability import CONTACT_RESULTS
 from crmsync.pagination import (
@@ -175,13 +176,6 @@ class ContactVersion:
     version: int  # change_seq: moves on every write, so it makes the ETag
 
 
-def _problems(error: ValidationError, loc: tuple[str | int, ...]) -> list[dict[str, Any]]:
-    return [
-        {"loc": [*loc, *e["loc"]], "msg": e["msg"], "type": e["type"]}
-        for e in error.errors(include_url=False, include_context=False, include_input=False)
-    ]
-
-
 def _validate(
     items: Sequence[object], loc: tuple[str | int, ...], region: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -196,9 +190,8 @@ def _validate(
             try:
                 valid.append((index, CONTACT_ADAPTER.validate_python(item)))
             except ValidationError as exc:
-                rejected.append(
-                    {"index": index, "result": "rejected", "errors": _problems(exc, (*loc, index))}
-                )
+                errors = item_problems(exc, (*loc, index))
+                rejected.append({"index": index, "result": "rejected", "errors": errors})
     rows: list[dict[str, Any]] = []
     for index, contact in valid:
         phone = normalize_with_hint(contact["phone_raw"], contact.get("phone_normalized"), region)
