@@ -141,7 +141,7 @@ def create_admin(
 ) -> None:
     """Create an admin user. The password comes from CRMSYNC_ADMIN_PASSWORD, else it is
     asked twice on the terminal. An existing email is left as it is (exit 0)."""
-    from pydantic import TypeAdapter, ValidationError
+    from pydantic import TypeAdapter
 
     from crmsync.users.schemas import Password, UserCreate
     from crmsync.users.service import user_create
