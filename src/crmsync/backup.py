@@ -19,7 +19,9 @@ PREFIX, SUFFIX = "crmsync-", ".dump"
 
 
 class BackupError(Exception):
-    """pg_dump or pg_restore failed, or the target database is not empty."""
+    """pg_dump, pg_restore or psql failed, the file is not a whole backup, or the database
+    cannot get the pg_trgm the backup's indexes need. (A non-empty target database is
+    refused by `crmsync restore` itself, before any of this runs.)"""
 
 
 def _age(file: Path) -> tuple[str, int]:
