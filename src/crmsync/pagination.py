@@ -43,6 +43,10 @@ MAX_PAGE = 1_000_000_000  # keeps (page - 1) * limit, the OFFSET, a bigint
 class SortKey:
     expr: str  # SQL expression, e.g. "c.name"
     pg_type: str  # how the cursor's text value is cast back, e.g. "text", "uuid"
+    # The shape's field that shows this key exactly (its text casts back to pg_type to the
+    # same value), e.g. "id" for c.id shown as c.id::text: the cursor takes the last row's
+    # value from there. Otherwise the key is selected as a column of its own.
+    field: str | None = None
 
 
 def json_object_sql(fields: Iterable[tuple[str, str]]) -> str:
@@ -146,6 +150,13 @@ def _order_sql(listing: Listing, *, reverse: bool = False) -> str:
     return ", ".join(f"{k.expr}{direction}" for k in listing.keys)
 
 
+def _cursor_values(listing: Listing, row: asyncpg.Record) -> list[str]:
+    """The sort keys of a row selected by paginate, as the cursor's text values."""
+    fields = [key for key, _ in listing.shape.fields]
+    own = iter(row[len(fields) : -1])  # the keys without a field, in order
+    return [str(row[fields.index(k.field)] if k.field else next(own)) for k in listing.keys]
+
+
 async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> bytes:
     """The JSON answer `{items, page, limit, total, next_cursor}` for one page of a listing."""
     where = list(listing.where)
@@ -163,10 +174,11 @@ async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> byt
     elif page.page is not None:
         offset = (page.page - 1) * page.limit
     where_sql = f"WHERE {' AND '.join(where)}" if where else ""
-    # The sort keys as their own types: only the last row's are used, and PostgreSQL's text
-    # output of a timestamptz costs it more than its binary form costs asyncpg (0.06 of a
-    # 0.37 ms calls page, bench/README.md). str() of the Python value casts back exactly.
-    key_columns = ", ".join(k.expr for k in listing.keys)
+    # Only the last row's sort keys make the cursor: those the shape shows are read from
+    # its fields; the others are selected in their own types, after the shape's columns
+    # (PostgreSQL's text output of a timestamptz costs it more than its binary form costs
+    # asyncpg, bench/README.md). str() of either value casts back exactly.
+    own_keys = [k.expr for k in listing.keys if k.field is None]
     count_sql = listing.total_sql or f"SELECT count(*) {listing.from_sql} {where_sql}"
     # Page mode: the exact total comes from the same statement (run once, as an InitPlan).
     total_column = f"({count_sql})" if page.page is not None else "NULL::bigint"
@@ -209,7 +221,7 @@ async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> byt
         where_sql = f"WHERE {unique} = ANY(ARRAY({pick_sql}))"
         limit_sql = f"ORDER BY {order_sql}"
     sql = (
-        f"{with_sql}SELECT {listing.shape.columns_sql}, {key_columns}, {total_column} "
+        f"{with_sql}SELECT {', '.join([listing.shape.columns_sql, *own_keys, total_column])} "
         f"{listing.from_sql} {where_sql} {limit_sql}"
     )
     rows = await conn.fetch(sql, *args)
@@ -223,11 +235,8 @@ async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> byt
             total = await conn.fetchval(count_sql, *count_args)
     more = len(rows) > page.limit
     items = rows[: page.limit]
-    first_key = len(listing.shape.fields)
     next_cursor = (
-        encode_cursor(page.key, listing.scope, [str(v) for v in items[-1][first_key:-1]])
-        if more
-        else None
+        encode_cursor(page.key, listing.scope, _cursor_values(listing, items[-1])) if more else None
     )
     head = orjson.dumps(
         {"page": page.page, "limit": page.limit, "total": total, "next_cursor": next_cursor}

@@ -301,7 +301,7 @@ async def call_list(
         scope="|".join(str(s) for s in scope),
         from_sql="FROM call_logs l LEFT JOIN contacts c ON c.id = l.contact_id",
         shape=CALL,
-        keys=[SortKey('l."timestamp"', "timestamptz"), SortKey("l.id", "uuid")],
+        keys=[SortKey('l."timestamp"', "timestamptz", "timestamp"), SortKey("l.id", "uuid", "id")],
         where=where,
         params=params,
         descending=True,

@@ -292,7 +292,7 @@ async def contact_list(conn: Connection, page: PageRequest) -> bytes:
         from_sql="FROM contacts c",
         shape=CONTACT,
         where=["NOT c.deleted"],
-        keys=[SortKey("c.name", "text"), SortKey("c.id", "uuid")],
+        keys=[SortKey("c.name", "text", "name"), SortKey("c.id", "uuid", "id")],
         total_sql=kept_total("contacts"),
     )
     return await paginate(conn, listing, page)
@@ -323,7 +323,7 @@ async def contact_search(conn: Connection, page: PageRequest, *, q: str) -> byte
             shape=CONTACT,
             where=["NOT c.deleted", "c.phone_normalized LIKE $1"],
             params=[f"%{digits}%"],
-            keys=[SortKey("c.name", "text"), SortKey("c.id", "uuid")],
+            keys=[SortKey("c.name", "text", "name"), SortKey("c.id", "uuid", "id")],
             sorted_after_match=True,
         )
     else:
@@ -337,8 +337,8 @@ async def contact_search(conn: Connection, page: PageRequest, *, q: str) -> byte
             params=[f"%{_like_escape(q)}%"],
             keys=[
                 SortKey("(CASE WHEN c.name ILIKE substr($1, 2) THEN 0 ELSE 1 END)", "int"),
-                SortKey("c.name", "text"),
-                SortKey("c.id", "uuid"),
+                SortKey("c.name", "text", "name"),
+                SortKey("c.id", "uuid", "id"),
             ],
             sorted_after_match=True,
         )

@@ -115,7 +115,10 @@ async def sync_list(conn: Connection, page: PageRequest, *, user_id: uuid.UUID |
         scope=f"sync|{user_id or ''}",
         from_sql="FROM sync_audit s",
         shape=SYNC,
-        keys=[SortKey("s.created_at", "timestamptz"), SortKey("s.id", "uuid")],
+        keys=[
+            SortKey("s.created_at", "timestamptz", "created_at"),
+            SortKey("s.id", "uuid", "id"),
+        ],
         where=["s.user_id = $1"] if user_id else [],
         params=[user_id] if user_id else [],
         descending=True,

@@ -18,7 +18,10 @@ async def user_list(conn: Connection, page: PageRequest) -> bytes:
         from_sql="FROM users u",
         shape=USER,
         where=["u.deleted_at IS NULL"],
-        keys=[SortKey("u.created_at", "timestamptz"), SortKey("u.id", "uuid")],
+        keys=[
+            SortKey("u.created_at", "timestamptz", "created_at"),
+            SortKey("u.id", "uuid", "id"),
+        ],
     )
     return await paginate(conn, listing, page)
 
