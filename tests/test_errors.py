@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +14,7 @@ import uvicorn
 from prometheus_client import REGISTRY
 
 from crmsync.middleware import MAX_HEAD_BYTES, ProblemHttpProtocol
-from tests.conftest import Account, assert_problem, make_app
+from tests.conftest import Account, assert_problem, free_port, make_app, serving
 
 
 async def test_unknown_route_and_wrong_method_are_problems(
@@ -185,24 +183,12 @@ async def _hello(scope: Any, receive: Any, send: Any) -> None:
 @pytest.fixture(scope="module")
 def served_protocol() -> Iterator[int]:
     """crmsync's HTTP protocol in a real uvicorn, before an application that answers 200."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    port = free_port()
     config = uvicorn.Config(
         _hello, host="127.0.0.1", port=port, http=ProblemHttpProtocol, log_config=None
     )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
+    with serving(config):
         yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def _exchange(port: int, request: bytes, answers: int = 1) -> bytes:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import socket
 import ssl
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import trustme
 import uvicorn
 from fastapi import FastAPI
 
-from tests.conftest import assert_problem, make_app
+from tests.conftest import assert_problem, free_port, make_app, serving
 
 TRUSTED = "10.0.0.0/8, 192.168.1.7, fd00::/8"
 
@@ -96,13 +93,6 @@ async def test_https_not_required_when_switched_off(database_url: str) -> None:
 # A real TLS handshake: uvicorn serving the app with a certificate made for the test.
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
     return trustme.CA()
@@ -116,7 +106,7 @@ def tls_server(
     cert = ca.issue_cert("127.0.0.1", "localhost")
     cert.private_key_pem.write_to_path(str(directory / "key.pem"))
     cert.cert_chain_pems[0].write_to_path(str(directory / "cert.pem"))
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(
         make_app(database_url),
         host="127.0.0.1",
@@ -126,18 +116,8 @@ def tls_server(
         log_config=None,
         lifespan="on",
     )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
+    with serving(config):
         yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_tls_handshake_with_a_test_certificate(tls_server: str, ca: trustme.CA) -> None:

@@ -405,6 +405,26 @@ async def racing(
         await other.close()
 
 
+async def delete_while_taken_over(
+    client: httpx.AsyncClient,
+    user: Account,
+    taker: Account,
+    database_url: str,
+    conn: asyncpg.Connection,
+    contact: dict[str, Any],
+) -> httpx.Response:
+    """The owner's DELETE, sent while `taker` takes the contact over in another transaction."""
+    r, _ = await racing(
+        database_url,
+        conn,
+        delete(client, user, contact["id"]),
+        "UPDATE contacts SET created_by = $2 WHERE id = $1",
+        uuid.UUID(contact["id"]),
+        uuid.UUID(taker.id),
+    )
+    return r
+
+
 async def test_a_put_racing_an_identical_change_answers_200(
     client: httpx.AsyncClient, user: Account, database_url: str, conn: asyncpg.Connection
 ) -> None:
@@ -432,15 +452,7 @@ async def test_a_delete_racing_a_change_of_owner_is_403(
     """An older upload by another user takes the contact over while the owner's DELETE
     waits: the DELETE is refused for what the contact now is (403), not as unknown (404)."""
     x = await create(client, user)
-    taker = await make_user()
-    r, _ = await racing(
-        database_url,
-        conn,
-        delete(client, user, x["id"]),
-        "UPDATE contacts SET created_by = $2 WHERE id = $1",
-        uuid.UUID(x["id"]),
-        uuid.UUID(taker.id),
-    )
+    r = await delete_while_taken_over(client, user, await make_user(), database_url, conn, x)
     assert_problem(r, 403, "forbidden")
     assert (
         await conn.fetchval("SELECT deleted FROM contacts WHERE id = $1", uuid.UUID(x["id"]))
@@ -476,15 +488,7 @@ async def test_a_write_that_loses_every_race_is_a_503_to_retry_and_writes_nothin
         == version
     )
 
-    taker = await make_user()
-    r, _ = await racing(
-        database_url,
-        conn,
-        delete(client, user, y["id"]),
-        "UPDATE contacts SET created_by = $2 WHERE id = $1",
-        uuid.UUID(y["id"]),
-        uuid.UUID(taker.id),
-    )
+    r = await delete_while_taken_over(client, user, await make_user(), database_url, conn, y)
     assert_problem(r, 503, "unavailable")
     assert r.headers["Retry-After"] == "1"
     assert (
