@@ -405,6 +405,25 @@ async def racing(
         await other.close()
 
 
+async def put_while_renamed(
+    client: httpx.AsyncClient,
+    user: Account,
+    database_url: str,
+    conn: asyncpg.Connection,
+    contact: dict[str, Any],
+) -> tuple[httpx.Response, str]:
+    """A PUT of the name "New", sent while another transaction gives the contact that same
+    name; with the xmin that transaction left on the row."""
+    r, xmin = await racing(
+        database_url,
+        conn,
+        put(client, user, contact["id"], {"name": "New"}),
+        "UPDATE contacts SET name = 'New' WHERE id = $1 RETURNING xmin::text",
+        uuid.UUID(contact["id"]),
+    )
+    return r, xmin
+
+
 async def delete_while_taken_over(
     client: httpx.AsyncClient,
     user: Account,
@@ -431,13 +450,7 @@ async def test_a_put_racing_an_identical_change_answers_200(
     """The PUT's snapshot has the old name; by the time it may write, a concurrent write
     gave the contact the same name, so it has nothing to write: it looks again, not 404."""
     x = await create(client, user, name="Old")
-    r, _ = await racing(
-        database_url,
-        conn,
-        put(client, user, x["id"], {"name": "New"}),
-        "UPDATE contacts SET name = 'New' WHERE id = $1",
-        uuid.UUID(x["id"]),
-    )
+    r, _ = await put_while_renamed(client, user, database_url, conn, x)
     assert r.status_code == 200, r.text
     assert r.json()["name"] == "New"
 
@@ -473,13 +486,7 @@ async def test_a_write_that_loses_every_race_is_a_503_to_retry_and_writes_nothin
     monkeypatch.setattr(contacts_service, "ATTEMPTS", 1)
     x = await create(client, user, name="Old")
     y = await create(client, user, name="Old", phone=NEW)
-    r, version = await racing(
-        database_url,
-        conn,
-        put(client, user, x["id"], {"name": "New"}),
-        "UPDATE contacts SET name = 'New' WHERE id = $1 RETURNING xmin::text",
-        uuid.UUID(x["id"]),
-    )
+    r, version = await put_while_renamed(client, user, database_url, conn, x)
     assert_problem(r, 503, "unavailable")
     assert r.headers["Retry-After"] == "1"
     # the row as the other transaction left it: the PUT wrote no version of its own
