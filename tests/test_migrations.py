@@ -96,6 +96,42 @@ async def test_0009_moves_device_id_and_elapsed_ms_out_of_details_and_back(
         await conn.close()
 
 
+async def test_0010_keys_calls_by_time_and_back_keeping_every_call(
+    make_database: Callable[[str], Awaitable[str]],
+) -> None:
+    url = await make_database("crmsync_migration_0010")
+    db.migrate(url)
+    db.migrate(url, "0009")
+    conn = await asyncpg.connect(url)
+    key = """SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'pk_call_logs'"""
+    indexes = (
+        "SELECT array_agg(indexname::text ORDER BY 1) FROM pg_indexes WHERE tablename = 'call_logs'"
+    )
+    try:
+        user = await conn.fetchval(
+            "INSERT INTO users (name, email, password_hash) VALUES ('U', 'u@x.io', 'h') RETURNING id"
+        )
+        await conn.execute(
+            "INSERT INTO call_logs (user_id, phone_raw, direction, duration_seconds, timestamp)"
+            " SELECT $1, g::text, 'missed', 0, timestamptz '2026-01-01' + g * interval '1 s'"
+            " FROM generate_series(1, 500) g",
+            user,
+        )
+        calls = "SELECT array_agg((id, timestamp)::text ORDER BY id) FROM call_logs"
+        before = await conn.fetchval(calls)
+        assert await conn.fetchval(key) == "PRIMARY KEY (id)"
+        db.migrate(url)  # 0010
+        assert await conn.fetchval(key) == 'PRIMARY KEY ("timestamp", id)'
+        assert "ix_call_logs_timestamp" not in await conn.fetchval(indexes)
+        assert await conn.fetchval(calls) == before
+        db.migrate(url, "0009")
+        assert await conn.fetchval(key) == "PRIMARY KEY (id)"
+        assert "ix_call_logs_timestamp" in await conn.fetchval(indexes)
+        assert await conn.fetchval(calls) == before
+    finally:
+        await conn.close()
+
+
 # What compare_metadata does not look at: check constraints' conditions, column defaults
 # and index definitions. tables.py is built into a scratch database and both catalogs read.
 SCHEMA_TEXT = """
