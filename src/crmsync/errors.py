@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ValidationError
 
+Loc = Sequence[str | int]  # where in the request a problem is: ("body", 3, "timestamp")
+
 
 class ApiError(Exception):
     status: ClassVar[int] = 500
@@ -93,9 +95,7 @@ class ValidationFailed(ApiError):
         super().__init__(detail or "Request validation failed", errors=list(errors))
 
     @classmethod
-    def one(
-        cls, loc: Sequence[str | int], msg: str, type_: str = "value_error"
-    ) -> ValidationFailed:
+    def one(cls, loc: Loc, msg: str, type_: str = "value_error") -> ValidationFailed:
         return cls([{"loc": list(loc), "msg": msg, "type": type_}])
 
 
@@ -123,7 +123,7 @@ class ItemProblem(BaseModel):
     type: str
 
 
-def item_problems(error: ValidationError, loc: Sequence[str | int]) -> list[dict[str, Any]]:
+def item_problems(error: ValidationError, loc: Loc) -> list[dict[str, Any]]:
     """A batch item's validation errors as ItemProblem entries, each `loc` prefixed."""
     return [
         {"loc": [*loc, *e["loc"]], "msg": e["msg"], "type": e["type"]}

@@ -18,7 +18,7 @@ from crmsync.deps import (
     Route,
     Tx,
 )
-from crmsync.sync.service import Upload, upload
+from crmsync.sync.service import Upload, batch_items, parse_json, upload
 from crmsync.times import Rfc3339
 
 router = APIRouter(prefix="/calls", tags=["calls"], route_class=Route)
@@ -50,7 +50,7 @@ async def upload_calls(
     body = await request.body()
 
     async def work() -> Upload:
-        items = service.batch_items(service.parse_json(body), loc=("body",), max_items=MAX_CALLS)
+        items = batch_items(parse_json(body), loc=("body",), max_items=MAX_CALLS)
         batch = await service.call_insert_many(
             conn, items, user_id=user.id, is_admin=user.is_admin, region=settings.default_region
         )

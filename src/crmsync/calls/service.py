@@ -14,19 +14,15 @@ from pydantic import ValidationError
 from crmsync.calls.schemas import BATCH_ADAPTER, CALL_ADAPTER, CallIn
 from crmsync.db import Connection
 from crmsync.errors import (
-    BadRequest,
     Forbidden,
+    Loc,
     NotFound,
-    PayloadTooLarge,
-    ValidationFailed,
     item_problems,
 )
 from crmsync.observability import CALL_RESULTS
 from crmsync.pagination import Listing, PageRequest, Shape, SortKey, kept_total, paginate
 from crmsync.phone import normalize_with_hint
 from crmsync.times import FUTURE_SKEW
-
-Loc = Sequence[str | int]
 
 CALL = Shape(
     (
@@ -138,29 +134,6 @@ async def relink(conn: Connection) -> int:
     else:
         status = await conn.execute(RELINK_SINCE_SQL, since)
     return int(status.split()[-1])
-
-
-def parse_json(body: bytes) -> Any:
-    if not body.strip():
-        raise ValidationFailed.one(["body"], "Field required", "missing")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise BadRequest("Malformed JSON body") from None
-
-
-def batch_items(
-    value: object, *, loc: Loc, max_items: int, allow_empty: bool = False
-) -> list[object]:
-    """The list a batch upload sends: 422 when it is not a list (or empty), 413 when it
-    holds more than max_items."""
-    if not isinstance(value, list):
-        raise ValidationFailed.one(loc, "Input should be a valid list", "list_type")
-    if not value and not allow_empty:
-        raise ValidationFailed.one(loc, "List should have at least 1 item", "too_short")
-    if len(value) > max_items:
-        raise PayloadTooLarge(f"At most {max_items} items in one batch, got {len(value)}")
-    return value
 
 
 def _validate(

@@ -5,7 +5,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
-from crmsync.calls.service import batch_items, parse_json
 from crmsync.contacts import service
 from crmsync.contacts.schemas import (
     MAX_BATCH,
@@ -33,7 +32,7 @@ from crmsync.deps import (
 )
 from crmsync.openapi import problem_answer
 from crmsync.pagination import DEFAULT_LIMIT, MAX_LIMIT
-from crmsync.sync.service import Upload, upload
+from crmsync.sync.service import Upload, batch_items, parse_json, upload
 
 router = APIRouter(prefix="/contacts", tags=["contacts"], route_class=Route)
 

@@ -20,6 +20,7 @@ from crmsync.db import Connection
 from crmsync.errors import (
     BadRequest,
     Forbidden,
+    Loc,
     NotFound,
     PhoneTaken,
     PreconditionFailed,
@@ -41,8 +42,6 @@ from crmsync.pagination import (
 )
 from crmsync.phone import normalize, normalize_with_hint
 from crmsync.times import as_utc
-
-Loc = Sequence[str | int]
 
 CONTACT = Shape(
     (

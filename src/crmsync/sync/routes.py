@@ -7,13 +7,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from crmsync.calls.schemas import MAX_CALLS, calls_body_schema
-from crmsync.calls.service import (
-    CallBatch,
-    batch_items,
-    call_count_metrics,
-    call_insert_many,
-    parse_json,
-)
+from crmsync.calls.service import CallBatch, call_count_metrics, call_insert_many
 from crmsync.contacts.schemas import MAX_BATCH
 from crmsync.contacts.service import (
     ContactBatch,
@@ -62,7 +56,7 @@ def _optional_batch(payload: dict[str, Any], field: str, max_items: int) -> list
     value = payload.get(field)
     if value is None:
         return []
-    return batch_items(value, loc=("body", field), max_items=max_items, allow_empty=True)
+    return service.batch_items(value, loc=("body", field), max_items=max_items, allow_empty=True)
 
 
 @router.get(
@@ -119,7 +113,7 @@ async def sync(
     body = await request.body()
 
     async def work() -> service.Upload:
-        payload = parse_json(body)
+        payload = service.parse_json(body)
         if not isinstance(payload, dict):
             raise ValidationFailed.one(["body"], "Input should be a valid object", "dict_type")
         cursor = payload.get("cursor")

@@ -1,4 +1,5 @@
-"""Sync records: one per upload, written in the upload's own transaction."""
+"""Uploads: the batch body every upload sends, and the sync record each one writes in its
+own transaction."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 
 from crmsync.db import Connection
+from crmsync.errors import BadRequest, Loc, PayloadTooLarge, ValidationFailed
 from crmsync.idempotency import Answer, idempotent
 from crmsync.pagination import Listing, PageRequest, Shape, SortKey, json_object_sql, paginate
 
@@ -27,6 +29,30 @@ class Upload:
     details: dict[str, int]  # counts only (the contract's `details`)
     answer: Callable[[uuid.UUID], bytes]
     count_metrics: Callable[[], None]
+
+
+def parse_json(body: bytes) -> Any:
+    """An upload's body: 422 when there is none, 400 when it is not strict JSON."""
+    if not body.strip():
+        raise ValidationFailed.one(["body"], "Field required", "missing")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("Malformed JSON body") from None
+
+
+def batch_items(
+    value: object, *, loc: Loc, max_items: int, allow_empty: bool = False
+) -> list[object]:
+    """The list a batch upload sends: 422 when it is not a list (or empty), 413 when it
+    holds more than max_items."""
+    if not isinstance(value, list):
+        raise ValidationFailed.one(loc, "Input should be a valid list", "list_type")
+    if not value and not allow_empty:
+        raise ValidationFailed.one(loc, "List should have at least 1 item", "too_short")
+    if len(value) > max_items:
+        raise PayloadTooLarge(f"At most {max_items} items in one batch, got {len(value)}")
+    return value
 
 
 async def upload(
