@@ -112,6 +112,10 @@ class Listing:
     # then sorted. PostgreSQL computes the select list before a sort, so the page's rows
     # are picked by key first and their JSON built alone, not the JSON of every match.
     sorted_after_match: bool = False
+    # The columns of a unique index that finds one row, in its order: page mode and
+    # sorted_after_match pick the page's rows by them first. By default the last sort key
+    # (an id with its own primary key); calls name their primary key, ("timestamp", id).
+    row_key: Sequence[str] = ()
 
 
 def kept_total(name: str) -> str:
@@ -191,7 +195,7 @@ async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> byt
         # OFFSET would compute the values of every row it skips, a sort those of every row
         # it sorts: pick the page's rows by their unique last key first (from the index
         # alone where it can), then compute the values of those alone.
-        unique = listing.keys[-1].expr
+        unique = ", ".join(listing.row_key or [listing.keys[-1].expr])
         pick_sql = f"SELECT {unique} {listing.from_sql} {where_sql} {limit_sql}"
         if offset:
             args.append(offset)
@@ -218,7 +222,14 @@ async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> byt
                 f"THEN greatest(least({lim}, {back}), 0) ELSE 0 END "
                 f"OFFSET greatest({back} - {lim}, 0))"
             )
-        where_sql = f"WHERE {unique} = ANY(ARRAY({pick_sql}))"
+        if listing.row_key:
+            # Rows are found by several columns with a semi-join (an array holds one); the
+            # constant LIMIT, which cuts nothing, caps the planner's estimate of the pick
+            # (a tenth of the table for a parameter's), so the rows are looked up by index.
+            picked = f"SELECT * FROM ({pick_sql}) picked LIMIT {MAX_LIMIT + 1}"
+            where_sql = f"WHERE ({unique}) IN ({picked})"
+        else:
+            where_sql = f"WHERE {unique} = ANY(ARRAY({pick_sql}))"
         limit_sql = f"ORDER BY {order_sql}"
     sql = (
         f"{with_sql}SELECT {', '.join([listing.shape.columns_sql, *own_keys, total_column])} "

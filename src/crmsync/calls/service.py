@@ -275,6 +275,7 @@ async def call_list(
         from_sql="FROM call_logs l LEFT JOIN contacts c ON c.id = l.contact_id",
         shape=CALL,
         keys=[SortKey('l."timestamp"', "timestamptz", "timestamp"), SortKey("l.id", "uuid", "id")],
+        row_key=['l."timestamp"', "l.id"],  # pk_call_logs (migration 0010)
         where=where,
         params=params,
         descending=True,
