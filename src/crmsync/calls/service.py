@@ -273,6 +273,7 @@ async def call_list(
     listing = Listing(
         scope="|".join(str(s) for s in scope),
         from_sql="FROM call_logs l LEFT JOIN contacts c ON c.id = l.contact_id",
+        pick_from_sql="FROM call_logs l",  # the filters name call_logs' columns alone
         shape=CALL,
         keys=[SortKey('l."timestamp"', "timestamptz", "timestamp"), SortKey("l.id", "uuid", "id")],
         row_key=['l."timestamp"', "l.id"],  # pk_call_logs (migration 0010)
