@@ -1,6 +1,7 @@
-"""Page mode's exact `total` of GET /contacts and GET /calls comes from the deltas the
-row_counts triggers append (migration 0002), not from counting the tables: it must equal
-count(*) after every kind of write, and survive compaction, TRUNCATE and the migration."""
+"""Page mode's exact `total` of GET /contacts and GET /calls (also of one user's calls, or
+one direction's: migration 0011) comes from the deltas the row_counts triggers append
+(migration 0002), not from counting the tables: it must equal count(*) after every kind of
+write, and survive compaction, TRUNCATE and the migrations."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from crmsync.main import MAINTENANCE_LOCK_ID, maintain
 from tests.calls.test_upload import call
 from tests.conftest import Account, make_settings
 
+DIRECTIONS = ("incoming", "outgoing", "missed")
+
 
 async def assert_totals_exact(
     client: httpx.AsyncClient, account: Account, conn: asyncpg.Connection
@@ -29,6 +32,25 @@ async def assert_totals_exact(
             r = await client.get(path, params={"page": page}, headers=account.headers)
             assert r.status_code == 200
             assert r.json()["total"] == expected, (path, page)
+    pairs = await conn.fetch(
+        """SELECT u.id, d, (SELECT count(*) FROM call_logs l WHERE l.user_id = u.id AND l.direction = d)
+           FROM users u, unnest(ARRAY['incoming', 'outgoing', 'missed']) d"""
+    )
+    by_user: dict[str, int] = {}
+    by_direction: dict[str, int] = {}
+    for user_id, direction, n in pairs:
+        by_user[str(user_id)] = by_user.get(str(user_id), 0) + n
+        by_direction[direction] = by_direction.get(direction, 0) + n
+        both = {"user_id": str(user_id), "direction": direction}
+        for page in (1, 1000):
+            r = await client.get("/calls", params={**both, "page": page}, headers=account.headers)
+            assert r.json()["total"] == n, (both, page)
+    for filters, expected in [
+        *[({"user_id": u}, n) for u, n in by_user.items()],
+        *[({"direction": d}, n) for d, n in by_direction.items()],
+    ]:
+        r = await client.get("/calls", params={**filters, "page": 1}, headers=account.headers)
+        assert r.json()["total"] == expected, filters
 
 
 def contact(i: int, created_at: str = "2025-01-01T00:00:00Z") -> dict[str, str]:
@@ -52,9 +74,16 @@ async def test_totals_follow_every_write(
     await assert_totals_exact(client, user, conn)  # deleted
     assert (await client.post("/contacts", json=contact(9), headers=h)).status_code == 201
     await assert_totals_exact(client, user, conn)  # revived
-    calls = [call(i) for i in range(20)]
+    calls = [call(i, direction=DIRECTIONS[i % 3]) for i in range(20)]
     assert (await client.post("/calls", json=calls, headers=h)).json()["inserted"] == 20
     assert (await client.post("/calls", json=calls, headers=h)).json()["duplicates"] == 20
+    await assert_totals_exact(client, user, conn)
+    # Nothing moves a call to another user or direction; should anything ever, the
+    # totals follow.
+    await conn.execute(
+        "UPDATE call_logs SET direction = 'missed', duration_seconds = 0 WHERE ctid IN "
+        "(SELECT ctid FROM call_logs WHERE direction = 'incoming' LIMIT 2)"
+    )
     await assert_totals_exact(client, user, conn)
     await conn.execute(
         "DELETE FROM call_logs WHERE duration_seconds = 60 AND ctid IN "
@@ -63,7 +92,8 @@ async def test_totals_follow_every_write(
     await assert_totals_exact(client, user, conn)
 
     assert await maintain(conn, prune=True, idempotency_ttl_days=8)
-    assert await conn.fetchval("SELECT count(*) FROM row_counts") == 2
+    # one row for the contacts, one for each direction of the user's calls
+    assert await conn.fetchval("SELECT count(*) FROM row_counts") == 4
     await assert_totals_exact(client, user, conn)
 
 
@@ -125,12 +155,31 @@ async def test_the_migration_counts_rows_already_there(
                SELECT 'N', i::text, '+1415555' || i, i % 3 = 0 FROM generate_series(1, 30) i;
                INSERT INTO users (name, email, password_hash) VALUES ('U', 'u@x.io', 'x');
                INSERT INTO call_logs (user_id, direction, duration_seconds, "timestamp")
-               SELECT (SELECT id FROM users), 'missed', 0, now() - i * interval '1 minute'
+               SELECT (SELECT id FROM users), (ARRAY['missed', 'incoming'])[1 + i % 2], 0,
+                      now() - i * interval '1 minute'
                FROM generate_series(1, 7) i"""
         )
         db.migrate(url)
         totals = dict(await conn.fetch("SELECT name, sum(n)::bigint FROM row_counts GROUP BY name"))
         assert totals == {"contacts": 20, "calls": 7}
+        kept = "SELECT direction, n FROM row_counts WHERE name = 'calls' ORDER BY direction"
+        assert await conn.fetch(kept) == [("incoming", 4), ("missed", 3)]
+        user_id = await conn.fetchval("SELECT id FROM users")
+        assert user_id == await conn.fetchval(
+            "SELECT DISTINCT user_id FROM row_counts WHERE name = 'calls'"
+        )
+        db.migrate(url, "0010")  # back to one row of all the calls
+        await conn.execute(
+            'INSERT INTO call_logs (user_id, direction, duration_seconds, "timestamp") '
+            "VALUES ($1, 'outgoing', 1, now())",
+            user_id,
+        )
+        assert await conn.fetch(
+            "SELECT name, sum(n)::bigint FROM row_counts GROUP BY name ORDER BY name"
+        ) == [
+            ("calls", 8),
+            ("contacts", 20),
+        ]
     finally:
         await conn.close()
 
@@ -139,12 +188,19 @@ async def test_unfiltered_totals_are_read_from_row_counts(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
     # What makes the other tests here bite: the totals are the kept ones, not a count(*).
-    await conn.execute("INSERT INTO row_counts VALUES ('calls', 1000), ('contacts', 7)")
+    await conn.execute(
+        "INSERT INTO row_counts (name, n, user_id, direction) VALUES "
+        "('calls', 1000, NULL, NULL), ('contacts', 7, NULL, NULL), ('calls', 5, $1, 'missed')",
+        user.id,
+    )
     h = user.headers
-    assert (await client.get("/calls?page=1", headers=h)).json()["total"] == 1000
+    assert (await client.get("/calls?page=1", headers=h)).json()["total"] == 1005
     assert (await client.get("/contacts?page=1", headers=h)).json()["total"] == 7
-    # A filtered list counts its own rows.
-    r = await client.get("/calls", params={"page": 1, "direction": "missed"}, headers=h)
+    for filters in ({"user_id": user.id}, {"direction": "missed"}):
+        r = await client.get("/calls", params={"page": 1, **filters}, headers=h)
+        assert r.json()["total"] == 5, filters
+    # Other filters count their own rows.
+    r = await client.get("/calls", params={"page": 1, "since": "2020-01-01T00:00:00Z"}, headers=h)
     assert r.json()["total"] == 0
 
 

@@ -48,16 +48,18 @@ ROUND_INTERVAL_SECONDS = 5
 RELINK_EVERY = 12
 PRUNE_EVERY = 720
 
-# Fold the deltas the count triggers append into one row per name; nothing to do (and no
-# write) when each name has one row. Rows a concurrent transaction appends are not in this
-# statement's snapshot: they stay, and still count.
+# Fold the deltas the count triggers append into one row per name (and, for calls, per
+# user and direction); nothing to do (and no write) when each has one row. Rows a
+# concurrent transaction appends are not in this statement's snapshot: they stay, and
+# still count.
 COMPACT_ROW_COUNTS = """
 WITH folded AS (
     DELETE FROM row_counts
-    WHERE EXISTS (SELECT FROM row_counts GROUP BY name HAVING count(*) > 1)
-    RETURNING name, n
+    WHERE EXISTS (SELECT FROM row_counts GROUP BY name, user_id, direction HAVING count(*) > 1)
+    RETURNING name, user_id, direction, n
 )
-INSERT INTO row_counts SELECT name, sum(n) FROM folded GROUP BY name"""
+INSERT INTO row_counts (name, user_id, direction, n)
+SELECT name, user_id, direction, sum(n) FROM folded GROUP BY name, user_id, direction"""
 
 DESCRIPTION = """Contacts and call logs of a team's Android phones, synced to one shared
 phone book. Every error is RFC 9457 problem+json with a stable `code`.

@@ -106,7 +106,8 @@ class Listing:
     descending: bool = False
     # SQL of the exact total when something cheaper than count(*) knows it (kept_total).
     # It must count exactly the rows of from_sql/where, in the statement's snapshot: page
-    # mode also uses it to walk to a page in the second half from the far end.
+    # mode also uses it to walk to a page in the second half from the far end. It takes
+    # the listing's params, every one of them.
     total_sql: str | None = None
     # True when no index yields the rows in key order (a search): all matches are found,
     # then sorted. PostgreSQL computes the select list before a sort, so the page's rows
@@ -124,9 +125,11 @@ class Listing:
     pick_from_sql: str | None = None
 
 
-def kept_total(name: str) -> str:
-    """The total the row_counts triggers keep: live contacts or calls (migration 0002)."""
-    return f"SELECT coalesce(sum(n), 0)::bigint FROM row_counts WHERE name = '{name}'"
+def kept_total(name: str, where: Sequence[str] = ()) -> str:
+    """The total the row_counts triggers keep: live contacts or calls (migration 0002), the
+    calls narrowed by `where` on row_counts' user_id and direction (migration 0011)."""
+    conditions = "".join(f" AND {condition}" for condition in where)
+    return f"SELECT coalesce(sum(n), 0)::bigint FROM row_counts WHERE name = '{name}'{conditions}"
 
 
 def _sign(key: bytes, payload: bytes) -> bytes:
@@ -248,9 +251,7 @@ async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> byt
         if rows:
             total = rows[0][-1]
         else:  # past the end: no row carried the count
-            # a kept total takes no parameters; the count(*) takes the listing's own
-            count_args = () if listing.total_sql else listing.params
-            total = await conn.fetchval(count_sql, *count_args)
+            total = await conn.fetchval(count_sql, *listing.params)
     more = len(rows) > page.limit
     items = rows[: page.limit]
     next_cursor = (

@@ -174,12 +174,15 @@ call_logs = Table(
 )
 
 # Exact totals of live contacts and of calls, as deltas appended by statement triggers
-# (see migration 0002); a total is the sum of a name's rows.
+# (see migration 0002); a total is the sum of a name's rows. The calls' rows say whose
+# calls and which direction they count (migration 0011).
 row_counts = Table(
     "row_counts",
     metadata,
     Column("name", Text, nullable=False),
     Column("n", BigInteger, nullable=False),
+    Column("user_id", UUID(as_uuid=True)),
+    Column("direction", Text),
     CheckConstraint("name IN ('contacts', 'calls')", name="name"),
 )
 

@@ -352,13 +352,20 @@ async def test_keyset_list_queries_are_served_by_an_index_in_their_order(
         assert "Seq Scan on call_logs" not in plan, (number, plan)
         assert "Index Only Scan" in plan and "using pk_call_logs" in plan, (number, plan)
         assert 'Index Cond: (("timestamp" = ' in plan, (number, plan)
-    # A user's page: the exact total counts the user's calls in uq_call_logs_dedupe alone.
-    for number in (2, 70):
+    # Filtered pages: the exact total of a user's or a direction's calls is kept in
+    # row_counts (migration 0011); other filters count in an index alone.
+    for number, filters, counted_by in (
+        (2, {"user_id": users[2]}, "on row_counts"),
+        (70, {"user_id": users[2]}, "on row_counts"),
+        (2, {"direction": "missed"}, "on row_counts"),
+        (2, {"user_id": users[2], "direction": "missed"}, "on row_counts"),
+        (2, {"user_id": users[2], "since": since}, "Index Only Scan using uq_call_logs_dedupe"),
+    ):
         explaining = Explaining(conn)
-        await service.call_list(explaining, PageRequest(50, number, None, key), user_id=users[2])
+        await service.call_list(explaining, PageRequest(50, number, None, key), **filters)
         (plan,) = explaining.plans
-        assert "Seq Scan on call_logs" not in plan, (number, plan)
-        assert "Index Only Scan using uq_call_logs_dedupe" in plan, (number, plan)
+        assert "Seq Scan on call_logs" not in plan, (number, filters, plan)
+        assert counted_by in plan, (number, filters, plan)
     uses = {label: " ".join(pair) for label, pair in plans.items()}
     assert "uq_call_logs_dedupe" in uses["calls ['user_id']"]
     assert "ix_call_logs_contact" in uses["calls ['contact_id']"]

@@ -256,6 +256,7 @@ async def call_list(
     where: list[str] = []
     params: list[object] = []
     scope = ["calls"]
+    kept: list[str] | None = []  # the same filters on row_counts, while it can answer them
     for column, value in (
         ("l.user_id =", user_id),
         ("l.contact_id =", contact_id),
@@ -268,6 +269,10 @@ async def call_list(
             where.append(f"{column} ${len(params)}")
             text = value.astimezone(UTC).isoformat() if isinstance(value, datetime) else value
             scope.append(f"{column}{text}")
+            if kept is not None and column in ("l.user_id =", "l.direction ="):
+                kept.append(f"{column[2:]} ${len(params)}")
+            else:
+                kept = None
         else:
             scope.append("")
     listing = Listing(
@@ -280,7 +285,7 @@ async def call_list(
         where=where,
         params=params,
         descending=True,
-        total_sql=None if where else kept_total("calls"),
+        total_sql=None if kept is None else kept_total("calls", kept),
     )
     return await paginate(conn, listing, page)
 
