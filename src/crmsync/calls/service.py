@@ -256,21 +256,21 @@ async def call_list(
     where: list[str] = []
     params: list[object] = []
     scope = ["calls"]
-    kept: list[str] | None = []  # the same filters on row_counts, while it can answer them
-    for column, value in (
-        ("l.user_id =", user_id),
-        ("l.contact_id =", contact_id),
-        ("l.direction =", direction),
-        ('l."timestamp" >=', since),
-        ('l."timestamp" <', until),
+    kept: list[str] | None = []  # the filters on row_counts, while it can answer them all
+    for column, value, kept_column in (
+        ("l.user_id =", user_id, "user_id ="),
+        ("l.contact_id =", contact_id, None),
+        ("l.direction =", direction, "direction ="),
+        ('l."timestamp" >=', since, None),
+        ('l."timestamp" <', until, None),
     ):
         if value is not None:
             params.append(value)
             where.append(f"{column} ${len(params)}")
             text = value.astimezone(UTC).isoformat() if isinstance(value, datetime) else value
             scope.append(f"{column}{text}")
-            if kept is not None and column in ("l.user_id =", "l.direction ="):
-                kept.append(f"{column[2:]} ${len(params)}")
+            if kept is not None and kept_column:
+                kept.append(f"{kept_column} ${len(params)}")
             else:
                 kept = None
         else:
