@@ -97,6 +97,18 @@ async def test_totals_follow_every_write(
     await assert_totals_exact(client, user, conn)
 
 
+async def test_one_upload_of_several_users_calls_counts_each_users_own(
+    client: httpx.AsyncClient, admin: Account, user: Account, conn: asyncpg.Connection
+) -> None:
+    batch = [call(i, direction=DIRECTIONS[i % 3], user_id=user.id) for i in range(7)]
+    batch += [call(100 + i, direction="missed") for i in range(4)]  # the admin's own
+    r = await client.post("/calls", json=batch, headers=admin.headers)
+    assert r.json()["inserted"] == 11
+    await assert_totals_exact(client, admin, conn)
+    r = await client.get("/calls", params={"page": 1, "user_id": user.id}, headers=user.headers)
+    assert r.json()["total"] == 7
+
+
 async def test_a_rolled_back_write_counts_nothing(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
