@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 import uvicorn
 from prometheus_client import REGISTRY
 
+from crmsync.deps import Tx
 from crmsync.middleware import MAX_HEAD_BYTES, ProblemHttpProtocol
 from tests.conftest import Account, assert_problem, free_port, make_app, serving
 
@@ -223,3 +225,83 @@ def test_heads_under_the_limit_pass_also_with_a_body_or_one_after_another(
     # Pipelined: together more than the limit, each under it.
     answer = _exchange(served_protocol, post + body + get * 3, answers=4)
     assert answer.count(b"HTTP/1.1 200 OK") == 4, answer[:300]
+
+
+# Run at COMMIT: a deferred constraint trigger ends the backend as the request commits.
+_ENDED_AT_COMMIT = """
+CREATE FUNCTION pg_temp.end_me() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$;
+CREATE TEMP TABLE ended (x int);
+CREATE CONSTRAINT TRIGGER end_me AFTER INSERT ON ended DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION pg_temp.end_me();
+INSERT INTO ended VALUES (1);
+"""
+
+
+@pytest.mark.parametrize(
+    "ending",
+    ["SELECT pg_terminate_backend(pg_backend_pid())", _ENDED_AT_COMMIT],
+    ids=["in-a-statement", "at-commit"],
+)
+async def test_a_backend_ended_by_the_operator_is_a_503_to_retry(
+    client: httpx.AsyncClient, user: Account, conn: Any, ending: str
+) -> None:
+    """PostgreSQL ending the request's backend (pg_terminate_backend, a fast shutdown, a
+    restart: SQLSTATE 57P01) is the database being briefly away, not a server bug."""
+    app = client.app  # type: ignore[attr-defined]
+
+    @app.post("/_ended_for_test")
+    async def ended(tx: Tx) -> None:
+        await tx.execute(
+            "INSERT INTO sync_audit (user_id, kind) VALUES ($1, 'calls')", uuid.UUID(user.id)
+        )
+        await tx.execute(ending)
+
+    try:
+        r = await client.post("/_ended_for_test")
+    finally:
+        app.router.routes.pop()
+    assert_problem(r, 503, "unavailable")
+    assert r.headers["Retry-After"] == "5"
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0
+    assert (await client.get("/auth/me", headers=user.headers)).status_code == 200
+
+
+async def test_a_database_out_of_connections_is_a_503_to_retry(
+    database_url: str, conn: Any
+) -> None:
+    """PostgreSQL refusing a new connection (max_connections or the role's limit reached:
+    SQLSTATE 53300) while the pool reconnects: the database is busy, retry shortly."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    await conn.execute("DROP ROLE IF EXISTS crmsync_limited")
+    await conn.execute("CREATE ROLE crmsync_limited LOGIN")
+    await conn.execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO crmsync_limited")
+    parts = urlsplit(database_url)
+    host = parts.netloc.rpartition("@")[2]
+    limited = urlunsplit(parts._replace(netloc=f"crmsync_limited@{host}"))
+    app = make_app(limited, pool_min_size=1, pool_max_size=1)
+    try:
+        async with app.router.lifespan_context(app):
+            await conn.execute("ALTER ROLE crmsync_limited CONNECTION LIMIT 0")
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE usename = 'crmsync_limited'"
+            )
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                login = {"email": "a@example.com", "password": "whatever-123"}
+                for _ in range(2):  # the pool's connection was ended, then a new one refused
+                    r = await client.post("/auth/login", json=login)
+                    assert_problem(r, 503, "unavailable")
+                    assert r.headers["Retry-After"] == "5"
+                await conn.execute("ALTER ROLE crmsync_limited CONNECTION LIMIT -1")
+                r = await client.post("/auth/login", json=login)
+                assert_problem(r, 401, "invalid_credentials")
+    finally:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE usename = 'crmsync_limited'"
+        )
+        await conn.execute("DROP OWNED BY crmsync_limited")
+        await conn.execute("DROP ROLE crmsync_limited")

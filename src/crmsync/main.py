@@ -131,13 +131,20 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     return problem(error)
 
 
+# The database cannot serve this request now, through no fault of the request: unreachable
+# or gone mid-request, out of resources (class 53: connections, memory, disk), stopped or
+# cancelled by its operator or a timeout (class 57: shutdown, starting up, statement
+# timeout), or failing below PostgreSQL (class 58: I/O). asyncpg's InternalClientError is a
+# pooled connection whose backend was ended while idle, picked up as the news arrived.
 _UNAVAILABLE = (
     OSError,
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.QueryCanceledError,
+    asyncpg.InternalClientError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.PostgresSystemError,
 )
 
 

@@ -60,8 +60,9 @@ ERRORS: dict[str, tuple[str, str]] = {
     "500": ("internal_error", "A server bug, logged with the answer's X-Request-ID"),
     "503": (
         "unavailable",
-        "The database is unavailable, or a concurrent write made PostgreSQL roll this one"
-        " back; nothing was stored; retry with backoff",
+        "The database is unreachable, restarting or out of connections, or a concurrent write"
+        " made PostgreSQL roll this one back; retry with backoff (uploads: the same"
+        " Idempotency-Key)",
     ),
 }
 
