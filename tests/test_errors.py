@@ -305,3 +305,23 @@ async def test_a_database_out_of_connections_is_a_503_to_retry(
         )
         await conn.execute("DROP OWNED BY crmsync_limited")
         await conn.execute("DROP ROLE crmsync_limited")
+
+
+async def test_a_read_only_database_answers_reads_and_503s_writes(
+    database_url: str, user: Account
+) -> None:
+    """A hot standby, or a primary being demoted in a failover, refuses writes (SQLSTATE
+    25006): reads still answer, a write is a 503 to retry once the new primary is up."""
+    sep = "&" if "?" in database_url else "?"
+    app = make_app(database_url + sep + "default_transaction_read_only=on")
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/contacts", headers=user.headers)).status_code == 200
+            r = await client.post(
+                "/contacts", json={"name": "C", "phone_raw": "+14155550123"}, headers=user.headers
+            )
+            assert_problem(r, 503, "unavailable")
+            assert r.headers["Retry-After"] == "5"
+            r = await client.post("/auth/login", json={"email": user.email, "password": "nope"})
+            assert_problem(r, 503, "unavailable")

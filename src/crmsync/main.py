@@ -134,7 +134,8 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 # The database cannot serve this request now, through no fault of the request: unreachable
 # or gone mid-request, out of resources (class 53: connections, memory, disk), stopped or
 # cancelled by its operator or a timeout (class 57: shutdown, starting up, statement
-# timeout), or failing below PostgreSQL (class 58: I/O). asyncpg's InternalClientError is a
+# timeout), failing below PostgreSQL (class 58: I/O), or read-only for writes (25006: a hot
+# standby, or a primary being demoted in a failover). asyncpg's InternalClientError is a
 # pooled connection whose backend was ended while idle, picked up as the news arrived.
 _UNAVAILABLE = (
     OSError,
@@ -142,6 +143,7 @@ _UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
+    asyncpg.ReadOnlySQLTransactionError,
     asyncpg.InsufficientResourcesError,
     asyncpg.OperatorInterventionError,
     asyncpg.PostgresSystemError,
