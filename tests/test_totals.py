@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -320,3 +321,21 @@ async def test_maintenance_keeps_idempotency_keys_seven_days_and_expired_auth_st
     ]
     throttled = await conn.fetch("SELECT email_key FROM login_throttle ORDER BY 1")
     assert [r[0] for r in throttled] == ["locked@example.com", "recent@example.com"]
+
+
+async def test_a_round_on_an_unavailable_database_logs_one_line_not_a_traceback(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every 5 s while the database is down or read-only: a warning, not a stack trace."""
+    sep = "&" if "?" in database_url else "?"
+    app = main.create_app(make_settings(database_url + sep + "default_transaction_read_only=on"))
+    with caplog.at_level(logging.WARNING, logger="crmsync.main"):
+        async with app.router.lifespan_context(app):
+            for _ in range(200):
+                if caplog.records:
+                    break
+                await asyncio.sleep(0.05)
+    record = caplog.records[0]
+    assert record.getMessage().startswith("maintenance skipped, database unavailable:")
+    assert "ReadOnlySQLTransactionError" in record.getMessage()
+    assert record.levelno == logging.WARNING and record.exc_info is None

@@ -205,6 +205,8 @@ async def _maintenance(pool: db.Pool, settings: Settings) -> None:
                     prune=rounds % PRUNE_EVERY == 0,
                     idempotency_ttl_days=settings.idempotency_ttl_days,
                 )
+        except _UNAVAILABLE as exc:  # one line per round while the database is away
+            log.warning("maintenance skipped, database unavailable: %r", exc)
         except Exception:
             log.exception("maintenance failed")
         rounds += 1
