@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import socket
 import uuid
 from collections.abc import Iterator
@@ -325,3 +327,38 @@ async def test_a_read_only_database_answers_reads_and_503s_writes(
             assert r.headers["Retry-After"] == "5"
             r = await client.post("/auth/login", json={"email": user.email, "password": "nope"})
             assert_problem(r, 503, "unavailable")
+
+
+async def test_a_client_hanging_up_mid_upload_is_a_499_not_a_server_error(
+    database_url: str, user: Account, conn: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A phone losing its network halfway through its body: nothing stored, no error logged,
+    no 5xx counted (the alert rules page on those), an access line with nginx's 499."""
+    port = free_port()
+    config = uvicorn.Config(make_app(database_url), host="127.0.0.1", port=port, log_config=None)
+    before = REGISTRY.get_sample_value(
+        "crmsync_http_requests_total", {"method": "POST", "route": "/calls", "status": "499"}
+    )
+    part = b'[{"direction": "missed", "duration_seconds": 0, "timestamp": "2026-01-01T00:00:00Z"'
+    head = (
+        f"POST /calls HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {user.token}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+    ).encode()
+    with caplog.at_level(logging.INFO), serving(config):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as hung_up:
+            hung_up.sendall(head + part)
+            await asyncio.sleep(0.3)  # the request is authenticated and reading its body
+        for _ in range(100):
+            lines = [r for r in caplog.records if r.name == "crmsync.access"]
+            if lines:
+                break
+            await asyncio.sleep(0.05)
+    [line] = lines
+    assert line.fields["status"] == 499 and line.fields["route"] == "/calls"  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    after = REGISTRY.get_sample_value(
+        "crmsync_http_requests_total", {"method": "POST", "route": "/calls", "status": "499"}
+    )
+    assert (after or 0) == (before or 0) + 1
+    assert await conn.fetchval("SELECT count(*) FROM call_logs") == 0
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0

@@ -28,7 +28,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -273,6 +273,10 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except ClientDisconnect:
+            # The client hung up before its body arrived (a phone losing its network mid
+            # upload): no one to answer, nothing stored, no server error. nginx's 499.
+            status = 499
         except Exception:
             logging.getLogger("crmsync.errors").exception("unhandled error")
             if not started_response:
