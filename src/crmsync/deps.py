@@ -104,8 +104,16 @@ class StrictJSONRequest(Request):
         return self._json
 
 
+# Every body is JSON whatever its Content-Type says (none, text/plain, a form type): one
+# rule for every endpoint, as for the uploads, which read their bytes themselves. FastAPI
+# would read a body typed otherwise as bytes, and answer a puzzling 422. (Its strictness
+# guards cookie sessions from cross-site forms; a bearer token is never sent by a browser
+# on its own.)
+_JSON_TYPE = (b"content-type", b"application/json")
+
+
 class Route(APIRoute):
-    """Every crmsync route: bodies parsed by StrictJSONRequest."""
+    """Every crmsync route: bodies read as JSON, parsed by StrictJSONRequest."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -113,6 +121,11 @@ class Route(APIRoute):
         async def strict(request: Request) -> Response:
             if request.method in ("GET", "DELETE"):
                 return await handler(request)
-            return await handler(StrictJSONRequest(request.scope, request.receive))
+            scope = request.scope
+            scope["headers"] = [
+                *(h for h in scope["headers"] if h[0] != b"content-type"),
+                _JSON_TYPE,
+            ]
+            return await handler(StrictJSONRequest(scope, request.receive))
 
         return strict

@@ -88,6 +88,14 @@ class PayloadTooLarge(ApiError):
     status, code, title = 413, "payload_too_large", "Content Too Large"
 
 
+class UnsupportedEncoding(ApiError):
+    status, code, title = 415, "unsupported_media_type", "Unsupported Media Type"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.headers["Accept-Encoding"] = "gzip"  # RFC 9110 15.5.16: the ones that are
+
+
 class ValidationFailed(ApiError):
     status, code, title = 422, "validation_error", "Unprocessable Content"
 

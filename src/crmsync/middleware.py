@@ -4,6 +4,7 @@ answer to a request too malformed for HTTP parsing."""
 from __future__ import annotations
 
 import ipaddress
+import zlib
 from collections.abc import Iterable
 
 import orjson
@@ -11,7 +12,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from crmsync.config import IPNetwork
-from crmsync.errors import ApiError, BadRequest, HttpsRequired, PayloadTooLarge
+from crmsync.errors import (
+    ApiError,
+    BadRequest,
+    HttpsRequired,
+    PayloadTooLarge,
+    UnsupportedEncoding,
+)
 
 # Headers a proxy adds; a loopback request carrying one came through a proxy, not from
 # a local tool, so it does not get the plain-HTTP exemption.
@@ -22,6 +29,9 @@ _FORWARDING = frozenset(
 # that the process runs, and load balancers and container runtimes probe over plain HTTP.
 HTTPS_EXEMPT = frozenset({"/healthz"})
 HSTS = (b"strict-transport-security", b"max-age=31536000")
+_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+# What no longer describes a body once it is inflated.
+_INFLATED_AWAY = frozenset({b"content-encoding", b"content-length"})
 
 
 class Peers:
@@ -126,7 +136,9 @@ class HttpsGuard:
 
 class BodyLimit:
     """413 for a body over max_bytes, told by Content-Length or counted while it streams,
-    before the whole of it is read."""
+    before the whole of it is read. A gzip body (`Content-Encoding: gzip`, a phone saving
+    its data plan) is inflated as it streams, max_bytes bounding what it inflates to as
+    well; another encoding of a body is a 415."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -136,6 +148,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        encoding = b"identity"
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
@@ -145,6 +158,18 @@ class BodyLimit:
                 if declared > self.max_bytes:
                     await send_problem(send, PayloadTooLarge(self._detail()), close=True)
                     return
+            elif name == b"content-encoding" and scope["method"] in _WITH_BODY:
+                encoding = value.strip().lower()
+        if encoding == b"identity":
+            await self.app(scope, self._limited(receive), send)
+        elif encoding in (b"gzip", b"x-gzip"):
+            scope["headers"] = [h for h in scope["headers"] if h[0] not in _INFLATED_AWAY]
+            await self.app(scope, self._inflating(receive), send)
+        else:
+            detail = f"Content-Encoding {encoding.decode('latin-1')!r} is not supported; use gzip"
+            await send_problem(send, UnsupportedEncoding(detail), close=True)
+
+    def _limited(self, receive: Receive) -> Receive:
         seen = 0
 
         async def limited_receive() -> Message:
@@ -156,7 +181,34 @@ class BodyLimit:
                     raise PayloadTooLarge(self._detail())
             return message
 
-        await self.app(scope, limited_receive, send)
+        return limited_receive
+
+    def _inflating(self, receive: Receive) -> Receive:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip's header and trailer
+        seen = 0
+        compressed = False  # any byte arrived: an empty body stays empty
+
+        async def inflating_receive() -> Message:
+            nonlocal seen, compressed
+            message = await receive()
+            if message["type"] != "http.request":
+                return message
+            chunk = message.get("body", b"")
+            compressed = compressed or bool(chunk)
+            try:
+                # One byte over the room left is enough to know the body is too large.
+                body = inflater.decompress(chunk, self.max_bytes - seen + 1)
+            except zlib.error:
+                raise BadRequest("Malformed gzip body") from None
+            seen += len(body)
+            if seen > self.max_bytes:
+                raise PayloadTooLarge(self._detail())
+            ended = not message.get("more_body", False)
+            if ended and compressed and (not inflater.eof or inflater.unused_data):
+                raise BadRequest("Malformed gzip body")  # cut short, or bytes after its end
+            return {**message, "body": body}
+
+        return inflating_receive
 
     def _detail(self) -> str:
         return f"Request body over {self.max_bytes} bytes"

@@ -55,6 +55,7 @@ ERRORS: dict[str, tuple[str, str]] = {
     "403": ("forbidden", "Signed in but not allowed; or https_required for plain HTTP"),
     "404": ("not_found", "Unknown id (a malformed id counts as unknown)"),
     "413": ("payload_too_large", "Body over the size limit, or a batch over its item limit"),
+    "415": ("unsupported_media_type", "A Content-Encoding other than gzip (or none)"),
     "422": ("validation_error", "Body or query fails validation; `errors` says where"),
     "429": ("too_many_attempts", "Too many failed logins; wait Retry-After seconds"),
     "500": ("internal_error", "A server bug, logged with the answer's X-Request-ID"),
@@ -116,7 +117,7 @@ def _statuses(method: str, path: str, operation: dict[str, Any]) -> list[str]:
     if "requestBody" in operation or any(p.get("in") == "query" for p in params):
         statuses += ["400", "422"]
     if "requestBody" in operation:
-        statuses.append("413")
+        statuses += ["413", "415"]
     if (method, path) == ("post", "/auth/login"):
         statuses += ["401", "429"]
     return statuses
