@@ -12,7 +12,7 @@ import httpx
 import orjson
 from prometheus_client import REGISTRY
 
-from crmsync.contacts.service import UPSERT_SQL, contact_upsert_many
+from crmsync.contacts.upsert import UPSERT_SQL, contact_upsert_many
 from crmsync.main import maintain
 from tests.conftest import Account, MakeUser, assert_problem, insert_sort_keys
 from tests.contacts.test_upsert import T0, at, contact, post

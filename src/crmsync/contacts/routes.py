@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
-from crmsync.contacts import service
+from crmsync.contacts import service, upsert
 from crmsync.contacts.schemas import (
     MAX_BATCH,
     MAX_QUERY_LENGTH,
@@ -182,7 +182,7 @@ async def get_contact(contact_id: uuid.UUID, user: CurrentUser, conn: Conn) -> R
 async def create_contact(
     body: ContactCreate, user: CurrentUser, conn: Tx, settings: AppSettings
 ) -> Response:
-    upsert = await service.contact_upsert(
+    stored = await upsert.contact_upsert(
         conn,
         name=body.name,
         phone_raw=body.phone_raw,
@@ -191,8 +191,8 @@ async def create_contact(
         user_id=user.id,
         region=settings.default_region,
     )
-    service.contact_count_metrics({upsert.result: 1})
-    return JSONBytes(upsert.json, status_code=201 if upsert.result == "created" else 200)
+    upsert.contact_count_metrics({stored.result: 1})
+    return JSONBytes(stored.json, status_code=201 if stored.result == "created" else 200)
 
 
 @router.post(
@@ -222,7 +222,7 @@ async def upload_contacts(
 
     async def work() -> Upload:
         items = batch_items(parse_json(body), loc=("body",), max_items=MAX_BATCH)
-        batch = await service.contact_upsert_many(
+        batch = await upsert.contact_upsert_many(
             conn, items, user_id=user.id, region=settings.default_region
         )
         counts = batch.counts
@@ -233,7 +233,7 @@ async def upload_contacts(
             answer=lambda sync_id: (
                 f'{{"sync_id":"{sync_id}","results":{batch.results_json}}}'.encode()
             ),
-            count_metrics=lambda: service.contact_count_metrics(counts),
+            count_metrics=lambda: upsert.contact_count_metrics(counts),
         )
 
     status, answer = await upload(

@@ -9,13 +9,8 @@ from fastapi import APIRouter, Request, Response
 from crmsync.calls.schemas import MAX_CALLS, calls_body_schema
 from crmsync.calls.service import CallBatch, call_count_metrics, call_insert_many
 from crmsync.contacts.schemas import MAX_BATCH
-from crmsync.contacts.service import (
-    ContactBatch,
-    contact_changes_head,
-    contact_changes_page,
-    contact_count_metrics,
-    contact_upsert_many,
-)
+from crmsync.contacts.service import contact_changes_head, contact_changes_page
+from crmsync.contacts.upsert import ContactBatch, contact_count_metrics, contact_upsert_many
 from crmsync.deps import (
     AppSettings,
     Conn,
