@@ -22,7 +22,7 @@ import httpx
 import psutil
 
 from crmsync.config import Settings
-from tests.conftest import TEST_SECRET
+from tests.conftest import TEST_SECRET, make_app
 
 CRMSYNC = str(Path(sys.executable).parent / "crmsync")
 PASSWORD = "admin-password-1"
@@ -269,3 +269,69 @@ def test_embedded_mode_generates_one_private_secret_and_keeps_it(tmp_path: Path)
 def test_empty_database_url_and_metrics_token_are_unset() -> None:
     settings = Settings(database_url=" ", metrics_token="", jwt_secret=None)
     assert settings.embedded and settings.metrics_token is None
+
+
+async def test_reset_password_is_the_way_back_in(
+    tmp_path: Path, make_database: Callable[[str], Awaitable[str]]
+) -> None:
+    """The last admin lost the password (and locked the account trying): the operator sets a
+    new one from the command line, which signs out the old sessions; --admin promotes."""
+    url = await make_database(f"crmsync_cli_reset_{os.getpid()}")
+    env = clean_env(CRMSYNC_DATABASE_URL=url, CRMSYNC_JWT_SECRET=TEST_SECRET)
+    assert create_admin(env, tmp_path).returncode == 0
+    new_password = "a-new-password-2"
+
+    def reset(
+        email: str, *flags: str, password: str = new_password
+    ) -> subprocess.CompletedProcess[str]:
+        return run_cli(
+            "reset-password",
+            "--email",
+            email,
+            *flags,
+            env={**env, "CRMSYNC_ADMIN_PASSWORD": password},
+            cwd=tmp_path,
+        )
+
+    app = make_app(url)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+
+            async def login(email: str, password: str) -> httpx.Response:
+                return await client.post("/auth/login", json={"email": email, "password": password})
+
+            old = (await login("boss@example.com", PASSWORD)).json()["token"]
+            plain = {"name": "Plain", "email": "plain@example.com", "password": PASSWORD}
+            r = await client.post("/users", json=plain, headers={"Authorization": f"Bearer {old}"})
+            assert r.status_code == 201, r.text
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute(
+                    "INSERT INTO login_throttle VALUES ('boss@example.com', 5, now(), now() + '1 hour')"
+                )
+                assert (await login("boss@example.com", PASSWORD)).status_code == 429
+
+                done = reset("BOSS@example.com")
+                assert done.returncode == 0, done.stderr
+                assert "(an admin)" in done.stdout and new_password not in done.stdout + done.stderr
+                assert await conn.fetchval("SELECT count(*) FROM login_throttle") == 0
+            finally:
+                await conn.close()
+            assert (await login("boss@example.com", PASSWORD)).status_code == 401
+            r = await client.get("/auth/me", headers={"Authorization": f"Bearer {old}"})
+            assert r.status_code == 401  # signed out everywhere
+            assert (await login("boss@example.com", new_password)).status_code == 200
+
+            assert "(not an admin)" in reset("plain@example.com").stdout
+            promoted = reset("plain@example.com", "--admin")
+            assert promoted.returncode == 0 and "(an admin)" in promoted.stdout
+            token = (await login("plain@example.com", new_password)).json()["token"]
+            me = await client.get("/auth/me", headers={"Authorization": f"Bearer {token}"})
+            assert me.json()["is_admin"] is True
+
+    unknown = reset("nobody@example.com")
+    assert (unknown.returncode, unknown.stdout) == (1, "")
+    assert "no user with email nobody@example.com" in unknown.stderr
+    short = reset("boss@example.com", password="short")
+    assert short.returncode == 2 and "at least 8 characters" in short.stderr

@@ -1,5 +1,5 @@
-"""The command line: `crmsync serve | migrate | create-admin | backup | restore`. Calls the
-same services as the routes."""
+"""The command line: `crmsync serve | migrate | create-admin | reset-password | backup |
+restore`. Calls the same services as the routes."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import ssl
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import asyncpg
+import orjson
 import typer
 from alembic.util import CommandError
 from pydantic import ValidationError
@@ -134,6 +135,29 @@ def migrate() -> None:
     typer.echo("database is up to date")
 
 
+def _invalid(exc: ValidationError) -> NoReturn:
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "password"
+        typer.echo(f"{where}: {error['msg']}", err=True)
+    raise typer.Exit(2) from None
+
+
+def _new_password() -> str:
+    """From CRMSYNC_ADMIN_PASSWORD, else asked twice on the terminal; checked as the API
+    checks a password (exit 2 with the reason)."""
+    from pydantic import TypeAdapter
+
+    from crmsync.users.schemas import Password
+
+    password = os.environ.get("CRMSYNC_ADMIN_PASSWORD") or typer.prompt(
+        "Password", hide_input=True, confirmation_prompt=True
+    )
+    try:
+        return TypeAdapter(Password).validate_python(password)
+    except ValidationError as exc:
+        _invalid(exc)
+
+
 @app.command("create-admin")
 def create_admin(
     email: Annotated[str, typer.Option(help="The admin's email (sign-in name)")],
@@ -141,23 +165,15 @@ def create_admin(
 ) -> None:
     """Create an admin user. The password comes from CRMSYNC_ADMIN_PASSWORD, else it is
     asked twice on the terminal. An existing email is left as it is (exit 0)."""
-    from pydantic import TypeAdapter
-
-    from crmsync.users.schemas import Password, UserCreate
+    from crmsync.users.schemas import UserCreate
     from crmsync.users.service import user_create
 
     settings = _settings()
-    password = os.environ.get("CRMSYNC_ADMIN_PASSWORD") or typer.prompt(
-        "Password", hide_input=True, confirmation_prompt=True
-    )
+    password = _new_password()
     try:
-        TypeAdapter(Password).validate_python(password)
         data = UserCreate(name=name, email=email, password=password, is_admin=True)
     except ValidationError as exc:
-        for error in exc.errors():
-            where = ".".join(str(p) for p in error["loc"]) or "password"
-            typer.echo(f"{where}: {error['msg']}", err=True)
-        raise typer.Exit(2) from None
+        _invalid(exc)
     url = db.database_url(settings)
     db.migrate(url)
 
@@ -192,8 +208,46 @@ def create_admin(
     else:
         typer.echo(
             f"a user with email {data.email} already exists and is NOT an admin; nothing"
-            " changed (an admin can make it one: PATCH /users/{id} with is_admin true)"
+            " changed (an admin can make it one: PATCH /users/{id} with is_admin true; or"
+            f" crmsync reset-password --email {data.email} --admin)"
         )
+
+
+@app.command("reset-password")
+def reset_password(
+    email: Annotated[str, typer.Option(help="The user's email (sign-in name)")],
+    admin: Annotated[bool, typer.Option("--admin", help="Also make the user an admin")] = False,
+) -> None:
+    """Set a user's password (from CRMSYNC_ADMIN_PASSWORD, else asked twice on the
+    terminal): signs the user out everywhere and lifts a login lockout. The way back in
+    when the last admin's password is lost; --admin also gives the admin right."""
+    from crmsync.users.service import user_reset_password
+
+    settings = _settings()
+    password = _new_password()
+    url = db.database_url(settings)
+    db.migrate(url)
+
+    async def run() -> str | None:
+        conn = await asyncpg.connect(url)
+        try:
+            async with conn.transaction():
+                return await user_reset_password(
+                    conn,
+                    email=email,
+                    password=password,
+                    make_admin=admin,
+                    rounds=settings.bcrypt_rounds,
+                )
+        finally:
+            await conn.close()
+
+    user = asyncio.run(run())
+    if user is None:
+        typer.echo(f"no user with email {email}; nothing changed", err=True)
+        raise typer.Exit(1)
+    role = "an admin" if orjson.loads(user)["is_admin"] else "not an admin"
+    typer.echo(f"password of {email} set ({role}); its earlier sessions are signed out")
 
 
 @app.command("backup")

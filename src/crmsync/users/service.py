@@ -76,6 +76,30 @@ async def user_update(
     return json
 
 
+async def user_reset_password(
+    conn: Connection, *, email: str, password: str, make_admin: bool, rounds: int
+) -> str | None:
+    """The operator's way back in (`crmsync reset-password`): a live user's new password,
+    which signs it out everywhere as PATCH does, its login lockout lifted, and with
+    make_admin the admin right. The user's JSON; None when no live user has that email."""
+    user_id = await conn.fetchval(
+        "SELECT id FROM users WHERE lower(email) = lower($1) AND deleted_at IS NULL", email
+    )
+    if user_id is None:
+        return None
+    json = await user_update(
+        conn,
+        user_id,
+        name=None,
+        email=None,
+        password=password,
+        is_admin=True if make_admin else None,
+        rounds=rounds,
+    )
+    await conn.execute("DELETE FROM login_throttle WHERE email_key = lower($1)", email.strip())
+    return json
+
+
 async def user_delete(conn: Connection, user_id: uuid.UUID, *, actor_id: uuid.UUID) -> None:
     if user_id == actor_id:
         raise CannotDeleteSelf("An admin cannot delete its own account")
