@@ -1,18 +1,24 @@
-"""Operations: a statement_timeout guards every query on the server's connections, and
-requests get connections first come, first served."""
+"""Operations: a statement_timeout guards every query on the server's connections,
+requests get connections first come, first served, and an upload takes one only once
+its body is in."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
+import uvicorn
 
 from crmsync import db
-from tests.conftest import make_settings
+from tests.calls.test_upload import call
+from tests.conftest import Account, free_port, make_app, make_settings, serving
 
 
 async def test_statement_timeout_cancels_a_long_query(database_url: str) -> None:
@@ -68,3 +74,34 @@ async def test_a_pool_smaller_than_the_default_minimum_still_opens(database_url:
         assert await pool.fetchval("SELECT 1") == 1
     finally:
         await pool.close()
+
+
+@pytest.mark.parametrize("path", ["/calls", "/contacts/batch", "/sync"])
+async def test_an_upload_holds_no_connection_while_its_body_arrives(
+    database_url: str, user: Account, path: str
+) -> None:
+    """A phone on a slow network sends a large upload for seconds. Until the body is in, it
+    holds no pooled connection and no open transaction, so on a pool of one every other
+    request still answers at once (it used to wait for the upload, then time out: 503)."""
+    payload = {
+        "/calls": [call()],
+        "/contacts/batch": [{"name": "Slow", "phone_raw": "+14155550123"}],
+        "/sync": {"contacts": [], "calls": [call()]},
+    }[path]
+    body = json.dumps(payload).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {user.token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    port = free_port()
+    app = make_app(database_url, pool_min_size=1, pool_max_size=1)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None)
+    with serving(config), socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+        slow.sendall(head + body[:5])
+        await asyncio.sleep(0.3)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=3) as other:
+            r = await other.get("/contacts", headers=user.headers)
+            assert r.status_code == 200, r.text
+        slow.sendall(body[5:])
+        answer = slow.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer

@@ -25,6 +25,16 @@ Conn = Annotated[Connection, Depends(request_connection, scope="function")]
 Tx = Annotated[Connection, Depends(request_transaction, scope="function")]
 
 
+async def raw_body(request: Request) -> bytes:
+    """An upload's body, read before any other dependency takes a database connection: a
+    phone on a slow network would otherwise hold a pooled connection, in an open
+    transaction, for as long as its body took to arrive. Name it first in a signature."""
+    return await request.body()
+
+
+RawBody = Annotated[bytes, Depends(raw_body)]
+
+
 async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings

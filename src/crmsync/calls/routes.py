@@ -15,6 +15,7 @@ from crmsync.deps import (
     IdempotencyKey,
     JSONBytes,
     Page,
+    RawBody,
     Route,
     Tx,
 )
@@ -41,14 +42,13 @@ router = APIRouter(prefix="/calls", tags=["calls"], route_class=Route)
 )
 async def upload_calls(
     request: Request,
+    body: RawBody,
     user: CurrentUser,
     conn: Tx,
     settings: AppSettings,
     idempotency_key: IdempotencyKey = None,
     x_device_id: DeviceId = None,
 ) -> Response:
-    body = await request.body()
-
     async def work() -> Upload:
         items = batch_items(parse_json(body), loc=("body",), max_items=MAX_CALLS)
         batch = await service.call_insert_many(

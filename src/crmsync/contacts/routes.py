@@ -27,6 +27,7 @@ from crmsync.deps import (
     IdempotencyKey,
     JSONBytes,
     Page,
+    RawBody,
     Route,
     Tx,
 )
@@ -212,14 +213,13 @@ async def create_contact(
 )
 async def upload_contacts(
     request: Request,
+    body: RawBody,
     user: CurrentUser,
     conn: Tx,
     settings: AppSettings,
     idempotency_key: IdempotencyKey = None,
     x_device_id: DeviceId = None,
 ) -> Response:
-    body = await request.body()
-
     async def work() -> Upload:
         items = batch_items(parse_json(body), loc=("body",), max_items=MAX_BATCH)
         batch = await upsert.contact_upsert_many(

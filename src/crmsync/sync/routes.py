@@ -19,6 +19,7 @@ from crmsync.deps import (
     IdempotencyKey,
     JSONBytes,
     Page,
+    RawBody,
     Route,
     Tx,
 )
@@ -99,14 +100,13 @@ async def sync_state(request: Request, user: CurrentUser, conn: Conn) -> Respons
 )
 async def sync(
     request: Request,
+    body: RawBody,
     user: CurrentUser,
     conn: Tx,
     settings: AppSettings,
     idempotency_key: IdempotencyKey = None,
     x_device_id: DeviceId = None,
 ) -> Response:
-    body = await request.body()
-
     async def work() -> service.Upload:
         payload = service.parse_json(body)
         if not isinstance(payload, dict):
