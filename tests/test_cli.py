@@ -335,3 +335,26 @@ async def test_reset_password_is_the_way_back_in(
     assert "no user with email nobody@example.com" in unknown.stderr
     short = reset("boss@example.com", password="short")
     assert short.returncode == 2 and "at least 8 characters" in short.stderr
+
+
+def test_the_embedded_postgresql_is_started_again_when_it_dies(tmp_path: Path) -> None:
+    """Killed (out of memory, an operator's mistake) under a running `crmsync serve`: it is
+    started again, nothing committed is lost, and a stop still stops it for good."""
+    data_dir = tmp_path / "data"
+    env = clean_env(CRMSYNC_DATA_DIR=str(data_dir))
+    with serving(env=env, cwd=tmp_path) as (process, base):
+        assert create_admin(env, tmp_path).returncode == 0
+        pgdata = (data_dir / "pgdata").resolve()
+        for proc in postgres_processes(pgdata):
+            proc.kill()
+        deadline = time.monotonic() + 30
+        while httpx.get(base + "/readyz", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        login = {"email": "boss@example.com", "password": PASSWORD}
+        assert httpx.post(base + "/auth/login", json=login).status_code == 200
+        assert "starting it again" in (tmp_path / "serve.log").read_text()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, (tmp_path / "serve.log").read_text()
+    time.sleep(3)  # longer than a watch round: nothing starts it after the stop
+    assert not postgres_processes(pgdata)

@@ -94,6 +94,8 @@ def serve(
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     url = db.database_url(settings)
+    if settings.embedded:
+        db.watch_embedded(settings.data_dir)
     db.migrate(url)
     # Workers are fresh processes configured from the environment: hand them the
     # database and the signing key this process settled on.

