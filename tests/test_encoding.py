@@ -1,0 +1,145 @@
+"""Contract: Conventions, JSON in and out: a request body whatever its Content-Type and
+Content-Encoding say, and answers gzipped for clients that ask."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Account, assert_problem, make_app
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "application/json; charset=utf-8"],
+)
+async def test_a_body_is_json_whatever_its_content_type_says(
+    client: httpx.AsyncClient, user: Account, content_type: str | None
+) -> None:
+    """The same on every endpoint: the uploads read their bytes themselves, the others
+    through FastAPI, which would take a body typed otherwise for bytes (a puzzling 422)."""
+    headers = dict(user.headers)
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    body = json.dumps({"name": "Typed", "phone_raw": "+14155550123"}).encode()
+    r = await client.post("/contacts", content=body, headers=headers)
+    assert r.status_code == 201, r.text
+    r = await client.put(
+        f"/contacts/{r.json()['contact']['id']}", content=b'{"name": "T2"}', headers=headers
+    )
+    assert (r.status_code, r.json()["name"]) == (200, "T2")
+    login = json.dumps({"email": user.email, "password": user.password}).encode()
+    r = await client.post("/auth/login", content=login, headers=headers)
+    assert r.status_code == 200, r.text
+    r = await client.post("/contacts", content=b'{"name": ', headers=headers)
+    assert_problem(r, 400, "bad_request")
+
+
+def _gzip(value: object) -> bytes:
+    return gzip.compress(json.dumps(value).encode())
+
+
+async def test_a_gzip_body_is_inflated_on_every_endpoint(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    headers = {**user.headers, "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    r = await client.post(
+        "/contacts", content=_gzip({"name": "Zip", "phone_raw": "+14155550123"}), headers=headers
+    )
+    assert r.status_code == 201, r.text
+    calls = [
+        {
+            "direction": "missed",
+            "duration_seconds": 0,
+            "timestamp": f"2026-01-01T00:00:{s:02}Z",
+            "phone_raw": "+14155550123",
+        }
+        for s in range(50)
+    ]
+    packed = _gzip(calls)
+
+    async def streamed():  # type: ignore[no-untyped-def]
+        for start in range(0, len(packed), 7):  # gzip's header split over chunks too
+            yield packed[start : start + 7]
+
+    r = await client.post("/calls", content=streamed(), headers=headers)
+    assert (r.status_code, r.json()["inserted"]) == (200, 50), r.text
+    r = await client.post("/calls", content=packed, headers={**headers, "Content-Encoding": "GZIP"})
+    assert (r.status_code, r.json()["duplicates"]) == (200, 50), r.text
+    r = await client.post("/contacts", content=b"", headers=headers)  # empty: no body at all
+    assert_problem(r, 422, "validation_error")
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"not gzip at all", "not gzip"),
+        (_gzip({"name": "Cut", "phone_raw": "+14155550123"})[:-6], "cut short"),
+        (_gzip({"name": "More", "phone_raw": "+14155550123"}) + b"trailing", "bytes after it"),
+    ],
+)
+async def test_a_malformed_gzip_body_is_a_400(
+    client: httpx.AsyncClient, user: Account, conn: Any, body: bytes, why: str
+) -> None:
+    headers = {**user.headers, "Content-Encoding": "gzip"}
+    for path in ("/contacts", "/contacts/batch"):
+        r = await client.post(path, content=body, headers=headers)
+        assert_problem(r, 400, "bad_request")
+        assert r.json()["detail"] == "Malformed gzip body", why
+    assert await conn.fetchval("SELECT count(*) FROM contacts") == 0
+
+
+async def test_a_gzip_body_inflating_past_the_limit_is_a_413(
+    database_url: str, user: Account
+) -> None:
+    """The limit bounds what a body inflates to: a small gzip bomb is refused as it inflates."""
+    app = make_app(database_url, max_body_bytes=1024)
+    bomb = gzip.compress(b"[" + b" " * 100_000 + b"]")
+    fits = gzip.compress(b'{"email": "a@b.c", "password": "x"}'.ljust(1024))
+    assert len(bomb) < 1024
+    headers = {**user.headers, "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            for path in ("/auth/login", "/calls"):
+                assert_problem(
+                    await client.post(path, content=bomb, headers=headers), 413, "payload_too_large"
+                )
+            r = await client.post("/auth/login", content=fits, headers=headers)
+            assert_problem(r, 401, "invalid_credentials")
+
+
+async def test_another_content_encoding_is_a_415_naming_gzip(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    headers = {**user.headers, "Content-Encoding": "br"}
+    r = await client.post("/contacts", content=b"\x0b\x02\x80{}\x03", headers=headers)
+    body = assert_problem(r, 415, "unsupported_media_type")
+    assert r.headers["accept-encoding"] == "gzip"
+    assert "'br'" in body["detail"]
+    assert (await client.get("/contacts", headers=headers)).status_code == 200  # no body there
+
+
+async def test_answers_of_a_kilobyte_and_more_are_gzipped_for_clients_that_ask(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    batch = [{"name": f"Contact {i}", "phone_raw": f"+1415555{i:04d}"} for i in range(50)]
+    r = await client.post("/contacts/batch", json=batch, headers=user.headers)
+    assert r.status_code == 200, r.text
+    plain = await client.get("/contacts", headers={**user.headers, "Accept-Encoding": "identity"})
+    packed = await client.get("/contacts", headers={**user.headers, "Accept-Encoding": "gzip"})
+    assert "content-encoding" not in plain.headers
+    assert packed.headers["content-encoding"] == "gzip"
+    assert "Accept-Encoding" in packed.headers["vary"]
+    assert int(packed.headers["content-length"]) * 3 < int(plain.headers["content-length"])
+    assert packed.json() == plain.json()  # httpx inflates it
+    head = await client.head("/contacts", headers={**user.headers, "Accept-Encoding": "gzip"})
+    assert (head.content, head.headers["content-length"]) == (b"", packed.headers["content-length"])
+    small = await client.get("/auth/me", headers={**user.headers, "Accept-Encoding": "gzip"})
+    assert "content-encoding" not in small.headers  # under 1 KiB: not worth it
+    error = await client.get("/contacts", headers={"Accept-Encoding": "gzip"})
+    assert_problem(error, 401, "unauthenticated")
