@@ -339,22 +339,31 @@ async def test_reset_password_is_the_way_back_in(
 
 def test_the_embedded_postgresql_is_started_again_when_it_dies(tmp_path: Path) -> None:
     """Killed (out of memory, an operator's mistake) under a running `crmsync serve`: it is
-    started again, nothing committed is lost, and a stop still stops it for good."""
+    started again (a start that fails is retried, less and less often), nothing committed
+    is lost, and a stop still stops it for good."""
     data_dir = tmp_path / "data"
     env = clean_env(CRMSYNC_DATA_DIR=str(data_dir))
     with serving(env=env, cwd=tmp_path) as (process, base):
         assert create_admin(env, tmp_path).returncode == 0
         pgdata = (data_dir / "pgdata").resolve()
+        conf = pgdata / "postgresql.conf"
+        settings = conf.read_text()
+        conf.write_text(settings + "\nno_such_setting = 1\n")  # the first start fails
         for proc in postgres_processes(pgdata):
             proc.kill()
+        log = tmp_path / "serve.log"
         deadline = time.monotonic() + 30
+        while "did not start; again in 4 s" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        conf.write_text(settings)
         while httpx.get(base + "/readyz", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
         login = {"email": "boss@example.com", "password": PASSWORD}
         assert httpx.post(base + "/auth/login", json=login).status_code == 200
-        assert "starting it again" in (tmp_path / "serve.log").read_text()
+        assert "starting it again" in log.read_text()
         process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0, (tmp_path / "serve.log").read_text()
+        assert process.wait(30) == 0, log.read_text()
     time.sleep(3)  # longer than a watch round: nothing starts it after the stop
     assert not postgres_processes(pgdata)

@@ -107,16 +107,20 @@ def watch_embedded(data_dir: Path, *, every: float = 2.0) -> None:
         return info is not None and info.is_running()
 
     def watch() -> None:
-        while not stopping.wait(every):
+        wait = every
+        while not stopping.wait(wait):
             with guard:
                 if stopping.is_set() or running():
+                    wait = every
                     continue
                 log.error("the embedded PostgreSQL is not running; starting it again")
                 try:
                     get_server(pgdata, cleanup_mode="stop").ensure_postgres_running()
                 except Exception:
-                    log.exception("the embedded PostgreSQL did not start; trying again")
+                    wait = min(wait * 2, 60.0)  # a full disk: not the whole log every 2 s
+                    log.exception("the embedded PostgreSQL did not start; again in %.0f s", wait)
                 else:
+                    wait = every
                     log.warning("the embedded PostgreSQL runs again")
 
     def stop() -> None:  # registered after the server's own exit handler, so it runs first
