@@ -82,6 +82,7 @@ async def user_reset_password(
     """The operator's way back in (`crmsync reset-password`): a live user's new password,
     which signs it out everywhere as PATCH does, its login lockout lifted, and with
     make_admin the admin right. The user's JSON; None when no live user has that email."""
+    email = email.strip()
     user_id = await conn.fetchval(
         "SELECT id FROM users WHERE lower(email) = lower($1) AND deleted_at IS NULL", email
     )
@@ -96,7 +97,7 @@ async def user_reset_password(
         is_admin=True if make_admin else None,
         rounds=rounds,
     )
-    await conn.execute("DELETE FROM login_throttle WHERE email_key = lower($1)", email.strip())
+    await conn.execute("DELETE FROM login_throttle WHERE email_key = lower($1)", email)
     return json
 
 
