@@ -48,7 +48,13 @@ def clean_env(**values: str) -> dict[str, str]:
 
 def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [CRMSYNC, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+        [CRMSYNC, *args],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,  # no terminal: a prompt aborts
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -111,6 +117,20 @@ def check_create_admin_and_login(env: dict[str, str], cwd: Path, base: str) -> s
     second = create_admin(env, cwd)
     assert second.returncode == 0, second.stderr
     assert "already exists" in second.stdout
+    # A re-run needs no password: none set (and no terminal to ask on), or one the API
+    # would refuse; the admin may have chosen another since.
+    for password in ("", "short"):
+        again = run_cli(
+            "create-admin",
+            "--email",
+            "boss@example.com",
+            "--name",
+            "Boss",
+            env={**env, "CRMSYNC_ADMIN_PASSWORD": password},
+            cwd=cwd,
+        )
+        assert again.returncode == 0, again.stderr
+        assert "an admin with email Boss@example.com already exists" in again.stdout
     r = httpx.post(base + "/auth/login", json={"email": "boss@example.com", "password": PASSWORD})
     assert r.status_code == 200, r.text
     token: str = r.json()["token"]
@@ -247,6 +267,21 @@ def test_bad_settings_and_an_unreachable_database_are_one_line_not_a_traceback(
         assert result.returncode == 1, result.stderr
         assert "Connect call failed" in result.stderr and "Traceback" not in result.stderr
         assert "hunter2secret" not in result.stderr
+
+
+def test_backup_and_reset_password_refuse_a_data_dir_without_the_database(
+    tmp_path: Path,
+) -> None:
+    """Run from the wrong directory, they must not start a new, empty embedded database and
+    back it up, or report on it."""
+    env = clean_env(CRMSYNC_DATA_DIR=str(tmp_path / "data"), CRMSYNC_ADMIN_PASSWORD=PASSWORD)
+    for args in (("backup",), ("reset-password", "--email", "boss@example.com")):
+        r = run_cli(*args, env=env, cwd=tmp_path)
+        assert r.returncode == 1, r.stdout
+        assert f"no database in {tmp_path / 'data' / 'pgdata'}" in r.stderr
+        assert "CRMSYNC_DATA_DIR" in r.stderr
+    assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "backups").exists()
 
 
 def test_embedded_mode_generates_one_private_secret_and_keeps_it(tmp_path: Path) -> None:

@@ -171,47 +171,59 @@ def create_admin(
     from crmsync.users.service import user_create
 
     settings = _settings()
-    password = _new_password()
-    try:
-        data = UserCreate(name=name, email=email, password=password, is_admin=True)
-    except ValidationError as exc:
-        _invalid(exc)
     url = db.database_url(settings)
     db.migrate(url)
 
-    async def run() -> bool | None:
-        """None: created; else whether the live user with that email is an admin."""
+    async def live_user(conn: db.Connection, email: str) -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await conn.fetchrow(
+            "SELECT email, is_admin FROM users WHERE lower(email) = lower($1)"
+            " AND deleted_at IS NULL",
+            email,
+        )
+        return row
+
+    async def run(data: UserCreate | None) -> asyncpg.Record | None:
+        """The live user with the email (None: there was none, and `data` was created)."""
         conn = await asyncpg.connect(url)
         try:
-            async with conn.transaction():
-                await user_create(
-                    conn,
-                    name=data.name,
-                    email=data.email,
-                    password=data.password,
-                    is_admin=True,
-                    rounds=settings.bcrypt_rounds,
-                )
-            return None
-        except EmailTaken:
-            is_admin: bool = await conn.fetchval(
-                "SELECT is_admin FROM users WHERE lower(email) = lower($1) AND deleted_at IS NULL",
-                data.email,
-            )
-            return is_admin
+            if data is None:
+                return await live_user(conn, email.strip())
+            try:
+                async with conn.transaction():
+                    await user_create(
+                        conn,
+                        name=data.name,
+                        email=data.email,
+                        password=data.password,
+                        is_admin=True,
+                        rounds=settings.bcrypt_rounds,
+                    )
+                return None
+            except EmailTaken:  # created meanwhile by another run
+                return await live_user(conn, data.email)
         finally:
             await conn.close()
 
-    existing = asyncio.run(run())
+    # An existing email first: a re-run needs no password (none set, or not the one the
+    # admin has since chosen) to be the no-op the contract promises.
+    existing = asyncio.run(run(None))
     if existing is None:
-        typer.echo(f"admin {data.email} created")
-    elif existing:
-        typer.echo(f"an admin with email {data.email} already exists; nothing changed")
+        password = _new_password()
+        try:
+            data = UserCreate(name=name, email=email, password=password, is_admin=True)
+        except ValidationError as exc:
+            _invalid(exc)
+        existing = asyncio.run(run(data))
+        if existing is None:
+            typer.echo(f"admin {data.email} created")
+            return
+    if existing["is_admin"]:
+        typer.echo(f"an admin with email {existing['email']} already exists; nothing changed")
     else:
         typer.echo(
-            f"a user with email {data.email} already exists and is NOT an admin; nothing"
-            " changed (an admin can make it one: PATCH /users/{id} with is_admin true; or"
-            f" crmsync reset-password --email {data.email} --admin)"
+            f"a user with email {existing['email']} already exists and is NOT an admin;"
+            " nothing changed (an admin can make it one: PATCH /users/{id} with is_admin"
+            f" true; or crmsync reset-password --email {existing['email']} --admin)"
         )
 
 
@@ -226,8 +238,8 @@ def reset_password(
     from crmsync.users.service import user_reset_password
 
     settings = _settings()
+    url = db.database_url(settings, create=False)
     password = _new_password()
-    url = db.database_url(settings)
     db.migrate(url)
 
     async def run() -> str | None:
@@ -265,7 +277,7 @@ def backup_command(
     from crmsync import backup
 
     settings = _settings()
-    url = db.database_url(settings)
+    url = db.database_url(settings, create=False)
     major = asyncio.run(backup.server_major(url))
     tool = backup.pg_tool("pg_dump", server_major=major, embedded=settings.embedded)
     try:

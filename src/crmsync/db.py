@@ -161,10 +161,19 @@ def with_database(url: str, database: str) -> str:
     return urlunsplit(parts._replace(path="/" + database))
 
 
-def database_url(settings: Settings) -> str:
-    """The URL to use: the configured one, or the embedded server's (started on demand)."""
+def database_url(settings: Settings, *, create: bool = True) -> str:
+    """The URL to use: the configured one, or the embedded server's (started on demand;
+    made first when there is none yet, unless `create` is False: a command that only
+    makes sense on the service's data, run from the wrong directory, must not quietly
+    work on a new, empty database)."""
     if settings.database_url:
         return settings.database_url
+    pgdata = settings.data_dir.resolve() / "pgdata"
+    if not create and not pgdata.is_dir():
+        raise FileNotFoundError(
+            f"no database in {pgdata}: set CRMSYNC_DATA_DIR to the service's data directory"
+            " (or CRMSYNC_DATABASE_URL to its PostgreSQL)"
+        )
     return start_embedded(settings.data_dir)
 
 
