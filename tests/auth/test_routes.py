@@ -346,6 +346,27 @@ async def test_failures_older_than_the_window_start_a_new_count(
     assert r.status_code == 200, r.text
 
 
+async def test_the_failure_that_starts_a_new_window_counts_towards_the_lockout(
+    database_url: str, user: Account, conn: asyncpg.Connection
+) -> None:
+    """With CRMSYNC_LOGIN_MAX_FAILURES=1 every failure locks, the first of a new window too."""
+    app = make_app(database_url, login_max_failures=1)
+    wrong = {"email": user.email, "password": "bad-pass"}
+    right = {"email": user.email, "password": user.password}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert_problem(await client.post("/auth/login", json=wrong), 401, "invalid_credentials")
+            assert_problem(await client.post("/auth/login", json=right), 429, "too_many_attempts")
+            # The lockout and the window (900 s) have passed.
+            await conn.execute(
+                "UPDATE login_throttle SET locked_until = now() - interval '1 second',"
+                " window_started_at = now() - interval '16 minutes'"
+            )
+            assert_problem(await client.post("/auth/login", json=wrong), 401, "invalid_credentials")
+            assert_problem(await client.post("/auth/login", json=right), 429, "too_many_attempts")
+
+
 async def test_token_expires_token_ttl_seconds_after_login(
     client: httpx.AsyncClient, user: Account
 ) -> None:

@@ -152,8 +152,8 @@ async def _count_failure(conn: Connection, email_key: str, throttle: Throttle) -
                              WHEN t.window_started_at < now() - make_interval(secs => $3)
                              THEN now() ELSE t.window_started_at END,
              locked_until = CASE
-                 WHEN t.window_started_at >= now() - make_interval(secs => $3)
-                      AND t.failures + 1 >= $2
+                 WHEN CASE WHEN t.window_started_at < now() - make_interval(secs => $3)
+                           THEN 1 ELSE t.failures + 1 END >= $2
                  THEN now() + make_interval(secs => $4) END""",
         email_key,
         throttle.max_failures,
