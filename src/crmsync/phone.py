@@ -29,6 +29,12 @@ def _region_of(e164: str) -> str | None:
     return phonenumbers.region_code_for_number(phonenumbers.parse(e164))
 
 
+def raw_or_hint(raw: str | None, hint: str | None) -> str | None:
+    """The spelling kept as phone_raw: the hint stands in for a missing or blank one, the
+    spelling from which normalize_with_hint then reads the number."""
+    return hint if hint is not None and (raw is None or not raw.strip()) else raw
+
+
 def normalize_with_hint(raw: str | None, hint: str | None, region: str) -> str | None:
     """The number as the server reads it. The raw spelling decides; the client's E.164 hint
     is never taken on its word: it stands alone only when there is no raw spelling, and

@@ -245,7 +245,8 @@ async def test_a_blank_phone_raw_leaves_the_number_to_the_hint(
     body = [call(0, phone_raw="  ", phone_normalized="+1 415 555 0123")]
     assert (await upload(client, user, body)).json()["inserted"] == 1
     row = await conn.fetchrow("SELECT phone_raw, phone_normalized FROM call_logs")
-    assert (row["phone_raw"], row["phone_normalized"]) == ("  ", "+14155550123")
+    # ... and the hint is kept as phone_raw, as when phone_raw is not sent at all.
+    assert (row["phone_raw"], row["phone_normalized"]) == ("+1 415 555 0123", "+14155550123")
 
 
 async def test_a_number_spelled_in_more_than_64_characters_is_no_number(

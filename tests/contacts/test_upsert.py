@@ -198,6 +198,17 @@ async def test_phone_hint_does_not_make_a_number_of_what_phone_raw_is_not(
     assert await conn.fetchval("SELECT count(*) FROM contacts") == 0
 
 
+async def test_a_blank_phone_raw_leaves_the_number_and_the_spelling_to_the_hint(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    r = await post(client, user, contact(phone=" ", phone_normalized="+1 415 555 0123"))
+    assert r.status_code == 201, r.text
+    got = r.json()["contact"]
+    assert (got["phone_raw"], got["phone_normalized"]) == ("+1 415 555 0123", "+14155550123")
+    r = await post(client, user, contact(phone="", phone_normalized=None))
+    assert_problem(r, 422, "validation_error")
+
+
 async def test_phone_hint_reads_a_national_spelling_in_the_hints_country(
     client: httpx.AsyncClient, user: Account
 ) -> None:

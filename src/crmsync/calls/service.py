@@ -21,7 +21,7 @@ from crmsync.errors import (
 )
 from crmsync.observability import CALL_RESULTS
 from crmsync.pagination import Listing, PageRequest, Shape, SortKey, kept_total, paginate
-from crmsync.phone import normalize_with_hint
+from crmsync.phone import normalize_with_hint, raw_or_hint
 from crmsync.times import FUTURE_SKEW
 
 CALL = Shape(
@@ -220,7 +220,7 @@ async def call_insert_many(
     if calls:
         for call in calls:  # now the row as stored
             hint, raw = call.get("phone_normalized"), call.get("phone_raw")
-            call["phone_raw"] = hint if raw is None else raw
+            call["phone_raw"] = raw_or_hint(raw, hint)
             call["phone_normalized"] = normalize_with_hint(raw, hint, region)
             call["user_id"] = call.get("user_id") or user_id
             call["timestamp"] = call["timestamp"].astimezone(UTC)  # see times.as_utc

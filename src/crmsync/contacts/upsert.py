@@ -20,7 +20,7 @@ from crmsync.db import Connection
 from crmsync.errors import Loc, ValidationFailed, item_problems
 from crmsync.observability import CONTACT_RESULTS
 from crmsync.pagination import json_object_sql
-from crmsync.phone import normalize_with_hint
+from crmsync.phone import normalize_with_hint, raw_or_hint
 from crmsync.times import as_utc
 
 # The older-wins rule, in two statements of the caller's transaction. Never read then
@@ -151,21 +151,36 @@ def _validate(
                 rejected.append({"index": index, "result": "rejected", "errors": errors})
     rows: list[dict[str, Any]] = []
     for index, contact in valid:
-        phone = normalize_with_hint(contact["phone_raw"], contact.get("phone_normalized"), region)
-        if phone is None:
+        row = _row(
+            index,
+            name=contact["name"],
+            raw=contact["phone_raw"],
+            hint=contact.get("phone_normalized"),
+            created_at=contact.get("created_at"),
+            region=region,
+        )
+        if row is None:
             error = {"loc": [*loc, index, "phone_raw"], "msg": NOT_A_PHONE, "type": "phone"}
             rejected.append({"index": index, "result": "rejected", "errors": [error]})
-            continue
-        rows.append(
-            {
-                "i": index,
-                "name": contact["name"],
-                "phone_raw": contact["phone_raw"],
-                "phone": phone,
-                "created_at": as_utc(contact.get("created_at")),
-            }
-        )
+        else:
+            rows.append(row)
     return rows, rejected
+
+
+def _row(
+    index: int, *, name: str, raw: str, hint: str | None, created_at: datetime | None, region: str
+) -> dict[str, Any] | None:
+    """A contact as _upsert takes it; None when its number is no possible phone number."""
+    phone = normalize_with_hint(raw, hint, region)
+    if phone is None:
+        return None
+    return {
+        "i": index,
+        "name": name,
+        "phone_raw": raw_or_hint(raw, hint),
+        "phone": phone,
+        "created_at": as_utc(created_at),
+    }
 
 
 async def _upsert(
@@ -218,16 +233,9 @@ async def contact_upsert(
 ) -> ContactUpsert:
     """One validated contact by the older-wins rule (POST /contacts), in the caller's
     transaction."""
-    phone = normalize_with_hint(phone_raw, phone_hint, region)
-    if phone is None:
+    row = _row(0, name=name, raw=phone_raw, hint=phone_hint, created_at=created_at, region=region)
+    if row is None:
         raise ValidationFailed.one(["body", "phone_raw"], NOT_A_PHONE, "phone")
-    row = {
-        "i": 0,
-        "name": name,
-        "phone_raw": phone_raw,
-        "phone": phone,
-        "created_at": as_utc(created_at),
-    }
     results, counts = await _upsert(conn, [row], [], user_id=user_id, indexed=False)
     result: Result = next(r for r in ("created", "replaced", "existing") if counts[r])
     return ContactUpsert(result=result, json=results[1:-1])
