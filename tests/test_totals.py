@@ -267,8 +267,10 @@ async def test_rounds_fold_every_time_relink_every_minute_and_prune_every_hour(
 ) -> None:
     rounds: list[tuple[bool, bool]] = []
 
-    async def record(conn: object, *, prune: bool, idempotency_ttl_days: int, relink: bool) -> bool:
-        rounds.append((relink, prune))
+    async def record(
+        conn: object, *, prune: bool, idempotency_ttl_days: int, full_relink: bool
+    ) -> bool:
+        rounds.append((full_relink, prune))
         if len(rounds) == main.PRUNE_EVERY + 1:
             raise asyncio.CancelledError
         return True

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 # Maintenance rounds: one at start-up, then every few seconds, so that the row_counts
 # deltas a page-mode total sums stay few even under saturating uploads (hundreds a second);
-# the heavier work runs every RELINK_EVERY-th round (a minute) and every PRUNE_EVERY-th
+# the heavier work runs every RELINK_EVERY-th round (a minute: the full relink round; the
+# others relink quickly, see calls.service.RELINK_WINDOW) and every PRUNE_EVERY-th
 # (an hour), and at start-up, so a server that never runs an hour still prunes.
 ROUND_INTERVAL_SECONDS = 5
 RELINK_EVERY = 12
@@ -171,7 +172,7 @@ MAINTENANCE_LOCK_ID = 0x63726D7302  # "crms" 2: one maintainer at a time, cluste
 
 
 async def maintain(
-    conn: db.Connection, *, prune: bool, idempotency_ttl_days: int, relink: bool = True
+    conn: db.Connection, *, prune: bool, idempotency_ttl_days: int, full_relink: bool = True
 ) -> bool:
     """One maintenance round, in one transaction; False when another process (worker or
     machine) holds the round, so the work is done once, not once per process."""
@@ -179,12 +180,9 @@ async def maintain(
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", MAINTENANCE_LOCK_ID):
             return False
         await conn.execute(COMPACT_ROW_COUNTS)
-        if relink:
-            linked = await calls_service.relink(conn)
-            if linked:
-                log.info(
-                    "maintenance linked %d calls to contacts created while they uploaded", linked
-                )
+        linked = await calls_service.relink(conn, full=full_relink)
+        if linked:
+            log.info("maintenance linked %d calls to contacts created while they uploaded", linked)
         if prune:
             await auth_service.prune(conn)
             await conn.execute(
@@ -201,7 +199,7 @@ async def _maintenance(pool: db.Pool, settings: Settings) -> None:
             async with pool.acquire() as conn:
                 await maintain(
                     conn,
-                    relink=rounds % RELINK_EVERY == 0,
+                    full_relink=rounds % RELINK_EVERY == 0,
                     prune=rounds % PRUNE_EVERY == 0,
                     idempotency_ttl_days=settings.idempotency_ttl_days,
                 )

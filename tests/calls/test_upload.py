@@ -363,14 +363,37 @@ async def test_relink_rounds_look_only_at_contacts_written_since_an_hour_before_
     assert await linked(conn, "+14155550151") == old
 
 
-async def test_a_relink_round_keeps_its_mark_and_prunes_marks_older_than_the_one_it_used(
-    conn: asyncpg.Connection,
+async def test_quick_rounds_link_a_race_of_the_last_seconds_and_leave_the_rest_to_full_ones(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, database_url: str
 ) -> None:
+    """Between the full rounds (every minute), each round (5 s) relinks the contacts written
+    since a mark taken 10 s before the previous round: a raced call is linked within seconds."""
+    old = await race(client, user, database_url, "+14155550151")
+    await conn.execute(
+        "INSERT INTO relink_marks SELECT now() - s * interval '1 second',"
+        " pg_snapshot_xmin(pg_current_snapshot())::text::bigint FROM unnest('{15, 5}'::int[]) s"
+    )
+    new = await race(client, user, database_url, "+14155550152")
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8, full_relink=False)
+    assert await linked(conn, "+14155550152") == new
+    assert await linked(conn, "+14155550151") is None  # written before the mark's xmin
+    await conn.execute("DELETE FROM relink_marks")  # no mark to start from: nothing
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8, full_relink=False)
+    assert await linked(conn, "+14155550151") is None
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8, full_relink=True)
+    assert await linked(conn, "+14155550151") == old
+
+
+@pytest.mark.parametrize("full", [True, False])
+async def test_a_relink_round_keeps_its_mark_and_prunes_marks_older_than_the_one_it_used(
+    conn: asyncpg.Connection, full: bool
+) -> None:
+    """Quick rounds prune as full ones do: they keep the marks a full round may choose."""
     await conn.execute(
         "INSERT INTO relink_marks SELECT now() - m * interval '1 minute', 1"
         " FROM unnest('{180, 120, 90, 30}'::int[]) m"
     )
-    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8, full_relink=full)
     ages = await conn.fetch(
         "SELECT round(extract(epoch FROM now() - taken_at) / 60) AS minutes, snapshot_xmin"
         " FROM relink_marks ORDER BY taken_at"

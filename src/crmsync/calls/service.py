@@ -84,8 +84,11 @@ class CallBatch:
 
 # Calls left unlinked by a race: uploaded while their number's contact was being created
 # (or given that number, or revived) in another transaction, neither saw the other's rows.
-# The maintenance task relinks every minute; the partial index ix_call_logs_unlinked_phone
-# holds exactly the candidate calls. Looking at every contact is O(contacts + unlinked
+# The maintenance task relinks them: every round (5 s) quickly, looking at the contacts
+# written since a mark taken QUICK_RELINK_WINDOW before the previous round (which finds
+# the pairs of transactions shorter than that: all but the rarest), and every minute in
+# full, as follows. The partial index ix_call_logs_unlinked_phone holds exactly the
+# candidate calls. Looking at every contact is O(contacts + unlinked
 # calls): 3 s a round at 2M contacts and 1M unlinked calls, past the 30 s statement timeout
 # at ten times that. So a round looks only at contacts written since the xmin of a mark (see
 # migration 0008) taken at least RELINK_WINDOW before the previous round: any raced pair
@@ -94,6 +97,7 @@ class CallBatch:
 # round, which linked it. With no mark that old (a new database, or marks lost) the round
 # looks at every contact.
 RELINK_WINDOW = timedelta(hours=1)
+QUICK_RELINK_WINDOW = timedelta(seconds=10)
 
 RELINK_MARK_SQL = """
 WITH previous AS (
@@ -102,8 +106,11 @@ WITH previous AS (
     SELECT m.taken_at, m.snapshot_xmin FROM relink_marks m, previous p
     WHERE m.taken_at <= p.taken_at - $1::interval
     ORDER BY m.taken_at DESC LIMIT 1
+), kept AS (  -- the mark a full round would choose, and those after it
+    SELECT max(m.taken_at) AS taken_at FROM relink_marks m, previous p
+    WHERE m.taken_at <= p.taken_at - $2::interval
 ), pruned AS (
-    DELETE FROM relink_marks WHERE taken_at < (SELECT taken_at FROM chosen)
+    DELETE FROM relink_marks WHERE taken_at < (SELECT taken_at FROM kept)
 ), marked AS (
     INSERT INTO relink_marks (taken_at, snapshot_xmin)
     VALUES (clock_timestamp(), pg_snapshot_xmin(pg_current_snapshot())::text::bigint)
@@ -125,9 +132,13 @@ WHERE c.change_xid >= $1 AND NOT c.deleted
   AND l.phone_normalized = c.phone_normalized"""
 
 
-async def relink(conn: Connection) -> int:
-    """One relink round, inside the maintenance transaction; the number of calls linked."""
-    since = await conn.fetchval(RELINK_MARK_SQL, RELINK_WINDOW)
+async def relink(conn: Connection, *, full: bool) -> int:
+    """One relink round, inside the maintenance transaction; the number of calls linked. A
+    quick round (not `full`) with no mark to start from leaves the work to a full one."""
+    window = RELINK_WINDOW if full else QUICK_RELINK_WINDOW
+    since = await conn.fetchval(RELINK_MARK_SQL, window, RELINK_WINDOW)
+    if since is None and not full:
+        return 0
     if since is None:
         await conn.execute("SET LOCAL statement_timeout = 0")  # every contact: may be long
         status = await conn.execute(RELINK_ALL_SQL)
