@@ -1,6 +1,6 @@
 """Operations: a statement_timeout guards every query on the server's connections,
-requests get connections first come, first served, and an upload takes one only once
-its body is in."""
+requests get connections first come, first served, an upload takes one only once its
+body is in, and sign-ins take only a few."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import pytest
 import uvicorn
 
 from crmsync import db
+from crmsync.auth import service as auth_service
 from tests.calls.test_upload import call
-from tests.conftest import Account, free_port, make_app, make_settings, serving
+from tests.conftest import Account, assert_problem, free_port, make_app, make_settings, serving
 
 
 async def test_statement_timeout_cancels_a_long_query(database_url: str) -> None:
@@ -105,3 +106,48 @@ async def test_an_upload_holds_no_connection_while_its_body_arrives(
         slow.sendall(body[5:])
         answer = slow.recv(65536)
     assert answer.startswith(b"HTTP/1.1 200 "), answer
+
+
+async def test_a_flood_of_sign_ins_leaves_connections_for_the_rest_of_the_api(
+    database_url: str, user: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sign-in holds its connection while bcrypt checks the password. At most
+    db.LOGIN_SLOTS do at once; the others wait holding none, so on a pool one larger other
+    requests still answer (they used to wait for a sign-in to finish, then get a 503)."""
+    release, slots_taken = asyncio.Event(), asyncio.Event()
+    checking = 0
+
+    async def slow_check(password: str, password_hash: str) -> bool:
+        nonlocal checking
+        checking += 1
+        if checking == db.LOGIN_SLOTS:
+            slots_taken.set()
+        await release.wait()
+        return False
+
+    monkeypatch.setattr(auth_service, "check_password", slow_check)
+    app = make_app(database_url, pool_min_size=1, pool_max_size=db.LOGIN_SLOTS + 1)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            guesses = [
+                asyncio.create_task(
+                    client.post(
+                        "/auth/login",
+                        json={"email": f"nobody{i}@example.com", "password": "guess-1234"},
+                    )
+                )
+                for i in range(3 * db.LOGIN_SLOTS)
+            ]
+            try:
+                async with asyncio.timeout(5):
+                    await slots_taken.wait()
+                await asyncio.sleep(0.2)  # time for any other sign-in to take a connection
+                assert checking == db.LOGIN_SLOTS
+                async with asyncio.timeout(5):
+                    r = await client.get("/auth/me", headers=user.headers)
+                assert r.status_code == 200, r.text
+            finally:
+                release.set()
+            for answer in await asyncio.gather(*guesses):
+                assert_problem(answer, 401, "invalid_credentials")

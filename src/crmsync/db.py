@@ -257,6 +257,26 @@ async def request_connection(request: Request) -> AsyncIterator[Connection]:
         gate.release()
 
 
+# Sign-ins that may hold a pooled connection at once, per process: about the cores that
+# check their bcrypt hashes.
+LOGIN_SLOTS = 2
+
+
+async def login_slot(request: Request) -> AsyncIterator[None]:
+    """Taken by a sign-in before its connection. A sign-in holds its connection while bcrypt
+    checks the password (~0.25 s of CPU; the account's lock lasts from the lockout check
+    to the failure's count), so a flood of sign-ins (unknown emails are not locked out)
+    took every connection, and every other request waited, then got a 503. Now the others
+    wait here, holding nothing."""
+    gate: asyncio.Semaphore = request.app.state.login_gate
+    async with asyncio.timeout(ACQUIRE_TIMEOUT_SECONDS):
+        await gate.acquire()
+    try:
+        yield
+    finally:
+        gate.release()
+
+
 async def request_transaction(
     conn: Annotated[Connection, Depends(request_connection, scope="function")],
 ) -> AsyncIterator[Connection]:

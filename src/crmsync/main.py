@@ -231,6 +231,7 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         url = await asyncio.to_thread(db.database_url, settings)
         app.state.pool = await db.create_pool(url, settings)
         app.state.pool_gate = asyncio.Semaphore(settings.pool_max_size)
+        app.state.login_gate = asyncio.Semaphore(db.LOGIN_SLOTS)
         background = [asyncio.create_task(sample_pool(app.state.pool))]
         if maintenance:
             background.append(asyncio.create_task(_maintenance(app.state.pool, settings)))

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 
 from crmsync.auth import service
 from crmsync.auth.schemas import LoginIn, LoginOut, UserOut
+from crmsync.db import login_slot
 from crmsync.deps import AppSettings, Conn, CurrentUser, JSONBytes, Route
 
 router = APIRouter(prefix="/auth", tags=["auth"], route_class=Route)
@@ -15,6 +16,7 @@ router = APIRouter(prefix="/auth", tags=["auth"], route_class=Route)
     summary="Sign in",
     description="Exchange email (case-insensitive) and password for a bearer token. "
     "Repeated failures for one account answer 429 with Retry-After.",
+    dependencies=[Depends(login_slot, scope="function")],  # before the connection
 )
 async def login(body: LoginIn, conn: Conn, settings: AppSettings) -> Response:
     token, expires_at, user_json = await service.login(
