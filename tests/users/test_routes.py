@@ -249,6 +249,23 @@ async def test_patch_moves_updated_at_and_keeps_created_at(
     assert updated[1] > updated[0]
 
 
+async def test_a_patch_that_changes_nothing_leaves_updated_at(
+    client: httpx.AsyncClient, admin: Account, user: Account
+) -> None:
+    before = (await client.get("/auth/me", headers=user.headers)).json()
+    same = {"name": before["name"], "email": before["email"], "is_admin": before["is_admin"]}
+    for body in ({}, {"name": None}, same):
+        r = await client.patch(f"/users/{user.id}", json=body, headers=admin.headers)
+        assert r.status_code == 200, r.text
+        assert r.json() == before, body
+    # A password is never compared: setting one is a change (it signs the user out).
+    r = await client.patch(
+        f"/users/{user.id}", json={"password": user.password}, headers=admin.headers
+    )
+    moved = [datetime.fromisoformat(u["updated_at"]) for u in (before, r.json())]
+    assert moved[1] > moved[0]
+
+
 async def test_patch_changes_the_email_used_to_sign_in(
     client: httpx.AsyncClient, admin: Account, user: Account
 ) -> None:

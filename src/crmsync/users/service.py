@@ -61,7 +61,12 @@ async def user_update(
                   password_hash = coalesce($4, password_hash),
                   -- a new password signs the user out everywhere (auth.service.authenticate)
                   token_generation = token_generation + CASE WHEN $4 IS NULL THEN 0 ELSE 1 END,
-                  is_admin = coalesce($5, is_admin), updated_at = now()
+                  is_admin = coalesce($5, is_admin),
+                  -- a PATCH that changes nothing leaves the user as it was, updated_at too
+                  updated_at = CASE
+                      WHEN $4 IS NOT NULL OR (name, email, is_admin) IS DISTINCT FROM
+                           (coalesce($2, name), coalesce($3, email), coalesce($5, is_admin))
+                      THEN now() ELSE updated_at END
                 WHERE id = $1 AND deleted_at IS NULL RETURNING {USER_JSON}::text""",
             user_id,
             name,
