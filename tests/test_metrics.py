@@ -20,6 +20,7 @@ from tests.conftest import Account, assert_problem, make_app
 from tests.test_cli import clean_env, serving
 
 METRICS_TOKEN = "metrics-token-" + "m" * 20
+AUTH = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 PROXY = {"X-Forwarded-Proto": "https"}
 
 
@@ -54,6 +55,10 @@ async def monitored(database_url: str, backups: Path) -> AsyncIterator[FastAPI]:
 async def get(
     app: FastAPI, path: str, peer: str = "127.0.0.1", headers: dict[str, str] | None = None
 ) -> httpx.Response:
+    """`path` as `peer` (loopback by default) sends it; /metrics with the metrics token
+    unless `headers` are given."""
+    if headers is None and path == "/metrics":
+        headers = AUTH
     transport = httpx.ASGITransport(app=app, client=(peer, 4321))
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
         return await client.get(path, headers=headers or {})
@@ -158,53 +163,46 @@ async def test_last_backup_timestamp_comes_from_the_newest_file(
 @pytest.mark.parametrize(
     ("peer", "headers"),
     [
-        ("10.1.2.3", {**PROXY, "X-Forwarded-For": "198.51.100.7"}),  # the internet, via the proxy
-        ("10.1.2.3", {**PROXY, "X-Forwarded-For": "127.0.0.1, 198.51.100.7"}),  # spoofed hop
-        ("10.1.2.3", {**PROXY, "X-Forwarded-For": "198.51.100.7", "Authorization": "Bearer no"}),
-    ],
-)
-async def test_metrics_refused_to_others_without_the_token(
-    monitored: FastAPI, peer: str, headers: dict[str, str]
-) -> None:
-    r = await get(monitored, "/metrics", peer, headers)
-    assert_problem(r, 403, "forbidden")
-
-
-@pytest.mark.parametrize(
-    ("peer", "headers"),
-    [
-        ("127.0.0.1", {}),
+        ("127.0.0.1", {}),  # loopback too: the contract exempts only login, health and docs
         ("10.1.2.3", PROXY),  # the trusted proxy itself
-        ("10.1.2.3", {**PROXY, "X-Forwarded-For": "10.9.9.9"}),  # a trusted host, via the proxy
-        (
-            "10.1.2.3",
-            {
-                **PROXY,
-                "X-Forwarded-For": "198.51.100.7",
-                "Authorization": f"Bearer {METRICS_TOKEN}",
-            },
-        ),
+        ("10.1.2.3", {**PROXY, "X-Forwarded-For": "198.51.100.7"}),  # the internet, via it
+        ("127.0.0.1", {"Authorization": "Bearer no"}),
+        ("127.0.0.1", {"Authorization": f"Basic {METRICS_TOKEN}"}),
+        ("127.0.0.1", {"Authorization": f"Bearer {METRICS_TOKEN}x"}),
     ],
 )
-async def test_metrics_open_to_loopback_proxies_and_the_token(
+async def test_metrics_without_a_valid_token_are_401(
     monitored: FastAPI, peer: str, headers: dict[str, str]
 ) -> None:
     r = await get(monitored, "/metrics", peer, headers)
-    assert r.status_code == 200, r.text
-    assert "crmsync_http_requests_total" in r.text
+    assert_problem(r, 401, "unauthenticated")
+    assert r.headers["www-authenticate"] == "Bearer"
 
 
-async def test_metrics_refused_off_loopback_when_no_token_is_configured(
-    client: httpx.AsyncClient,
+async def test_metrics_open_to_the_metrics_token_and_admins_only(
+    monitored: FastAPI, admin: Account, user: Account
 ) -> None:
-    """Without CRMSYNC_METRICS_TOKEN nobody off loopback gets in, whatever they send."""
-    app = client.app  # type: ignore[attr-defined]
-    assert app.state.settings.metrics_token is None
-    transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 4321))
-    async with httpx.AsyncClient(transport=transport, base_url="https://api") as outsider:
-        for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "Bearer None"}):
-            r = await outsider.get("/metrics", headers=headers)
-            assert_problem(r, 403, "forbidden")
+    internet = {**PROXY, "X-Forwarded-For": "198.51.100.7"}
+    for peer, headers in [
+        ("127.0.0.1", AUTH),
+        ("10.1.2.3", {**internet, **AUTH}),
+        ("10.1.2.3", {**internet, **admin.headers}),
+    ]:
+        r = await get(monitored, "/metrics", peer, headers)
+        assert r.status_code == 200, r.text
+        assert "crmsync_http_requests_total" in r.text
+    r = await get(monitored, "/metrics", "127.0.0.1", user.headers)
+    assert_problem(r, 403, "forbidden")  # signed in, but not an admin
+
+
+async def test_metrics_without_a_configured_token_are_for_admins(
+    client: httpx.AsyncClient, admin: Account
+) -> None:
+    """Without CRMSYNC_METRICS_TOKEN no static token opens them, whatever is sent."""
+    assert client.app.state.settings.metrics_token is None  # type: ignore[attr-defined]
+    for headers in ({"Authorization": "Bearer "}, {"Authorization": "Bearer None"}):
+        assert_problem(await client.get("/metrics", headers=headers), 401, "unauthenticated")
+    assert (await client.get("/metrics", headers=admin.headers)).status_code == 200
 
 
 def test_metrics_total_across_two_workers(
@@ -216,12 +214,15 @@ def test_metrics_total_across_two_workers(
         CRMSYNC_JWT_SECRET="w" * 40,
         CRMSYNC_POOL_MIN_SIZE="1",
         CRMSYNC_POOL_MAX_SIZE="3",
+        CRMSYNC_METRICS_TOKEN=METRICS_TOKEN,
     )
     with serving("--workers", "2", env=env, cwd=tmp_path) as (process, base):
         n = 40
         for _ in range(n):  # a new connection each time, so both workers take some
             assert httpx.get(base + "/readyz", headers={"Connection": "close"}).status_code == 200
-        scrapes = [httpx.get(base + "/metrics", headers={"Connection": "close"}) for _ in range(6)]
+        scrapes = [
+            httpx.get(base + "/metrics", headers={"Connection": "close", **AUTH}) for _ in range(6)
+        ]
         process.terminate()
         process.wait(30)
     for scrape in scrapes:

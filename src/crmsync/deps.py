@@ -5,6 +5,8 @@ thread hop on every request."""
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -75,6 +77,24 @@ async def admin_user(user: CurrentUser) -> AuthedUser:
 
 
 AdminUser = Annotated[AuthedUser, Depends(admin_user)]
+
+
+async def metrics_reader(request: Request, settings: AppSettings) -> None:
+    """GET /metrics, behind a bearer token as every endpoint but login, health and docs:
+    CRMSYNC_METRICS_TOKEN (Prometheus' static one, checked without the database), else a
+    signed-in admin's."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    token = settings.metrics_token
+    if (
+        token is not None
+        and scheme.lower() == "bearer"
+        and hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode())
+    ):
+        return
+    async with contextlib.asynccontextmanager(request_connection)(request) as conn:
+        user = await current_user(request, conn, settings)
+    if not user.is_admin:
+        raise Forbidden("Metrics are for admins and the metrics token")
 
 
 async def page_request(

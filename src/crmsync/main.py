@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,6 +25,7 @@ from crmsync.calls import service as calls_service
 from crmsync.calls.routes import router as calls_router
 from crmsync.config import Settings
 from crmsync.contacts.routes import router as contacts_router
+from crmsync.deps import metrics_reader
 from crmsync.errors import (
     ApiError,
     BadRequest,
@@ -294,15 +295,11 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         "/metrics",
         tags=["operations"],
         summary="Prometheus metrics",
-        description="Open to loopback and trusted proxies, else `Authorization: Bearer "
-        "<CRMSYNC_METRICS_TOKEN>`.",
+        description="`Authorization: Bearer <CRMSYNC_METRICS_TOKEN>` (for Prometheus), or "
+        "a signed-in admin's token.",
         response_class=Response,
-        responses={
-            200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
-            403: openapi.problem_answer(
-                "`forbidden`: not loopback, a trusted proxy or the metrics token"
-            ),
-        },
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        dependencies=[Depends(metrics_reader)],
     )
     def metrics(request: Request) -> Response:
         return metrics_response(request)

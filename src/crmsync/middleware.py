@@ -71,10 +71,7 @@ class HttpsGuard:
     (then the scope's scheme and client become the original ones), refuses plain HTTP
     with 403 https_required unless it is a direct loopback request without forwarding
     headers or for a path in HTTPS_EXEMPT (/healthz), and adds Strict-Transport-Security
-    to HTTPS answers.
-
-    scope["state"]["local_client"] tells later code whether the original client is
-    loopback or a trusted proxy."""
+    to HTTPS answers."""
 
     def __init__(self, app: ASGIApp, peers: Peers, require_https: bool) -> None:
         self.app = app
@@ -108,8 +105,6 @@ class HttpsGuard:
                 original = self._original_client(forwarded_for)
                 if original is not None:
                     scope["client"] = (original, 0)
-                    loopback, trusted = self.peers.classify(original)
-        scope.setdefault("state", {})["local_client"] = loopback or trusted
 
         if scheme == "https":
 

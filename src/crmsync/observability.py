@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import hmac
 import logging
 import logging.config
 import os
@@ -32,7 +31,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from crmsync.errors import ApiError, Forbidden
+from crmsync.errors import ApiError
 
 if TYPE_CHECKING:
     from crmsync.db import Pool
@@ -153,17 +152,8 @@ class LastBackup(Collector):
 
 
 def metrics_response(request: Request) -> Response:
-    """Prometheus text for the loopback, trusted proxies, or a caller with the token."""
+    """Prometheus text (the caller checked by deps.metrics_reader)."""
     settings = request.app.state.settings
-    if not request.scope.get("state", {}).get("local_client"):
-        token = settings.metrics_token
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if (
-            token is None
-            or scheme.lower() != "bearer"
-            or not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode())
-        ):
-            raise Forbidden("Metrics are open to loopback, trusted proxies and the metrics token")
     _sample_pool(request.app.state.pool)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(LastBackup(settings.backup_dir))

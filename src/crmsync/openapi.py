@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-PUBLIC = {("post", "/auth/login"), ("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics")}
+PUBLIC = {("post", "/auth/login"), ("get", "/healthz"), ("get", "/readyz")}
 
 PROBLEM_SCHEMA: dict[str, Any] = {
     "title": "Problem",
@@ -76,10 +76,8 @@ OPERATION_ERRORS: dict[tuple[str, str], dict[str, tuple[str, str]]] = {
     },
     ("get", "/readyz"): {"403": ("https_required", "Plain HTTP where HTTPS is enforced")},
     ("get", "/metrics"): {
-        "403": (
-            "forbidden",
-            "Not from loopback or a trusted proxy, and no metrics token; or https_required",
-        ),
+        "401": ("unauthenticated", "Neither the metrics token nor a valid user token"),
+        "403": ("forbidden", "A user who is not an admin; or https_required"),
     },
 }
 
