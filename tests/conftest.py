@@ -225,6 +225,11 @@ def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str
     assert body["status"] == status
     assert body["code"] == code
     assert {"type", "title", "detail"} <= body.keys()
+    if status == 422:  # the contract: 422 adds errors [{loc, msg, type}]
+        assert body["errors"], body
+        for error in body["errors"]:
+            assert isinstance(error["loc"], list) and error["loc"], error
+            assert isinstance(error["msg"], str) and isinstance(error["type"], str), error
     return body
 
 

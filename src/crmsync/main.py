@@ -24,6 +24,7 @@ from crmsync.auth.routes import router as auth_router
 from crmsync.calls import service as calls_service
 from crmsync.calls.routes import router as calls_router
 from crmsync.config import Settings
+from crmsync.contacts import service as contacts_service
 from crmsync.contacts.routes import router as contacts_router
 from crmsync.deps import metrics_reader
 from crmsync.errors import (
@@ -233,6 +234,9 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         app.state.pool = await db.create_pool(url, settings)
         app.state.pool_gate = asyncio.Semaphore(settings.pool_max_size)
         app.state.login_gate = asyncio.Semaphore(db.LOGIN_SLOTS)
+        async with app.state.pool.acquire() as conn:
+            cluster = await contacts_service.cluster_id(conn)
+        app.state.changes_feed = contacts_service.Feed(app.state.cursor_key, cluster)
         background = [asyncio.create_task(sample_pool(app.state.pool))]
         if maintenance:
             background.append(asyncio.create_task(_maintenance(app.state.pool, settings)))

@@ -142,7 +142,7 @@ def encode_cursor(key: bytes, scope: str, values: Sequence[str]) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def decode_cursor(key: bytes, scope: str, cursor: str, size: int) -> list[str]:
+def decode_cursor(key: bytes, scope: str, cursor: str, size: int | tuple[int, ...]) -> list[str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         signature, payload = raw[:16], raw[16:]
@@ -153,7 +153,9 @@ def decode_cursor(key: bytes, scope: str, cursor: str, size: int) -> list[str]:
         raise BadRequest("Invalid cursor") from None
     if scope_hash != hashlib.sha256(scope.encode()).hexdigest()[:16]:
         raise BadRequest("This cursor was made for another listing or other filters")
-    if not isinstance(values, list) or len(values) != size:
+    if not isinstance(values, list) or len(values) not in (
+        (size,) if isinstance(size, int) else size
+    ):
         raise BadRequest("Invalid cursor")
     return [str(v) for v in values]
 

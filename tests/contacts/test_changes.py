@@ -10,7 +10,13 @@ import asyncpg
 import httpx
 from asyncpg.transaction import Transaction
 
-from crmsync.contacts.service import contact_changes_head, contact_changes_page
+from crmsync.contacts.service import (
+    CHANGES_SCOPE,
+    Feed,
+    contact_changes_head,
+    contact_changes_page,
+)
+from crmsync.pagination import encode_cursor
 from tests.conftest import Account, assert_problem
 from tests.contacts.test_upsert import contact, post
 
@@ -187,12 +193,12 @@ async def test_garbage_or_foreign_cursor_is_400(
 async def test_head_is_none_without_contacts_then_the_end_of_the_feed(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
-    key: bytes = client.app.state.cursor_key  # type: ignore[attr-defined]
-    assert await contact_changes_head(conn, key=key) is None
+    feed: Feed = client.app.state.changes_feed  # type: ignore[attr-defined]
+    assert await contact_changes_head(conn, feed=feed) is None
     a = (await post(client, user, contact("A", "(415) 555-0101"))).json()["contact"]
-    head = await contact_changes_head(conn, key=key)
+    head = await contact_changes_head(conn, feed=feed)
     assert head is not None
-    page = await contact_changes_page(conn, cursor=head, limit=10, key=key)
+    page = await contact_changes_page(conn, cursor=head, limit=10, feed=feed)
     assert (page.items_json, page.has_more, page.next_cursor) == (b"[]", False, head)
     await client.put(f"/contacts/{a['id']}", json={"name": "A1"}, headers=user.headers)
     items, _ = await pull_all(client, user, head)
@@ -202,24 +208,46 @@ async def test_head_is_none_without_contacts_then_the_end_of_the_feed(
 async def test_head_after_several_writes_is_past_all_of_them(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
-    key: bytes = client.app.state.cursor_key  # type: ignore[attr-defined]
+    feed: Feed = client.app.state.changes_feed  # type: ignore[attr-defined]
     await add_contacts(client, user, 3)
-    head = await contact_changes_head(conn, key=key)
+    head = await contact_changes_head(conn, feed=feed)
     assert head is not None
-    page = await contact_changes_page(conn, cursor=head, limit=10, key=key)
+    page = await contact_changes_page(conn, cursor=head, limit=10, feed=feed)
     assert (page.items_json, page.has_more) == (b"[]", False)
 
 
 async def test_head_never_passes_a_change_still_being_committed(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, database_url: str
 ) -> None:
-    key: bytes = client.app.state.cursor_key  # type: ignore[attr-defined]
+    feed: Feed = client.app.state.changes_feed  # type: ignore[attr-defined]
     async with early_and_late(database_url) as (early, early_tx, late):
         async with late.transaction():
             await late.fetchval(INSERT_CONTACT, "Late", "+14155550102")
-        head = await contact_changes_head(conn, key=key)
+        head = await contact_changes_head(conn, feed=feed)
         assert head is not None
         early_id = await early.fetchval(INSERT_CONTACT, "Early", "+14155550101")
         await early_tx.commit()
         items, _ = await pull_all(client, user, head)
         assert early_id in {c["id"] for c in items}
+
+
+async def test_a_cursor_from_another_cluster_pulls_again_from_the_beginning(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    """A backup restored into another PostgreSQL cluster (a new machine): a device's cursor
+    from the old one may lie past the positions the new cluster writes at, and would skip
+    those changes for good. A cursor names its cluster; from another one, the pull starts
+    again from the beginning."""
+    feed: Feed = client.app.state.changes_feed  # type: ignore[attr-defined]
+    assert feed.cluster == str(
+        await conn.fetchval("SELECT system_identifier FROM pg_control_system()")
+    )
+    ids = await add_contacts(client, user, 3)
+    far = str(2**40)  # a position this cluster has not reached
+    here = encode_cursor(feed.key, CHANGES_SCOPE, [feed.cluster, far, "0"])
+    elsewhere = encode_cursor(feed.key, CHANGES_SCOPE, [feed.cluster + "7", far, "0"])
+    before_clusters = encode_cursor(feed.key, CHANGES_SCOPE, [far, "0"])  # still honoured
+    for cursor, expected in ((here, []), (before_clusters, []), (elsewhere, ids)):
+        items, resume = await pull_all(client, user, cursor)
+        assert [c["id"] for c in items] == expected
+    assert (await pull(client, user, resume))["items"] == []  # the new cursor is this cluster's

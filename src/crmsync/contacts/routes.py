@@ -144,7 +144,7 @@ async def contact_changes(
     cursor: Annotated[str | None, Query(max_length=2000)] = None,
 ) -> Response:
     changes = await service.contact_changes_page(
-        conn, cursor=cursor, limit=limit, key=request.app.state.cursor_key
+        conn, cursor=cursor, limit=limit, feed=request.app.state.changes_feed
     )
     has_more = b"true" if changes.has_more else b"false"
     return JSONBytes(

@@ -302,8 +302,35 @@ async def contact_delete(
 # later transaction writes again moves out of the prefix to a position after every
 # cursor handed out so far, and reappears there at its latest state.
 
+#
+# Transaction ids count up in one PostgreSQL cluster only. A backup restored into another
+# (a new machine after a disk died) starts with restore moving the counter past the
+# restored rows' positions, but a device may hold a cursor from the old cluster further
+# on still: it would skip every change the new cluster writes below that position. So a
+# cursor names its cluster (pg_control_system's system_identifier), and one from another
+# cluster restarts the device's pull from the beginning: sent again, nothing missed.
+
 CHANGES_SCOPE = "contacts/changes"
 _BEGINNING = ("0", "0")
+
+
+@dataclass(frozen=True)
+class Feed:
+    """What a changes cursor is signed with, and the cluster its positions belong to."""
+
+    key: bytes
+    cluster: str
+
+
+async def cluster_id(conn: Connection) -> str:
+    """The PostgreSQL cluster's identity, made by initdb; "0" where a managed service
+    hides it (cursors then cannot tell clusters apart)."""
+    try:
+        found = await conn.fetchval("SELECT system_identifier::text FROM pg_control_system()")
+    except asyncpg.InsufficientPrivilegeError:
+        found = None
+    return str(found or "0")
+
 
 # Plain columns, the JSON made by orjson (see pagination.Shape).
 CHANGES_SQL = f"""
@@ -333,37 +360,44 @@ class ChangesPage:
     has_more: bool
 
 
-def _changes_position(cursor: str | None, key: bytes) -> tuple[int, int]:
+def _changes_position(cursor: str | None, feed: Feed) -> tuple[int, int]:
     if not cursor:  # none, or empty (`?cursor=`): from the beginning
         return 0, 0
-    xid, seq = decode_cursor(key, CHANGES_SCOPE, cursor, 2)
+    values = decode_cursor(feed.key, CHANGES_SCOPE, cursor, (3, 2))  # 2: made before clusters
+    if len(values) == 3 and values.pop(0) != feed.cluster:
+        return 0, 0  # made on another cluster: see above
     try:
-        return int(xid), int(seq)
+        return int(values[0]), int(values[1])
     except ValueError:
         raise BadRequest("Invalid cursor") from None
 
 
+def _changes_cursor(feed: Feed, xid: object, seq: object) -> str:
+    return encode_cursor(feed.key, CHANGES_SCOPE, [feed.cluster, str(xid), str(seq)])
+
+
 async def contact_changes_page(
-    conn: Connection, *, cursor: str | None, limit: int, key: bytes
+    conn: Connection, *, cursor: str | None, limit: int, feed: Feed
 ) -> ChangesPage:
     """Contacts written after `cursor` (None: from the beginning), oldest change first."""
-    xid, seq = _changes_position(cursor, key)
+    xid, seq = _changes_position(cursor, feed)
     rows = await conn.fetch(CHANGES_SQL, xid, seq, limit)
     items = rows[:limit]
     if items:
         xid, seq = items[-1]["xid"], items[-1]["seq"]
     return ChangesPage(
         items_json=CONTACT.dumps(items),
-        next_cursor=encode_cursor(key, CHANGES_SCOPE, [str(xid), str(seq)]),
+        next_cursor=_changes_cursor(feed, xid, seq),
         has_more=len(rows) > limit,
     )
 
 
-async def contact_changes_head(conn: Connection, *, key: bytes) -> str | None:
+async def contact_changes_head(conn: Connection, *, feed: Feed) -> str | None:
     """A cursor at the current end of the changes feed; None when there are no contacts."""
     row = await conn.fetchrow(HEAD_SQL)
     assert row is not None
     if not row["any"]:
         return None
-    position = _BEGINNING if row["xid"] is None else (str(row["xid"]), str(row["seq"]))
-    return encode_cursor(key, CHANGES_SCOPE, list(position))
+    if row["xid"] is None:
+        return _changes_cursor(feed, *_BEGINNING)
+    return _changes_cursor(feed, row["xid"], row["seq"])

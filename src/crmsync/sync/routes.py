@@ -80,7 +80,7 @@ async def list_sync_records(
     "the end of the contacts changes feed (null when there are no contacts).",
 )
 async def sync_state(request: Request, user: CurrentUser, conn: Conn) -> Response:
-    head = await contact_changes_head(conn, key=request.app.state.cursor_key)
+    head = await contact_changes_head(conn, feed=request.app.state.changes_feed)
     return JSONBytes(await service.sync_state(conn, user_id=user.id, contacts_cursor=head))
 
 
@@ -145,7 +145,7 @@ async def sync(
             else CallBatch(inserted=0, duplicates=0, rejected=0, rejected_json="[]")
         )
         changes = await contact_changes_page(
-            conn, cursor=cursor, limit=CHANGES_LIMIT, key=request.app.state.cursor_key
+            conn, cursor=cursor, limit=CHANGES_LIMIT, feed=request.app.state.changes_feed
         )
         counts = contacts.counts
 
