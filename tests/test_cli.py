@@ -20,6 +20,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 import psutil
+import pytest
 
 from crmsync.config import Settings
 from tests.conftest import TEST_SECRET, make_app
@@ -206,6 +207,44 @@ def test_serve_with_database_url(
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     assert not (tmp_path / "data").exists()  # no embedded server was started
+
+
+def test_workers_stop_when_their_supervisor_is_killed(
+    tmp_path: Path, make_database: Callable[[str], Awaitable[str]]
+) -> None:
+    """kill -9 of `serve --workers 2` used to leave both workers serving the port as
+    orphans, with nothing watching them (or the embedded PostgreSQL), and a new `serve`
+    could not bind the port."""
+    url = asyncio.run(make_database(f"crmsync_cli_orphans_{os.getpid()}"))
+    env = clean_env(
+        CRMSYNC_DATABASE_URL=url,
+        CRMSYNC_JWT_SECRET=TEST_SECRET,
+        CRMSYNC_POOL_MIN_SIZE="1",
+        CRMSYNC_POOL_MAX_SIZE="2",
+    )
+    workers: list[psutil.Process] = []
+    try:
+        with serving("--workers", "2", env=env, cwd=tmp_path) as (process, base):
+            deadline = time.monotonic() + 30
+            while len(workers) < 2 and time.monotonic() < deadline:
+                workers = [
+                    child
+                    for child in psutil.Process(process.pid).children()
+                    if "spawn_main" in " ".join(child.cmdline())
+                ]
+                time.sleep(0.1)
+            assert len(workers) == 2
+            time.sleep(2)  # both past start-up
+            process.kill()
+            process.wait(10)
+            _, alive = psutil.wait_procs(workers, timeout=30)
+            assert not alive, "orphaned workers"
+            with pytest.raises(httpx.TransportError):
+                httpx.get(base + "/healthz", timeout=2)
+    finally:
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
 
 
 def test_a_database_a_newer_version_migrated_is_named_as_such(

@@ -21,7 +21,7 @@ from alembic.util import CommandError
 from pydantic import ValidationError
 
 from crmsync import db
-from crmsync.config import Settings
+from crmsync.config import SUPERVISOR_ENV, Settings
 from crmsync.errors import EmailTaken
 from crmsync.middleware import ProblemHttpProtocol
 from crmsync.observability import configure_logging, logging_config
@@ -102,6 +102,7 @@ def serve(
     os.environ["CRMSYNC_DATABASE_URL"] = url
     os.environ["CRMSYNC_JWT_SECRET"] = settings.secret
     if workers > 1:
+        os.environ[SUPERVISOR_ENV] = str(os.getpid())  # see main.exit_with_the_supervisor
         # Workers are separate processes: their metrics meet in files in a fresh directory,
         # set before any worker imports prometheus_client.
         metrics_dir = tempfile.mkdtemp(prefix="crmsync-metrics-")

@@ -14,6 +14,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# Set by `crmsync serve --workers N` for its workers: the supervisor's pid (not a setting).
+SUPERVISOR_ENV = "CRMSYNC_SERVE_SUPERVISOR_PID"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CRMSYNC_", extra="ignore", frozen=True)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import hashlib
 import logging
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,7 +27,7 @@ from crmsync.auth import service as auth_service
 from crmsync.auth.routes import router as auth_router
 from crmsync.calls import service as calls_service
 from crmsync.calls.routes import router as calls_router
-from crmsync.config import Settings
+from crmsync.config import SUPERVISOR_ENV, Settings
 from crmsync.contacts import service as contacts_service
 from crmsync.contacts.routes import router as contacts_router
 from crmsync.deps import metrics_reader
@@ -213,6 +217,22 @@ async def _maintenance(pool: db.Pool, settings: Settings) -> None:
         await asyncio.sleep(ROUND_INTERVAL_SECONDS)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def exit_with_the_supervisor() -> None:
+    """In a worker of `crmsync serve --workers N`: ask Linux for a SIGTERM (a graceful
+    stop) when the supervisor dies, even by kill -9. Orphaned workers went on serving the
+    port, with no one left to watch the embedded PostgreSQL, and a new `serve` could not
+    bind it."""
+    supervisor = int(os.environ.get(SUPERVISOR_ENV) or 0)
+    if not supervisor or supervisor == os.getpid() or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:  # it died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _tune_gc() -> None:
     """What start-up made (modules, routes, schemas) lives as long as the process: freeze
     it out of the collector's sight, and collect the young generation every 50,000
@@ -240,6 +260,7 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         background = [asyncio.create_task(sample_pool(app.state.pool))]
         if maintenance:
             background.append(asyncio.create_task(_maintenance(app.state.pool, settings)))
+        exit_with_the_supervisor()
         _tune_gc()
         try:
             yield
