@@ -25,6 +25,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from crmsync import db
 from crmsync.config import Settings
@@ -265,3 +266,16 @@ def serving(config: uvicorn.Config) -> Iterator[None]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def api_routes(app: FastAPI) -> list[APIRoute]:
+    """Every API route of the app, those of its included routers too."""
+    found: list[APIRoute] = []
+    pending: list[Any] = list(app.routes)
+    while pending:
+        route = pending.pop(0)
+        if isinstance(route, APIRoute):
+            found.append(route)
+        elif hasattr(route, "original_router"):  # FastAPI's wrapper of an included router
+            pending.extend(route.original_router.routes)
+    return found

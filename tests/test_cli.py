@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -21,7 +22,10 @@ import asyncpg
 import httpx
 import psutil
 import pytest
+import trustme
+from alembic.script import ScriptDirectory
 
+from crmsync import db
 from crmsync.config import Settings
 from tests.conftest import TEST_SECRET, make_app
 
@@ -61,23 +65,27 @@ def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedP
 
 @contextlib.contextmanager
 def serving(
-    *args: str, env: dict[str, str], cwd: Path
+    *args: str, env: dict[str, str], cwd: Path, verify: ssl.SSLContext | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`crmsync serve` on a free port, up and answering /healthz; killed if still running
-    afterwards. Its stderr goes to cwd/serve.log."""
+    """`crmsync serve` on a free port, up and answering /healthz (over HTTPS, trusting
+    `verify`, when given); killed if still running afterwards. Its stderr goes to
+    cwd/serve.log."""
     port = free_port()
     log = (cwd / "serve.log").open("wb")
     process = subprocess.Popen(
         [CRMSYNC, "serve", "--port", str(port), *args], env=env, cwd=cwd, stdout=log, stderr=log
     )
-    base = f"http://127.0.0.1:{port}"
+    base = f"{'https' if verify else 'http'}://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         while True:
             assert process.poll() is None, (cwd / "serve.log").read_text()
             assert time.monotonic() < deadline, "crmsync serve did not come up"
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                if (
+                    httpx.get(base + "/healthz", timeout=1, verify=verify or True).status_code
+                    == 200
+                ):
                     break
             time.sleep(0.1)
         yield process, base
@@ -174,6 +182,12 @@ def test_serve_embedded_create_admin_login_and_sigterm(tmp_path: Path) -> None:
 
     assert not postgres_processes(pgdata)
     assert not (pgdata / "postmaster.pid").exists()
+    # Started again on the same data directory: the admin (and everything) is still there.
+    with serving(env=env, cwd=tmp_path) as (process, base):
+        login = {"email": "boss@example.com", "password": PASSWORD}
+        assert httpx.post(base + "/auth/login", json=login, timeout=30).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
 
 
 def check_unparsable_requests_get_a_problem(base: str) -> None:
@@ -202,11 +216,48 @@ def test_serve_with_database_url(
     url = asyncio.run(make_database(f"crmsync_cli_{os.getpid()}"))
     env = clean_env(CRMSYNC_DATABASE_URL=url, CRMSYNC_JWT_SECRET=TEST_SECRET)
     with serving(env=env, cwd=tmp_path) as (process, base):
+        assert asyncio.run(schema_version(url)) == HEAD  # serve applied the migrations
         check_create_admin_and_login(env, tmp_path, base)
         check_unparsable_requests_get_a_problem(base)
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     assert not (tmp_path / "data").exists()  # no embedded server was started
+
+
+async def schema_version(url: str) -> str | None:
+    conn = await asyncpg.connect(url)
+    try:
+        if await conn.fetchval("SELECT to_regclass('alembic_version')") is None:
+            return None
+        version: str = await conn.fetchval("SELECT version_num FROM alembic_version")
+        return version
+    finally:
+        await conn.close()
+
+
+HEAD = ScriptDirectory(str(db.MIGRATIONS_DIR)).get_current_head()
+
+
+def test_serve_terminates_tls_itself(
+    tmp_path: Path, make_database: Callable[[str], Awaitable[str]]
+) -> None:
+    """`crmsync serve --ssl-certfile --ssl-keyfile`: HTTPS with the given certificate, and
+    Strict-Transport-Security on its answers."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    url = asyncio.run(make_database(f"crmsync_cli_tls_{os.getpid()}"))
+    env = clean_env(CRMSYNC_DATABASE_URL=url, CRMSYNC_JWT_SECRET=TEST_SECRET)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    tls = ("--ssl-certfile", str(tmp_path / "cert.pem"), "--ssl-keyfile", str(tmp_path / "key.pem"))
+    with serving(*tls, env=env, cwd=tmp_path, verify=context) as (_, base):
+        r = httpx.get(base + "/readyz", verify=context)
+        assert r.status_code == 200, r.text
+        assert r.headers["strict-transport-security"].startswith("max-age=")
+        with pytest.raises(httpx.TransportError):
+            httpx.get(base.replace("https://", "http://") + "/healthz", timeout=5)
 
 
 def test_workers_stop_when_their_supervisor_is_killed(

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from crmsync import openapi
+from tests.conftest import api_routes
 
 DOC = Path(__file__).parent.parent / "docs" / "openapi.json"
 
@@ -55,6 +56,18 @@ async def test_every_operation_is_described(client: httpx.AsyncClient) -> None:
                     missing.append(f"{where}: no request schema")
     assert not missing, "\n".join(missing)
     assert "HTTPValidationError" not in json.dumps(spec)
+
+
+async def test_every_route_of_the_app_is_in_the_document(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    documented = {(m.upper(), path) for path, item in spec["paths"].items() for m in item}
+    served = {
+        (method, route.path_format)
+        for route in api_routes(client.app)  # type: ignore[attr-defined]
+        for method in route.methods - {"HEAD"}
+    }
+    assert served - documented == set()
+    assert len(served) >= 23
 
 
 def test_a_model_named_problem_cannot_shadow_the_problem_json_schema() -> None:

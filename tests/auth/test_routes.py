@@ -13,7 +13,7 @@ import httpx
 import jwt
 
 from crmsync.main import maintain
-from tests.conftest import TEST_SECRET, Account, MakeUser, assert_problem, make_app
+from tests.conftest import TEST_SECRET, Account, MakeUser, api_routes, assert_problem, make_app
 
 
 async def test_login_returns_token_user_and_expiry(
@@ -418,3 +418,27 @@ async def test_maintenance_keeps_live_revocations_and_lockouts_and_prunes_stale_
     assert await conn.fetchval("SELECT array_agg(email_key) FROM login_throttle") == [
         locked.email.lower()
     ]
+
+
+PUBLIC = {("POST", "/auth/login"), ("GET", "/healthz"), ("GET", "/readyz")}
+
+
+async def test_every_endpoint_but_login_health_and_docs_needs_a_token(
+    client: httpx.AsyncClient,
+) -> None:
+    """The contract's Auth clause, for every route the app has (so a new route that forgets
+    CurrentUser fails here): no token, or a forged one, is 401 with a valid body sent."""
+    checked = 0
+    for route in api_routes(client.app):  # type: ignore[attr-defined]
+        path = route.path_format.replace("{user_id}", str(uuid.uuid4()))
+        path = path.replace("{contact_id}", str(uuid.uuid4()))
+        assert "{" not in path, path
+        for method in route.methods - {"HEAD"}:
+            if (method, route.path_format) in PUBLIC:
+                continue
+            for headers in ({}, {"Authorization": "Bearer " + "e30.e30.forged"}):
+                body = "[]" if method == "POST" else "{}"
+                r = await client.request(method, path, content=body, headers=headers)
+                assert_problem(r, 401, "unauthenticated")
+                checked += 1
+    assert checked >= 2 * 20  # every operation of the contract but the public three
