@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Account, assert_problem, make_app
+from tests.conftest import Account, assert_problem, make_app, make_settings
 
 
 @pytest.mark.parametrize(
@@ -143,3 +143,8 @@ async def test_answers_of_a_kilobyte_and_more_are_gzipped_for_clients_that_ask(
     assert "content-encoding" not in small.headers  # under 1 KiB: not worth it
     error = await client.get("/contacts", headers={"Accept-Encoding": "gzip"})
     assert_problem(error, 401, "unauthenticated")
+
+
+def test_the_body_limit_is_16_mib_by_default() -> None:
+    """The contract's default size limit (uploads of 5,000 calls are a few MiB)."""
+    assert make_settings("postgresql://unused/unused").max_body_bytes == 16 * 1024 * 1024

@@ -150,6 +150,45 @@ async def test_every_page_is_its_slice_of_the_whole_list_from_either_end(
                 assert rest.json()["items"] == whole[number * limit :]
 
 
+async def test_a_cursor_walk_is_stable_while_rows_are_inserted_before_it(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    """Keyset, not an offset in disguise: rows that sort before the walk's position, added
+    mid-walk, neither shift it (a repeated row) nor are they visited."""
+    h = user.headers
+    for i in range(6):
+        r = await client.post(
+            "/contacts", json={"name": f"M{i}", "phone_raw": f"+1415555020{i}"}, headers=h
+        )
+        assert r.status_code == 201
+    body = (await client.get("/contacts", params={"limit": 2}, headers=h)).json()
+    seen = [c["name"] for c in body["items"]]
+    for i in range(3):  # "A..." sorts before every "M..."
+        r = await client.post(
+            "/contacts", json={"name": f"A{i}", "phone_raw": f"+1415555030{i}"}, headers=h
+        )
+        assert r.status_code == 201
+    while body["next_cursor"]:
+        params = {"limit": 2, "cursor": body["next_cursor"]}
+        body = (await client.get("/contacts", params=params, headers=h)).json()
+        seen += [c["name"] for c in body["items"]]
+    assert seen == [f"M{i}" for i in range(6)]
+
+
+@pytest.mark.parametrize(
+    "path", ["/users", "/contacts", "/contacts/search?q=abc", "/calls", "/calls/{contact}", "/sync"]
+)
+async def test_page_with_cursor_is_400_on_every_list(
+    client: httpx.AsyncClient, admin: Account, path: str
+) -> None:
+    contact = await client.post(
+        "/contacts", json={"name": "C", "phone_raw": "+14155550100"}, headers=admin.headers
+    )
+    path = path.format(contact=contact.json()["contact"]["id"])
+    r = await client.get(path, params={"page": 1, "cursor": "abc"}, headers=admin.headers)
+    assert_problem(r, 400, "bad_request")
+
+
 async def test_page_with_cursor_and_garbage_cursors_are_400(
     client: httpx.AsyncClient, admin: Account
 ) -> None:

@@ -330,6 +330,18 @@ async def test_an_expired_lockout_lets_the_right_password_in(
     assert (await client.post("/auth/login", json=login)).status_code == 200
 
 
+async def test_one_locked_account_leaves_the_others_signing_in(
+    client: httpx.AsyncClient, user: Account, make_user: MakeUser
+) -> None:
+    other = await make_user()
+    for _ in range(5):
+        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    login = {"email": user.email, "password": user.password}
+    assert_problem(await client.post("/auth/login", json=login), 429, "too_many_attempts")
+    r = await client.post("/auth/login", json={"email": other.email, "password": other.password})
+    assert r.status_code == 200, r.text
+
+
 async def test_failures_older_than_the_window_start_a_new_count(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:

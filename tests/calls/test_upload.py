@@ -415,6 +415,17 @@ async def test_maintenance_never_links_a_call_to_a_deleted_contact(
     assert await conn.fetchval("SELECT contact_id FROM call_logs") is None
 
 
+async def test_durations_of_0_and_86400_seconds_are_stored(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    body = (
+        await upload(client, user, [call(0, duration_seconds=0), call(1, duration_seconds=86400)])
+    ).json()
+    assert (body["inserted"], body["rejected"]) == (2, []), body
+    durations = await conn.fetch("SELECT duration_seconds FROM call_logs ORDER BY 1")
+    assert [r[0] for r in durations] == [0, 86400]
+
+
 BAD_ITEMS: list[tuple[dict[str, Any], str, str]] = [
     (call(0, direction="sideways"), "direction", "literal_error"),
     (call(0, direction=None), "direction", "literal_error"),

@@ -502,3 +502,38 @@ async def test_a_write_that_loses_every_race_is_a_503_to_retry_and_writes_nothin
         await conn.fetchval("SELECT deleted FROM contacts WHERE id = $1", uuid.UUID(y["id"]))
         is False
     )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"phone_raw": ""},
+        {"phone_raw": "12345"},
+        {"phone_raw": 4155550123},
+        {"name": ""},
+        {"name": "   "},
+        {"name": 123},
+        {"name": "a\x00b"},
+        {"name": "x" * 201},
+        [],
+        "name",
+    ],
+)
+async def test_bad_edits_are_422_and_change_nothing(
+    client: httpx.AsyncClient, user: Account, body: Any
+) -> None:
+    created = (await post(client, user, contact())).json()["contact"]
+    r = await client.put(f"/contacts/{created['id']}", json=body, headers=user.headers)
+    assert_problem(r, 422, "validation_error")
+    now = (await client.get(f"/contacts/{created['id']}", headers=user.headers)).json()
+    assert now == created
+
+
+async def test_null_fields_of_an_edit_are_left_as_they_are(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    created = (await post(client, user, contact())).json()["contact"]
+    r = await client.put(
+        f"/contacts/{created['id']}", json={"name": None, "phone_raw": None}, headers=user.headers
+    )
+    assert r.status_code == 200 and r.json() == created, r.text

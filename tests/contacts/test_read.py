@@ -318,3 +318,17 @@ async def test_lookup_phone_over_200_characters_is_422(
     r = await client.get("/contacts/lookup", params={"phone": padded}, headers=user.headers)
     body = assert_problem(r, 422, "validation_error")
     assert body["errors"][0]["loc"] == ["query", "phone"]
+
+
+async def test_lookup_and_search_without_their_query_are_422(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    for path, params in (
+        ("/contacts/lookup", {}),
+        ("/contacts/lookup", {"phone": ""}),
+        ("/contacts/lookup", {"phone": "abc"}),
+        ("/contacts/search", {}),
+    ):
+        r = await client.get(path, params=params, headers=user.headers)
+        body = assert_problem(r, 422, "validation_error")
+        assert body["errors"][0]["loc"][0] == "query", body

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from tests.conftest import Account, MakeUser, assert_problem
+from tests.conftest import Account, MakeUser, assert_problem, make_app
 
 T0 = datetime(2026, 10, 1, 8, 0, tzinfo=UTC)
 
@@ -209,6 +209,27 @@ async def test_a_blank_phone_raw_leaves_the_number_and_the_spelling_to_the_hint(
     assert_problem(r, 422, "validation_error")
 
 
+async def test_numbers_without_a_country_code_are_read_in_the_default_region(
+    database_url: str, user: Account
+) -> None:
+    """CRMSYNC_DEFAULT_REGION=GB: a national spelling is a UK number, and a US one needs
+    its +1."""
+    app = make_app(database_url, default_region="GB")
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as gb:
+            r = await post(gb, user, contact(name="Lena", phone="020 7946 0958"))
+            assert r.json()["contact"]["phone_normalized"] == "+442079460958", r.text
+            r = await post(gb, user, contact(name="Bruno", phone="+1 (415) 555-0123"))
+            assert r.json()["contact"]["phone_normalized"] == "+14155550123", r.text
+            r = await gb.get(
+                "/contacts/lookup", params={"phone": "02079460958"}, headers=user.headers
+            )
+            assert r.json()["name"] == "Lena", r.text
+            r = await post(gb, user, contact(name="Nine", phone="(415) 555-0199"))  # no +1
+            assert r.json()["contact"]["phone_normalized"] == "+444155550199", r.text
+
+
 async def test_phone_hint_reads_a_national_spelling_in_the_hints_country(
     client: httpx.AsyncClient, user: Account
 ) -> None:
@@ -236,6 +257,11 @@ async def test_bad_names_and_times_are_422_and_nothing_is_written(
         (contact(created_at="0001-01-01T00:00:00+01:00"), "created_at"),  # year 0 in UTC
         (contact(phone="1" * 65), "phone_raw"),
         ({"name": "Bruno"}, "phone_raw"),
+        (contact(created_at=0), "created_at"),  # not 1970: it would win every older-wins
+        (contact(created_at=1762264800), "created_at"),
+        (contact(name=123), "name"),
+        (contact(phone=4155550123), "phone_raw"),
+        (contact(phone=None), "phone_raw"),
     ]
     for body, field in bad:
         r = await post(client, user, body)

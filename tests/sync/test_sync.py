@@ -124,13 +124,17 @@ async def test_an_empty_sync_only_pulls_and_still_writes_its_record(
         "INSERT INTO contacts (name, phone_raw, phone_normalized)"
         " VALUES ('C', '+14155550150', '+14155550150')"
     )
-    for body in ({}, {"contacts": [], "calls": [], "cursor": None}):
+    for body in (
+        {},
+        {"contacts": [], "calls": [], "cursor": None},
+        {"contacts": None, "calls": None},
+    ):
         answer = (await sync(client, user, body)).json()
         assert answer["contacts"] == []
         assert answer["calls"] == {"inserted": 0, "duplicates": 0, "rejected": []}
         assert [c["phone_normalized"] for c in answer["changes"]["items"]] == ["+14155550150"]
         assert answer["changes"]["has_more"] is False
-    assert await counts(conn) == (1, 0, 2)
+    assert await counts(conn) == (1, 0, 3)
 
 
 async def test_changes_after_the_cursor_at_most_200_and_none_missed(

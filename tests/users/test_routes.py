@@ -189,6 +189,32 @@ async def test_delete_rules(
     assert r.status_code == 201 and r.json()["id"] != user.id
 
 
+async def test_a_deleted_users_contacts_calls_and_sync_records_stay(
+    client: httpx.AsyncClient, admin: Account, user: Account
+) -> None:
+    h = user.headers
+    contact = {"name": "Kept", "phone_raw": "+14155550111"}
+    call = {"direction": "incoming", "duration_seconds": 5, "timestamp": "2026-11-05T10:00:00Z"}
+    assert (await client.post("/contacts", json=contact, headers=h)).status_code == 201
+    assert (await client.post("/calls", json=[call], headers=h)).status_code == 200
+    assert (await client.delete(f"/users/{user.id}", headers=admin.headers)).status_code == 204
+    a = admin.headers
+    [kept] = (await client.get("/contacts", headers=a)).json()["items"]
+    assert (kept["name"], kept["created_by"], kept["deleted"]) == ("Kept", user.id, False)
+    calls = (await client.get("/calls", params={"user_id": user.id}, headers=a)).json()
+    assert [c["user_id"] for c in calls["items"]] == [user.id]
+    records = (await client.get("/sync", params={"user_id": user.id}, headers=a)).json()
+    assert {r["kind"] for r in records["items"]} == {"calls"}
+
+
+async def test_deleting_an_unknown_or_malformed_user_id_is_404(
+    client: httpx.AsyncClient, admin: Account
+) -> None:
+    for user_id in ("00000000-0000-0000-0000-000000000000", "not-a-uuid"):
+        r = await client.delete(f"/users/{user_id}", headers=admin.headers)
+        assert_problem(r, 404, "not_found")
+
+
 async def test_non_admin_gets_403_on_every_users_endpoint(
     client: httpx.AsyncClient, user: Account, admin: Account
 ) -> None:
@@ -301,3 +327,22 @@ async def test_list_orders_by_created_at_then_id_not_by_id_alone(
             body = (await client.get("/users", params=cursor, headers=admin.headers)).json()
             seen += [u["id"] for u in body["items"]]
         assert seen == [others[2], others[3], others[1], others[0], admin.id], params
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"password": "short"},
+        {"name": ""},
+        {"email": "not-an-email"},
+        {"is_admin": "yes"},
+        [],
+    ],
+)
+async def test_bad_patches_are_422_and_change_nothing(
+    client: httpx.AsyncClient, admin: Account, user: Account, body: object
+) -> None:
+    before = (await client.get("/auth/me", headers=user.headers)).json()
+    r = await client.patch(f"/users/{user.id}", json=body, headers=admin.headers)
+    assert_problem(r, 422, "validation_error")
+    assert (await client.get("/auth/me", headers=user.headers)).json() == before
