@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -389,6 +390,25 @@ def test_embedded_mode_generates_one_private_secret_and_keeps_it(tmp_path: Path)
     assert (data_dir / "jwt_secret").read_text() == renewed
     assert stat.S_IMODE((data_dir / "jwt_secret").stat().st_mode) == 0o600
     assert [p.name for p in data_dir.iterdir()] == ["jwt_secret"]
+
+
+def test_every_setting_is_in_the_readme_with_its_default() -> None:
+    """The contract: every CRMSYNC_ setting documented in the README."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = {
+        name: line
+        for line in readme.splitlines()
+        if line.startswith("| `CRMSYNC_")
+        for name in re.findall(r"`(CRMSYNC_[A-Z_]+)`", line.split("|")[1])
+    }
+    for field, info in Settings.model_fields.items():
+        name = "CRMSYNC_" + field.upper()
+        assert name in rows, f"{name} is not in the README's settings table"
+        default = info.default
+        if isinstance(default, bool):
+            default = str(default).lower()
+        if isinstance(default, int | str) and default != "":
+            assert f"`{default}`" in rows[name], (name, default, rows[name])
 
 
 def test_empty_database_url_and_metrics_token_are_unset() -> None:
