@@ -301,7 +301,6 @@ async def contact_delete(
 # still appear in that prefix, and a cursor inside it never skips a change. A row that a
 # later transaction writes again moves out of the prefix to a position after every
 # cursor handed out so far, and reappears there at its latest state.
-
 #
 # Transaction ids count up in one PostgreSQL cluster only. A backup restored into another
 # (a new machine after a disk died) starts with restore moving the counter past the
