@@ -340,6 +340,7 @@ def test_bad_settings_and_an_unreachable_database_are_one_line_not_a_traceback(
         ("CRMSYNC_DATABASE_URL", "mysql://someone@127.0.0.1/none"),
         ("CRMSYNC_DATABASE_URL", "postgresql://someone@localhost:notaport/none"),
         ("CRMSYNC_DATABASE_URL", "postgresql://someone@localhost:70000/none"),
+        ("CRMSYNC_DATABASE_URL", "postgresql://someone@db1:5432,db2:x/none"),
     ):
         env = clean_env(**{"CRMSYNC_DATABASE_URL": unreachable, setting: value})
         result = run_cli("migrate", env=env, cwd=tmp_path)
@@ -409,6 +410,12 @@ def test_every_setting_is_in_the_readme_with_its_default() -> None:
             default = str(default).lower()
         if isinstance(default, int | str) and default != "":
             assert f"`{default}`" in rows[name], (name, default, rows[name])
+
+
+def test_a_multi_host_url_may_name_each_hosts_port() -> None:
+    """A primary and a standby, the driver picking the writable one (docs/operations.md)."""
+    url = "postgresql://u:p@db1.internal:5432,db2.internal:5433/crmsync?target_session_attrs=read-write"
+    assert Settings(database_url=url, jwt_secret="s" * 32).database_url == url
 
 
 def test_empty_database_url_and_metrics_token_are_unset() -> None:

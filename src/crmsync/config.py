@@ -60,7 +60,10 @@ class Settings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in ("postgresql", "postgres"):
             raise ValueError("must be a postgresql://user:password@host:port/database URL")
-        parts.port  # noqa: B018 - raises ValueError for a port that is no number in range
+        # Each host of a multi-host URL (db1:5432,db2:5432, for a failover pair) may name a
+        # port; urlsplit raises ValueError for one that is no number in range.
+        for host in parts.netloc.rpartition("@")[2].split(","):
+            urlsplit(f"//{host}").port  # noqa: B018
         return value
 
     @model_validator(mode="after")
