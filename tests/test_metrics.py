@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -271,3 +273,21 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
             assert REGISTRY.get_sample_value("crmsync_database_up") == 1
     finally:
         server.cleanup()
+
+
+def test_every_upload_result_is_a_series_from_the_start() -> None:
+    """At 0 before any upload (a fresh process), so a rate() over it needs no first upload."""
+    script = (
+        "from prometheus_client import generate_latest; import crmsync.observability;"
+        " print(generate_latest().decode())"
+    )
+    text = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    for name, results in (
+        ("contacts", ("created", "replaced", "existing", "rejected")),
+        ("calls", ("inserted", "duplicate", "rejected")),
+    ):
+        for result in results:
+            assert sample(text, f"crmsync_{name}_uploaded_total", result=result) == 0
+            assert f'crmsync_{name}_uploaded_total{{result="{result}"}}' in text

@@ -44,12 +44,15 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 access_log = logging.getLogger("crmsync.access")
 
 # Domain counters; services add to them after their transaction's work is done.
-CONTACT_RESULTS = Counter(
-    "crmsync_contacts_uploaded", "Contacts uploaded, by result", ["result"]
-)  # result: created | replaced | existing | rejected
-CALL_RESULTS = Counter(
-    "crmsync_calls_uploaded", "Calls uploaded, by result", ["result"]
-)  # result: inserted | duplicate | rejected
+CONTACT_RESULTS = Counter("crmsync_contacts_uploaded", "Contacts uploaded, by result", ["result"])
+CALL_RESULTS = Counter("crmsync_calls_uploaded", "Calls uploaded, by result", ["result"])
+# Every result's series from the start, at 0: a rate() over it needs no first upload.
+for _counter, _results in (
+    (CONTACT_RESULTS, ("created", "replaced", "existing", "rejected")),
+    (CALL_RESULTS, ("inserted", "duplicate", "rejected")),
+):
+    for _result in _results:
+        _counter.labels(_result)
 LOGIN_FAILURES = Counter(
     "crmsync_login_failures", "Failed sign-ins (wrong credentials or throttled)"
 )
