@@ -268,7 +268,7 @@ def reset_password(
 @app.command("backup")
 def backup_command(
     out: Annotated[
-        Path | None, typer.Option(help="Directory to write to [default: CRMSYNC_BACKUP_DIR]")
+        Path | None, typer.Option(help="Directory to write to \\[default: CRMSYNC_BACKUP_DIR]")
     ] = None,
     keep: Annotated[
         int, typer.Option(min=1, help="Newest backups to keep; older are deleted")
