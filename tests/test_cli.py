@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pty
 import re
 import signal
 import socket
@@ -20,6 +21,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
+import bcrypt
 import httpx
 import psutil
 import pytest
@@ -410,6 +412,56 @@ def test_every_setting_is_in_the_readme_with_its_default() -> None:
             default = str(default).lower()
         if isinstance(default, int | str) and default != "":
             assert f"`{default}`" in rows[name], (name, default, rows[name])
+
+
+def on_a_terminal(args: list[str], env: dict[str, str], cwd: Path, answers: list[str]) -> str:
+    """Run a command on a pseudo-terminal, typing each answer after the next prompt (a line
+    ending in ": "); everything it wrote."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command, on the terminal
+        os.chdir(cwd)
+        os.execve(CRMSYNC, [CRMSYNC, *args], env)  # noqa: S606 - our command, no shell
+    seen = b""
+    pending = list(answers)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:  # the command exited: the terminal closed
+            break
+        if not chunk:
+            break
+        seen += chunk
+        if pending and seen.rstrip(b" ").endswith(b":"):
+            os.write(fd, pending.pop(0).encode() + b"\n")
+            seen += b"\n"
+    os.waitpid(pid, 0)
+    os.close(fd)
+    return seen.decode(errors="replace")
+
+
+def test_create_admin_asks_the_password_twice_on_the_terminal(
+    tmp_path: Path, make_database: Callable[[str], Awaitable[str]]
+) -> None:
+    url = asyncio.run(make_database(f"crmsync_cli_prompt_{os.getpid()}"))
+    env = clean_env(CRMSYNC_DATABASE_URL=url, CRMSYNC_JWT_SECRET=TEST_SECRET)
+    args = ["create-admin", "--email", "typed@example.com", "--name", "Typed"]
+    out = on_a_terminal(args, env, tmp_path, ["typed-password-1", "typed-password-1"])
+    assert out.count("Password") == 1 and "Repeat for confirmation" in out, out
+    assert "admin typed@example.com created" in out, out
+    assert "typed-password-1" not in out  # not echoed
+
+    async def stored_hash() -> str:
+        conn = await asyncpg.connect(url)
+        try:
+            found: str = await conn.fetchval(
+                "SELECT password_hash FROM users WHERE email = 'typed@example.com'"
+            )
+            return found
+        finally:
+            await conn.close()
+
+    assert bcrypt.checkpw(b"typed-password-1", asyncio.run(stored_hash()).encode())
 
 
 def test_a_multi_host_url_may_name_each_hosts_port() -> None:
