@@ -9,12 +9,14 @@ import json
 import os
 import pty
 import re
+import select
 import signal
 import socket
 import ssl
 import stat
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -425,6 +427,8 @@ def on_a_terminal(args: list[str], env: dict[str, str], cwd: Path, answers: list
     pending = list(answers)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        if not select.select([fd], [], [], 1)[0]:
+            continue
         try:
             chunk = os.read(fd, 1024)
         except OSError:  # the command exited: the terminal closed
@@ -433,8 +437,14 @@ def on_a_terminal(args: list[str], env: dict[str, str], cwd: Path, answers: list
             break
         seen += chunk
         if pending and seen.rstrip(b" ").endswith(b":"):
+            # Type only once the prompt has turned echo off, as a person would be too slow
+            # not to: typed ahead, the answer would be echoed.
+            while termios.tcgetattr(fd)[3] & termios.ECHO and time.monotonic() < deadline:
+                time.sleep(0.01)
             os.write(fd, pending.pop(0).encode() + b"\n")
             seen += b"\n"
+    else:
+        os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     os.close(fd)
     return seen.decode(errors="replace")
