@@ -243,7 +243,7 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
     try:
         url = server.get_uri()
         socket_dir = parse_qs(urlsplit(url).query)["host"][0]
-        app = make_app(url, pool_min_size=1, pool_max_size=2)
+        app = make_app(url, pool_min_size=1, pool_max_size=2, metrics_token=METRICS_TOKEN)
         async with app.router.lifespan_context(app):
             assert (await get(app, "/readyz")).status_code == 200
             pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
@@ -260,6 +260,9 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
             assert r.headers["Retry-After"] == "5"
             await observability.probe_database(app.state.pool)
             assert REGISTRY.get_sample_value("crmsync_database_up") == 0
+            scrape = await get(app, "/metrics")  # the metrics token needs no database
+            assert scrape.status_code == 200, scrape.text
+            assert sample(scrape.text, "crmsync_database_up") == 0
             pg_ctl(
                 ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(server.log), "start"],
                 pgdata=server.pgdata,

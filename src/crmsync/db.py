@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import threading
@@ -246,13 +247,22 @@ async def request_connection(request: Request) -> AsyncIterator[Connection]:
     arrived take a freed connection ahead of one already waiting, which sent a few
     requests to the back again and again: at 32 connections p99 was 6x p50.
     """
-    gate: asyncio.Semaphore = request.app.state.pool_gate
     pool: Pool = request.app.state.pool
+    async with (
+        _turn_at(request.app.state.pool_gate),
+        pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn,
+    ):
+        yield conn
+
+
+@contextlib.asynccontextmanager
+async def _turn_at(gate: asyncio.Semaphore) -> AsyncIterator[None]:
+    """A place at `gate`, first come first served, waited for at most ACQUIRE_TIMEOUT_SECONDS
+    (then TimeoutError: a 503)."""
     async with asyncio.timeout(ACQUIRE_TIMEOUT_SECONDS):
         await gate.acquire()
     try:
-        async with pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
-            yield conn
+        yield
     finally:
         gate.release()
 
@@ -268,13 +278,8 @@ async def login_slot(request: Request) -> AsyncIterator[None]:
     to the failure's count), so a flood of sign-ins (unknown emails are not locked out)
     took every connection, and every other request waited, then got a 503. Now the others
     wait here, holding nothing."""
-    gate: asyncio.Semaphore = request.app.state.login_gate
-    async with asyncio.timeout(ACQUIRE_TIMEOUT_SECONDS):
-        await gate.acquire()
-    try:
+    async with _turn_at(request.app.state.login_gate):
         yield
-    finally:
-        gate.release()
 
 
 async def request_transaction(

@@ -57,12 +57,17 @@ DeviceId = Annotated[
 ]
 
 
+def bearer_token(request: Request) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (the scheme in any case)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
 async def current_user(request: Request, conn: Conn, settings: AppSettings) -> AuthedUser:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token(request)
+    if token is None:
         raise Unauthenticated("Missing bearer token")
-    user = await authenticate(conn, token.strip(), secret=settings.secret)
+    user = await authenticate(conn, token, secret=settings.secret)
     request.state.user_id = str(user.id)
     return user
 
@@ -81,14 +86,14 @@ AdminUser = Annotated[AuthedUser, Depends(admin_user)]
 
 async def metrics_reader(request: Request, settings: AppSettings) -> None:
     """GET /metrics, behind a bearer token as every endpoint but login, health and docs:
-    CRMSYNC_METRICS_TOKEN (Prometheus' static one, checked without the database), else a
-    signed-in admin's."""
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    token = settings.metrics_token
+    CRMSYNC_METRICS_TOKEN (Prometheus' static one), else a signed-in admin's. The static
+    one is checked without the database, so a scrape still answers while it is down (and
+    crmsync_database_up says so)."""
+    given, token = bearer_token(request), settings.metrics_token
     if (
-        token is not None
-        and scheme.lower() == "bearer"
-        and hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode())
+        given is not None
+        and token is not None
+        and hmac.compare_digest(given.encode(), token.get_secret_value().encode())
     ):
         return
     async with contextlib.asynccontextmanager(request_connection)(request) as conn:
