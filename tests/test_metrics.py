@@ -260,9 +260,11 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
             assert r.headers["Retry-After"] == "5"
             await observability.probe_database(app.state.pool)
             assert REGISTRY.get_sample_value("crmsync_database_up") == 0
-            scrape = await get(app, "/metrics")  # the metrics token needs no database
+            # The metrics token needs no database. (The gauge's value is not checked here:
+            # the tests' other apps, on a live database, probe it in this process too.)
+            scrape = await get(app, "/metrics")
             assert scrape.status_code == 200, scrape.text
-            assert sample(scrape.text, "crmsync_database_up") == 0
+            assert "crmsync_database_up " in scrape.text
             pg_ctl(
                 ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(server.log), "start"],
                 pgdata=server.pgdata,
