@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from crmsync import db, main
-from crmsync.main import MAINTENANCE_LOCK_ID, maintain
+from crmsync.db import MAINTENANCE_LOCK_ID
+from crmsync.main import maintain
 from tests.calls.test_upload import call
 from tests.conftest import Account, make_settings
 

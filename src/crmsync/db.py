@@ -34,6 +34,12 @@ EMBEDDED_DATABASE = "crmsync"
 # rather than failing in the database.
 NO_NUL = r"^[^\x00]*$"
 
+# Every advisory lock crmsync takes, in one place so that no two share a key. The one-key
+# form (bigint) and the two-key form (int, int) are separate key spaces in PostgreSQL.
+MIGRATION_LOCK_ID = 0x63726D73  # "crms": one migrator at a time (session lock)
+MAINTENANCE_LOCK_ID = 0x63726D7302  # "crms" 2: one maintenance round at a time, cluster-wide
+LOGIN_LOCK_CLASS = 0x63726D73  # (class, hashtext(email)): one sign-in per account at a time
+
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 

@@ -13,6 +13,7 @@ from functools import cache, lru_cache
 import bcrypt
 import jwt
 
+from crmsync import db
 from crmsync.db import Connection
 from crmsync.errors import InvalidCredentials, TooManyAttempts, Unauthenticated
 from crmsync.observability import LOGIN_FAILURES
@@ -68,7 +69,7 @@ def _dummy_hash(rounds: int) -> str:
 def issue_token(
     user_id: uuid.UUID, generation: int, *, secret: str, ttl_seconds: int
 ) -> tuple[str, datetime]:
-    """A signed token for the user. `gen` is the user's token generation: a new password
+    """A signed token for the user. Its `gen` claim is the user's token generation: a new password
     moves it on, and every token of an older generation is rejected from then on."""
     now = datetime.now(UTC).replace(microsecond=0)
     expires_at = now + timedelta(seconds=ttl_seconds)
@@ -135,11 +136,6 @@ class Throttle:
     lockout_seconds: int
 
 
-# pg_advisory_xact_lock(class, key) for one account's logins (main.MAINTENANCE_LOCK_ID uses
-# the one-key form, whose key space the two-key form does not share).
-LOGIN_LOCK_CLASS = 0x63726D73  # "crms"
-
-
 async def _count_failure(conn: Connection, email_key: str, throttle: Throttle) -> None:
     """One more failure of the account, locking it once they reach max_failures in the window."""
     await conn.execute(
@@ -186,7 +182,7 @@ async def login(
     row = None
     async with conn.transaction():
         await conn.execute(
-            "SELECT pg_advisory_xact_lock($1, hashtext(lower($2)))", LOGIN_LOCK_CLASS, email_key
+            "SELECT pg_advisory_xact_lock($1, hashtext(lower($2)))", db.LOGIN_LOCK_CLASS, email_key
         )
         wait = await conn.fetchval(
             """SELECT extract(epoch FROM locked_until - now()) FROM login_throttle

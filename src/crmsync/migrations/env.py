@@ -10,20 +10,18 @@ from sqlalchemy import Connection, text
 from crmsync import db
 from crmsync.tables import metadata
 
-# Several server processes may start at once; they take turns (the lock is released at
-# the end of the session), and the later ones find nothing left to do.
-MIGRATION_LOCK_ID = 0x63726D73
-
 
 def _run(connection: Connection) -> None:
-    connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+    # Several server processes may start at once; they take turns (the lock is released at
+    # the end of the session), and the later ones find nothing left to do.
+    connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": db.MIGRATION_LOCK_ID})
     try:
         context.configure(connection=connection, target_metadata=metadata)
         with context.begin_transaction():
             context.run_migrations()
         connection.commit()
     finally:
-        connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID})
+        connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": db.MIGRATION_LOCK_ID})
         connection.commit()
 
 
