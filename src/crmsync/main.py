@@ -48,9 +48,10 @@ log = logging.getLogger(__name__)
 
 # Maintenance rounds: one at start-up, then every few seconds, so that the row_counts
 # deltas a page-mode total sums stay few even under saturating uploads (hundreds a second);
-# the heavier work runs every RELINK_EVERY-th round (a minute: the full relink round; the
-# others relink quickly, see calls.service.RELINK_WINDOW) and every PRUNE_EVERY-th
-# (an hour), and at start-up, so a server that never runs an hour still prunes.
+# every round also relinks the calls that raced a contact written in the last seconds
+# (calls.service.QUICK_RELINK_WINDOW). Every RELINK_EVERY-th round (a minute) relinks in
+# full (calls.service.RELINK_WINDOW), and every PRUNE_EVERY-th (an hour) prunes; start-up
+# does both, so a server that never runs an hour still prunes.
 ROUND_INTERVAL_SECONDS = 5
 RELINK_EVERY = 12
 PRUNE_EVERY = 720
@@ -103,7 +104,8 @@ async def on_validation_error(request: Request, exc: Exception) -> Response:
         return problem(BadRequest("Malformed JSON body"))
     if errors and all(e["loc"][:1] == ["path"] for e in errors):
         return problem(NotFound("No such resource"))  # a malformed id is an unknown id
-    # ... so beside a bad body it answers as an unknown id would: the body's errors alone
+    # A malformed id beside a bad body: the body's errors alone, the 422 a well-formed
+    # unknown id with that body gets (bodies are validated before ids are looked up).
     return problem(ValidationFailed([e for e in errors if e["loc"][:1] != ["path"]]))
 
 
@@ -174,16 +176,13 @@ async def on_rolled_back(request: Request, exc: Exception) -> Response:
     )
 
 
-MAINTENANCE_LOCK_ID = 0x63726D7302  # "crms" 2: one maintainer at a time, cluster-wide
-
-
 async def maintain(
     conn: db.Connection, *, prune: bool, idempotency_ttl_days: int, full_relink: bool = True
 ) -> bool:
     """One maintenance round, in one transaction; False when another process (worker or
     machine) holds the round, so the work is done once, not once per process."""
     async with conn.transaction():
-        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", MAINTENANCE_LOCK_ID):
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", db.MAINTENANCE_LOCK_ID):
             return False
         await conn.execute(COMPACT_ROW_COUNTS)
         linked = await calls_service.relink(conn, full=full_relink)

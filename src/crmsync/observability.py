@@ -43,16 +43,25 @@ MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 access_log = logging.getLogger("crmsync.access")
 
-# Domain counters; services add to them after their transaction's work is done.
-CONTACT_RESULTS = Counter("crmsync_contacts_uploaded", "Contacts uploaded, by result", ["result"])
-CALL_RESULTS = Counter("crmsync_calls_uploaded", "Calls uploaded, by result", ["result"])
-# Every result's series from the start, at 0: a rate() over it needs no first upload.
-for _counter, _results in (
-    (CONTACT_RESULTS, ("created", "replaced", "existing", "rejected")),
-    (CALL_RESULTS, ("inserted", "duplicate", "rejected")),
-):
-    for _result in _results:
-        _counter.labels(_result)
+
+def _results_counter(name: str, documentation: str, results: tuple[str, ...]) -> Counter:
+    """A counter by `result`, with every result's series there from the start at 0: a
+    rate() over it needs no first upload."""
+    counter = Counter(name, documentation, ["result"])
+    for result in results:
+        counter.labels(result)
+    return counter
+
+
+# Domain counters; services add to them once a request's work is done, before its commit.
+CONTACT_RESULTS = _results_counter(
+    "crmsync_contacts_uploaded",
+    "Contacts uploaded, by result",
+    ("created", "replaced", "existing", "rejected"),
+)
+CALL_RESULTS = _results_counter(
+    "crmsync_calls_uploaded", "Calls uploaded, by result", ("inserted", "duplicate", "rejected")
+)
 LOGIN_FAILURES = Counter(
     "crmsync_login_failures", "Failed sign-ins (wrong credentials or throttled)"
 )

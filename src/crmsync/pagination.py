@@ -263,3 +263,8 @@ async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> byt
         {"page": page.page, "limit": page.limit, "total": total, "next_cursor": next_cursor}
     )
     return b'{"items":' + listing.shape.dumps(items) + b"," + head[1:]
+
+
+def is_empty_page(answer: bytes) -> bool:
+    """Whether a page paginate answered holds no item (its items come first)."""
+    return answer.startswith(b'{"items":[]')

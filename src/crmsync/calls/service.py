@@ -20,7 +20,15 @@ from crmsync.errors import (
     item_problems,
 )
 from crmsync.observability import CALL_RESULTS
-from crmsync.pagination import Listing, PageRequest, Shape, SortKey, kept_total, paginate
+from crmsync.pagination import (
+    Listing,
+    PageRequest,
+    Shape,
+    SortKey,
+    is_empty_page,
+    kept_total,
+    paginate,
+)
 from crmsync.phone import normalize_with_hint, raw_or_hint
 from crmsync.times import FUTURE_SKEW
 
@@ -84,18 +92,18 @@ class CallBatch:
 
 # Calls left unlinked by a race: uploaded while their number's contact was being created
 # (or given that number, or revived) in another transaction, neither saw the other's rows.
-# The maintenance task relinks them: every round (5 s) quickly, looking at the contacts
-# written since a mark taken QUICK_RELINK_WINDOW before the previous round (which finds
-# the pairs of transactions shorter than that: all but the rarest), and every minute in
-# full, as follows. The partial index ix_call_logs_unlinked_phone holds exactly the
-# candidate calls. Looking at every contact is O(contacts + unlinked
+# The maintenance task relinks them; the partial index ix_call_logs_unlinked_phone holds
+# exactly the candidate calls. Looking at every contact would be O(contacts + unlinked
 # calls): 3 s a round at 2M contacts and 1M unlinked calls, past the 30 s statement timeout
-# at ten times that. So a round looks only at contacts written since the xmin of a mark (see
-# migration 0008) taken at least RELINK_WINDOW before the previous round: any raced pair
-# whose contact was written earlier than that had both transactions finished (transactions
-# here last seconds: statements time out at 30 s, idle ones at 60 s) before the previous
-# round, which linked it. With no mark that old (a new database, or marks lost) the round
-# looks at every contact.
+# at ten times that. So a round looks only at the contacts written since the xmin of a mark
+# (migration 0008) taken a window before the previous round: any raced pair whose contact
+# was written earlier had both transactions finished before the previous round, which
+# linked it. Two windows:
+# - QUICK_RELINK_WINDOW, every round (5 s): finds the pairs of transactions shorter than
+#   10 s, all but the rarest, within seconds;
+# - RELINK_WINDOW, every minute (the full round): an hour, longer than any transaction here
+#   can last (statements time out at 30 s, idle transactions at 60 s).
+# With no mark that old (a new database, or marks lost) the round looks at every contact.
 RELINK_WINDOW = timedelta(hours=1)
 QUICK_RELINK_WINDOW = timedelta(seconds=10)
 
@@ -305,7 +313,7 @@ async def call_list_of_contact(conn: Connection, contact_id: uuid.UUID, page: Pa
     """One contact's calls (a deleted contact keeps its history); NotFound for an unknown id."""
     answer = await call_list(conn, page, contact_id=contact_id)
     # An empty page is the only one that can belong to an unknown id: look it up then.
-    if answer.startswith(b'{"items":[]') and not await conn.fetchval(
+    if is_empty_page(answer) and not await conn.fetchval(
         "SELECT EXISTS (SELECT 1 FROM contacts WHERE id = $1)", contact_id
     ):
         raise NotFound("No such contact")

@@ -1,5 +1,5 @@
-"""Uploads: the batch body every upload sends, and the sync record each one writes in its
-own transaction."""
+"""Uploads: the batch body every upload sends, and the sync record each one writes in the
+request's transaction, beside what it stored."""
 
 from __future__ import annotations
 
