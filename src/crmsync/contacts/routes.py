@@ -146,14 +146,7 @@ async def contact_changes(
     changes = await service.contact_changes_page(
         conn, cursor=cursor, limit=limit, feed=request.app.state.changes_feed
     )
-    has_more = b"true" if changes.has_more else b"false"
-    return JSONBytes(
-        b'{"items":'
-        + changes.items_json
-        + f',"limit":{limit},"next_cursor":"{changes.next_cursor}","has_more":'.encode()
-        + has_more
-        + b"}"
-    )
+    return JSONBytes(changes.json(limit=limit))
 
 
 @router.get(

@@ -358,6 +358,19 @@ class ChangesPage:
     next_cursor: str
     has_more: bool
 
+    def json(self, *, limit: int | None = None) -> bytes:
+        """The page as the API answers it: `{items, [limit,] next_cursor, has_more}`."""
+        return b"".join(
+            (
+                b'{"items":',
+                self.items_json,
+                b"" if limit is None else b',"limit":%d' % limit,
+                b',"next_cursor":',
+                orjson.dumps(self.next_cursor),
+                b',"has_more":true}' if self.has_more else b',"has_more":false}',
+            )
+        )
+
 
 def _changes_position(cursor: str | None, feed: Feed) -> tuple[int, int]:
     if not cursor:  # none, or empty (`?cursor=`): from the beginning

@@ -3,7 +3,6 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request, Response
 
 from crmsync.calls.schemas import MAX_CALLS, calls_body_schema
@@ -153,14 +152,9 @@ async def sync(
             head = (
                 f'{{"sync_id":"{sync_id}","contacts":{contacts.results_json},'
                 f'"calls":{{"inserted":{calls.inserted},"duplicates":{calls.duplicates},'
-                f'"rejected":{calls.rejected_json}}},'
-                f'"changes":{{"items":'
+                f'"rejected":{calls.rejected_json}}},"changes":'
             )
-            tail = (
-                f',"next_cursor":{orjson.dumps(changes.next_cursor).decode()},'
-                f'"has_more":{"true" if changes.has_more else "false"}}}}}'
-            )
-            return head.encode() + changes.items_json + tail.encode()
+            return head.encode() + changes.json() + b"}"
 
         def count_metrics() -> None:
             contact_count_metrics(counts)
