@@ -844,3 +844,12 @@ async def test_users_and_contacts_are_never_deleted_nor_renumbered(
             await conn.execute(statement)
     assert await conn.fetchval("SELECT count(*) FROM contacts WHERE id = $1", uuid.UUID(contact))
     await conn.execute("UPDATE contacts SET name = 'Still here' WHERE id = $1", uuid.UUID(contact))
+
+
+def test_batch_validation_takes_the_same_fields_as_one_call() -> None:
+    """A batch is validated at once by a TypedDict of its own (calls.schemas._BatchCallIn),
+    one call alone by CallIn: a field added to one only would be dropped by the other path."""
+    from crmsync.calls.schemas import CallIn, _BatchCallIn
+
+    assert _BatchCallIn.__required_keys__ == CallIn.__required_keys__
+    assert _BatchCallIn.__optional_keys__ == CallIn.__optional_keys__
