@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import asyncpg
+from crmsync import db
 
 PREFIX, SUFFIX = "crmsync-", ".dump"
 
@@ -58,18 +58,14 @@ def pg_tool(name: str, *, server_major: int, embedded: bool) -> Path:
 
 
 async def server_major(url: str) -> int:
-    conn = await asyncpg.connect(url)
-    try:
+    async with db.connect(url) as conn:
         return int(await conn.fetchval("SHOW server_version_num")) // 10000
-    finally:
-        await conn.close()
 
 
 async def public_relations(url: str) -> list[str]:
     """Tables, views and sequences in schema public, what a restore replaces (extensions'
     own objects aside)."""
-    conn = await asyncpg.connect(url)
-    try:
+    async with db.connect(url) as conn:
         rows = await conn.fetch(
             """SELECT n.nspname || '.' || c.relname AS name FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -79,8 +75,6 @@ async def public_relations(url: str) -> list[str]:
                ORDER BY 1"""
         )
         return [row["name"] for row in rows]
-    finally:
-        await conn.close()
 
 
 def _libpq(url: str) -> tuple[str, dict[str, str]]:
@@ -189,8 +183,7 @@ async def before_load(url: str, trgm: str | None, *, replace: bool) -> str:
     dropped and made again (same owner and grants); then pg_trgm created in the schema the
     dump's indexes name, unless already there. BackupError, saying what the operator must
     do, if it cannot be."""
-    conn = await asyncpg.connect(url)
-    try:
+    async with db.connect(url) as conn:
         statements = ["SET client_min_messages = warning;"]
         if replace:
             statements.append("DROP SCHEMA public CASCADE;")
@@ -200,23 +193,21 @@ async def before_load(url: str, trgm: str | None, *, replace: bool) -> str:
             return "\n".join(statements)
         state = await conn.fetchrow(TRGM, trgm)
         assert state is not None  # one row, always
-    finally:
-        await conn.close()
-    db, user, installed = state["db"], state["user"], state["installed"]
+    database, user, installed = state["db"], state["user"], state["installed"]
     dropped = replace and installed == "public"  # DROP SCHEMA public takes it along
     if installed == trgm and not dropped:
         return "\n".join(statements)
     need = f"the backup's indexes need pg_trgm in schema {trgm}"
     if installed is not None and not dropped:
         raise BackupError(
-            f"{need}, but database {db} has it in schema {installed}: restore into a"
+            f"{need}, but database {database} has it in schema {installed}: restore into a"
             f" database set up like the backed-up one (pg_trgm in schema {trgm})"
         )
     if not (state["schema_exists"] or trgm == "public"):
         raise BackupError(
-            f"{need}, and database {db} has no such schema: as a superuser run `CREATE SCHEMA"
+            f"{need}, and database {database} has no such schema: as a superuser run `CREATE SCHEMA"
             f" {trgm}; GRANT USAGE ON SCHEMA {trgm} TO PUBLIC; CREATE EXTENSION pg_trgm SCHEMA"
-            f" {trgm}` in database {db}"
+            f" {trgm}` in database {database}"
         )
     if not state["available"]:
         raise BackupError(
@@ -224,9 +215,9 @@ async def before_load(url: str, trgm: str | None, *, replace: bool) -> str:
             " extensions on the server"
         )
     if not state["may_create"]:
-        todo = f"`GRANT CREATE ON DATABASE {db} TO {user}`"
+        todo = f"`GRANT CREATE ON DATABASE {database} TO {user}`"
         if not dropped:
-            todo = f"`CREATE EXTENSION pg_trgm SCHEMA {trgm}` in database {db}, or {todo}"
+            todo = f"`CREATE EXTENSION pg_trgm SCHEMA {trgm}` in database {database}, or {todo}"
         raise BackupError(f"{need}, and user {user} may not create it: as a superuser run {todo}")
     statements.append(f"CREATE EXTENSION pg_trgm SCHEMA {_ident(trgm)};")
     return "\n".join(statements)
@@ -277,8 +268,7 @@ async def advance_transaction_ids(url: str) -> int:
     The contacts changes feed orders writes by transaction id; restored into a younger
     cluster, new writes would sort before old ones and devices would never see them.
     Returns how many transaction ids were used up."""
-    conn = await asyncpg.connect(url)
-    try:
+    async with db.connect(url) as conn:
         if await conn.fetchval("SELECT to_regclass('contacts')") is None:
             return 0
         gap: int = await conn.fetchval(
@@ -293,5 +283,3 @@ async def advance_transaction_ids(url: str) -> int:
             " PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$"
         )
         return gap + 1
-    finally:
-        await conn.close()

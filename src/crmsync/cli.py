@@ -185,8 +185,7 @@ def create_admin(
 
     async def run(data: UserCreate | None) -> asyncpg.Record | None:
         """The live user with the email (None: there was none, and `data` was created)."""
-        conn = await asyncpg.connect(url)
-        try:
+        async with db.connect(url) as conn:
             if data is None:
                 return await live_user(conn, email.strip())
             try:
@@ -202,8 +201,6 @@ def create_admin(
                 return None
             except EmailTaken:  # created meanwhile by another run
                 return await live_user(conn, data.email)
-        finally:
-            await conn.close()
 
     # An existing email first: a re-run needs no password (none set, or not the one the
     # admin has since chosen) to be the no-op the contract promises.
@@ -244,18 +241,14 @@ def reset_password(
     db.migrate(url)
 
     async def run() -> str | None:
-        conn = await asyncpg.connect(url)
-        try:
-            async with conn.transaction():
-                return await user_reset_password(
-                    conn,
-                    email=email,
-                    password=password,
-                    make_admin=admin,
-                    rounds=settings.bcrypt_rounds,
-                )
-        finally:
-            await conn.close()
+        async with db.connect(url) as conn, conn.transaction():
+            return await user_reset_password(
+                conn,
+                email=email,
+                password=password,
+                make_admin=admin,
+                rounds=settings.bcrypt_rounds,
+            )
 
     user = asyncio.run(run())
     if user is None:

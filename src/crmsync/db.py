@@ -50,6 +50,16 @@ else:
     Pool = asyncpg.Pool
 
 
+@contextlib.asynccontextmanager
+async def connect(url: str) -> AsyncIterator[Connection]:
+    """A connection of its own, outside the pool (the CLI's commands), closed at the end."""
+    conn = await asyncpg.connect(url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
 def sql_statements(script: str) -> list[str]:
     """Split a migration script into statements (asyncpg prepares one at a time).
 
