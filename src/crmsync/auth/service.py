@@ -136,6 +136,11 @@ class Throttle:
     lockout_seconds: int
 
 
+async def throttle_clear(conn: Connection, email: str) -> None:
+    """The account's failed sign-ins forgotten, and its lockout lifted."""
+    await conn.execute("DELETE FROM login_throttle WHERE email_key = lower($1)", email)
+
+
 async def _count_failure(conn: Connection, email_key: str, throttle: Throttle) -> None:
     """One more failure of the account, locking it once they reach max_failures in the window."""
     await conn.execute(
@@ -202,9 +207,7 @@ async def login(
             if row is None:
                 await _count_failure(conn, email_key, throttle)
             else:
-                await conn.execute(
-                    "DELETE FROM login_throttle WHERE email_key = lower($1)", email_key
-                )
+                await throttle_clear(conn, email_key)
     if wait is not None:
         LOGIN_FAILURES.inc()
         raise TooManyAttempts(max(1, math.ceil(wait)))

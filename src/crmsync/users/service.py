@@ -6,7 +6,7 @@ import uuid
 
 import asyncpg
 
-from crmsync.auth.service import USER, USER_JSON, hash_password
+from crmsync.auth.service import USER, USER_JSON, hash_password, throttle_clear
 from crmsync.db import Connection
 from crmsync.errors import CannotDeleteSelf, EmailTaken, NotFound
 from crmsync.pagination import Listing, PageRequest, SortKey, paginate
@@ -102,7 +102,7 @@ async def user_reset_password(
         is_admin=True if make_admin else None,
         rounds=rounds,
     )
-    await conn.execute("DELETE FROM login_throttle WHERE email_key = lower($1)", email)
+    await throttle_clear(conn, email)
     return json
 
 
