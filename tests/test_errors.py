@@ -116,6 +116,7 @@ async def test_unexpected_error_is_a_plain_500_problem(client: httpx.AsyncClient
         body = assert_problem(r, 500, "internal_error")
         assert "secret internals" not in r.text and "Traceback" not in r.text
         assert body["detail"]
+        assert len(r.headers["x-request-id"]) == 32  # what the logs name it by
     finally:
         app.router.routes.pop()
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import orjson
 from pydantic import BaseModel, ValidationError
+from starlette.types import Send
 
 Loc = Sequence[str | int]  # where in the request a problem is: ("body", 3, "timestamp")
 
@@ -137,3 +139,18 @@ def item_problems(error: ValidationError, loc: Loc) -> list[dict[str, Any]]:
         {"loc": [*loc, *e["loc"]], "msg": e["msg"], "type": e["type"]}
         for e in error.errors(include_url=False, include_context=False, include_input=False)
     ]
+
+
+async def send_problem(send: Send, error: ApiError, *, close: bool = False) -> None:
+    """Answer with a problem straight from ASGI code, where no exception handler runs
+    (middleware, before the application or after it failed)."""
+    body = orjson.dumps(error.body())
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

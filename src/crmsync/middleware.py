@@ -14,11 +14,11 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from crmsync.config import IPNetwork
 from crmsync.errors import (
-    ApiError,
     BadRequest,
     HttpsRequired,
     PayloadTooLarge,
     UnsupportedEncoding,
+    send_problem,
 )
 
 # Headers a proxy adds; a loopback request carrying one came through a proxy, not from
@@ -251,20 +251,6 @@ class HeadAsGet:
         finally:
             if "route" in as_get:  # for the access log and the metrics' route label
                 scope["route"] = as_get["route"]
-
-
-async def send_problem(send: Send, error: ApiError, *, close: bool = False) -> None:
-    """Answer with a problem straight from a middleware, before the application runs."""
-    body = orjson.dumps(error.body())
-    headers = [
-        (b"content-type", b"application/problem+json"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-    if close:
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 # The longest request line and headers taken (nginx's default allows 4 x 8 KiB lines).

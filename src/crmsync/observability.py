@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from crmsync.errors import ApiError
+from crmsync.errors import ApiError, send_problem
 
 if TYPE_CHECKING:
     from crmsync.db import Pool
@@ -283,18 +283,7 @@ class RequestContext:
             logging.getLogger("crmsync.errors").exception("unhandled error")
             if not started_response:
                 error = ApiError("Internal error; the request id identifies it in the logs")
-                body = orjson.dumps(error.body())
-                await send_wrapper(
-                    {
-                        "type": "http.response.start",
-                        "status": 500,
-                        "headers": [
-                            (b"content-type", b"application/problem+json"),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
+                await send_problem(send_wrapper, error)
         finally:
             duration = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None)
