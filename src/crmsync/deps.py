@@ -21,8 +21,12 @@ from crmsync.db import Connection, request_connection, request_transaction
 from crmsync.errors import BadRequest, Forbidden, Unauthenticated
 from crmsync.pagination import DEFAULT_LIMIT, MAX_LIMIT, MAX_PAGE, PageRequest
 
-# Statements on Conn commit one by one (reads, single-statement writes); Tx is the
-# request's one transaction, committed before the answer leaves.
+# Statements on Conn commit one by one: reads, single-statement writes, and sign-in,
+# whose failure count must be committed although the request fails (auth.service.login
+# opens a transaction of its own for it). A contact's PUT runs its one statement again
+# after a deadlock, which only works outside a transaction: it must stay on Conn. Tx is
+# the request's one transaction, committed before the answer leaves; domain code never
+# commits on it.
 Conn = Annotated[Connection, Depends(request_connection, scope="function")]
 Tx = Annotated[Connection, Depends(request_transaction, scope="function")]
 
