@@ -89,7 +89,7 @@ def _learn(doc: Any, real: Any, aliases: dict[str, str], field: str = "") -> Non
         isinstance(doc, str)
         and isinstance(real, str)
         and doc != real
-        and (UUID.match(doc) or field == "token" or "cursor" in field)
+        and (UUID.match(doc) or field in ("token", "etag") or "cursor" in field)
     ):
         aliases.setdefault(doc, real)
 

@@ -125,6 +125,46 @@ async def test_stale_if_match_is_412_and_nothing_changes(
     assert (await delete(client, user, c["id"], **{"If-Match": current})).status_code == 204
 
 
+async def test_every_contact_answer_carries_its_etag_for_an_offline_edit(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    """The ETag of every contact a phone holds, with no GET first: a phone edits offline
+    the version it pulled, and a colleague's change made meanwhile is a 412, not lost."""
+    created = await create(client, user, name="Carla", phone_raw="(415) 555-0150")
+    assert created["etag"] == await etag_of(client, user, created["id"])
+    pulled = (await client.get("/contacts/changes", headers=user.headers)).json()["items"]
+    assert [c["etag"] for c in pulled] == [created["etag"]]
+    r = await put(client, user, created["id"], {"name": "Carla D."})  # from another phone
+    assert r.status_code == 200 and r.json()["etag"] == r.headers["etag"] != created["etag"]
+    # The phone edits the version it pulled: the change above is not overwritten.
+    stale = await put(client, user, created["id"], {"name": "X"}, **{"If-Match": pulled[0]["etag"]})
+    assert_problem(stale, 412, "precondition_failed")
+    current = r.json()["etag"]
+    for path, items in (
+        ("/contacts", lambda b: b["items"]),
+        ("/contacts?page=1", lambda b: b["items"]),
+        ("/contacts/search?q=carla", lambda b: b["items"]),
+        ("/contacts/changes", lambda b: b["items"]),
+        ("/contacts/lookup?phone=%2B14155550150", lambda b: [b]),
+    ):
+        body = (await client.get(path, headers=user.headers)).json()
+        assert [c["etag"] for c in items(body)] == [current], path
+    batch = await client.post(
+        "/contacts/batch", json=[contact(phone_raw="(415) 555-0150")], headers=user.headers
+    )
+    assert batch.json()["results"][0]["contact"]["etag"] == current
+    new = contact(phone_raw="(415) 555-0199")
+    synced = await client.post("/sync", json={"contacts": [new]}, headers=user.headers)
+    assert [c["etag"] for c in synced.json()["changes"]["items"]] == [current]
+    stored = synced.json()["contacts"][0]["contact"]
+    assert stored["etag"] == await etag_of(client, user, stored["id"])
+    other = await create(client, user, phone_raw="(415) 555-0177")
+    taken = await put(client, user, other["id"], {"phone_raw": "(415) 555-0150"})
+    assert assert_problem(taken, 409, "phone_taken")["contact"]["etag"] == current
+    r = await put(client, user, created["id"], {"name": "Carla Dias"}, **{"If-Match": current})
+    assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize(
     "tag",
     [

@@ -43,6 +43,7 @@ async def test_new_number_is_created_with_201_and_server_normalized_phone(
         "created_at",
         "updated_at",
         "deleted",
+        "etag",
     }
     assert c["phone_normalized"] == "+14155550123"  # the hint is not trusted over phone_raw
     assert (c["name"], c["phone_raw"], c["created_by"], c["deleted"]) == (

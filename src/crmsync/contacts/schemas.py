@@ -92,6 +92,10 @@ class ContactOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     deleted: bool
+    etag: str = Field(
+        description="This version's ETag, `\"<n>\"` (as GET's header): send it as If-Match to "
+        "PUT or DELETE; a stale one is 412"
+    )
 
 
 class ContactPage(BaseModel):

@@ -45,6 +45,9 @@ CONTACT = Shape(
         ("created_at", "api_time(c.created_at)"),
         ("updated_at", "api_time(c.updated_at)"),
         ("deleted", "c.deleted"),
+        # The ETag header's value (contacts.routes.etag), in every answer holding a contact:
+        # a phone keeps it from the changes feed or an upload for its next If-Match.
+        ("etag", """'"' || c.change_seq || '"'"""),
     )
 )
 CONTACT_JSON = CONTACT.object_sql
