@@ -16,6 +16,12 @@ def _rfc3339_text(value: object) -> object:
     if isinstance(value, datetime):
         return value
     if not isinstance(value, str) or not RFC3339.match(value):
+        if isinstance(value, str) and RFC3339.match(value[:-6] + "+" + value[-5:]):
+            # 2026-11-02T09:00:00+01:00 sent in a URL unencoded: the '+' arrived as a space
+            raise ValueError(
+                "must be an RFC 3339 date-time with an offset; a '+' in a URL reads as a space:"
+                " send it as %2B"
+            )
         raise ValueError("must be an RFC 3339 date-time with an offset, e.g. 2026-01-31T09:30:00Z")
     return value
 

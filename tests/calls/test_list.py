@@ -190,6 +190,18 @@ async def test_bad_filters_are_422(
     )
 
 
+async def test_an_offset_whose_plus_arrived_as_a_space_says_so(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    """curl or a hand-built URL sends +01:00 unencoded, and a query string reads '+' as a
+    space: the 422 says to send %2B instead of only that the time is not RFC 3339."""
+    r = await client.get("/calls?since=2026-11-02T09:00:00+01:00", headers=user.headers)
+    (error,) = assert_problem(r, 422, "validation_error")["errors"]
+    assert error["loc"] == ["query", "since"] and "%2B" in error["msg"]
+    r = await client.get("/calls?since=2026-11-02T09:00:00%2B01:00", headers=user.headers)
+    assert r.status_code == 200, r.text
+
+
 async def test_lists_need_a_token(client: httpx.AsyncClient) -> None:
     assert_problem(await client.get("/calls"), 401, "unauthenticated")
     assert_problem(await client.get(f"/calls/{uuid.uuid4()}"), 401, "unauthenticated")
