@@ -222,10 +222,27 @@ class GzipWhenAsked:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             for name, value in scope["headers"]:
-                if name == b"accept-encoding" and b"gzip" in value.lower():
+                if name == b"accept-encoding" and accepts_gzip(value):
                     await self.gzip(scope, receive, send)
                     return
         await self.app(scope, receive, send)
+
+
+def accepts_gzip(accept_encoding: bytes) -> bool:
+    """Whether an Accept-Encoding names gzip with a weight above 0 (`gzip;q=0` refuses it,
+    RFC 9110 12.5.3)."""
+    value = accept_encoding.lower()
+    if b"gzip" not in value:
+        return False
+    for coding in value.split(b","):
+        name, _, params = coding.partition(b";")
+        if name.strip() in (b"gzip", b"x-gzip"):
+            weight = params.strip().removeprefix(b"q=")
+            try:
+                return not params.strip() or float(weight) > 0
+            except ValueError:
+                return False  # a weight that is not a number: not a request for gzip
+    return False
 
 
 class HeadAsGet:
