@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 import uuid
 from collections.abc import Iterator
@@ -215,6 +216,7 @@ def test_a_request_head_over_the_limit_is_refused_unread(served_protocol: int) -
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 "), answer[:200]
     assert b"content-type: application/problem+json" in head.lower()
+    assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}(\r\n|$)", head), head
     assert json.loads(body)["code"] == "bad_request"
 
 

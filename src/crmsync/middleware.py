@@ -4,6 +4,8 @@ gzip answers, HEAD, and the answer to a request too malformed for HTTP parsing."
 from __future__ import annotations
 
 import ipaddress
+import logging
+import uuid
 import zlib
 from collections.abc import Iterable
 
@@ -313,10 +315,15 @@ class ProblemHttpProtocol(HttpToolsProtocol):
         self._requests += 1
 
     def send_400_response(self, msg: str) -> None:
+        # Refused before any application code runs, so before RequestContext gives the
+        # request its id: it gets one here, and the log line names it.
+        request_id = uuid.uuid4().hex
+        logging.getLogger("crmsync.errors").warning("request %s refused: %s", request_id, msg)
         body = orjson.dumps(BadRequest(msg).body())
         head = (
             b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/problem+json\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n"
+            b"x-request-id: " + request_id.encode() + b"\r\n\r\n"
         )
         self.transport.write(head + body)
         self.transport.close()
