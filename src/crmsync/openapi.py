@@ -42,7 +42,10 @@ PROBLEM_SCHEMA: dict[str, Any] = {
                 },
             },
         },
-        "contact": {"description": "409 phone_taken only: the contact that has the number"},
+        "contact": {
+            "$ref": "#/components/schemas/ContactOut",
+            "description": "409 phone_taken only: the contact that has the number",
+        },
     },
 }
 

@@ -28,6 +28,6 @@ class LoginIn(BaseModel):
 
 class LoginOut(BaseModel):
     token: str
-    token_type: Literal["bearer"] = "bearer"  # noqa: S105
+    token_type: Literal["bearer"]
     expires_at: datetime
     user: UserOut

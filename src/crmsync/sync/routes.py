@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request, Response
 
 from crmsync.calls.schemas import MAX_CALLS, calls_body_schema
 from crmsync.calls.service import CallBatch, call_count_metrics, call_insert_many
-from crmsync.contacts.schemas import MAX_BATCH
+from crmsync.contacts.schemas import MAX_BATCH, contacts_body_schema
 from crmsync.contacts.service import contact_changes_head, contact_changes_page
 from crmsync.contacts.upsert import ContactBatch, contact_count_metrics, contact_upsert_many
 from crmsync.deps import (
@@ -33,11 +33,7 @@ CHANGES_LIMIT = 200
 SYNC_BODY_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "contacts": {
-            "type": "array",
-            "maxItems": MAX_BATCH,
-            "items": {"type": "object", "description": "As an item of POST /contacts/batch"},
-        },
+        "contacts": {**contacts_body_schema(), "minItems": 0},
         "calls": {**calls_body_schema(), "minItems": 0},
         "cursor": {
             "type": ["string", "null"],

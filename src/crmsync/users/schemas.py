@@ -26,7 +26,15 @@ def _bcrypt_sized(password: str) -> str:
 Name = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=NO_NUL)
 ]
-Password = Annotated[str, Field(min_length=8), AfterValidator(_bcrypt_sized)]
+Password = Annotated[
+    str,
+    Field(
+        min_length=8,
+        max_length=BCRYPT_MAX_BYTES,  # characters; the bytes are checked too
+        description=f"8 characters at least, {BCRYPT_MAX_BYTES} bytes of UTF-8 at most",
+    ),
+    AfterValidator(_bcrypt_sized),
+]
 
 
 class UserCreate(BaseModel):
