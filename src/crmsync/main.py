@@ -180,7 +180,8 @@ async def maintain(
     conn: db.Connection, *, prune: bool, idempotency_ttl_days: int, full_relink: bool = True
 ) -> bool:
     """One maintenance round, in one transaction; False when another process (worker or
-    machine) holds the round, so the work is done once, not once per process."""
+    machine) is running one: every process starts a round on its own timer, and they take
+    turns, never two at once."""
     async with conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", db.MAINTENANCE_LOCK_ID):
             return False
