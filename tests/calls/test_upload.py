@@ -405,14 +405,27 @@ async def test_a_relink_round_keeps_its_mark_and_prunes_marks_older_than_the_one
     ]
 
 
+@pytest.mark.parametrize(
+    ("marks", "full"),
+    [(False, True), (True, True), (True, False)],
+    ids=["every contact", "full round from a mark", "quick round from a mark"],
+)
 async def test_maintenance_never_links_a_call_to_a_deleted_contact(
-    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, marks: bool, full: bool
 ) -> None:
+    if marks:  # xmin 0: every contact counts as written since, by the mark's path
+        await conn.execute(
+            "INSERT INTO relink_marks SELECT now() - s * interval '1 second', 0"
+            " FROM unnest('{7200, 15, 5}'::int[]) s"
+        )
     await add_contact(conn, "+14155550160", name="Gone", deleted=True)
-    body = (await upload(client, user, [call(0, phone_raw="415.555.0160")])).json()
-    assert body["inserted"] == 1
-    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
-    assert await conn.fetchval("SELECT contact_id FROM call_logs") is None
+    calls = [call(0, phone_raw="415.555.0160"), call(1, phone_raw="415.555.0161")]
+    body = (await upload(client, user, calls)).json()
+    assert body["inserted"] == 2
+    here = await add_contact(conn, "+14155550161", name="Here")  # unlinked until a round
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8, full_relink=full)
+    linked = await conn.fetch("SELECT phone_normalized, contact_id::text FROM call_logs")
+    assert dict(linked) == {"+14155550160": None, "+14155550161": here}
 
 
 async def test_durations_of_0_and_86400_seconds_are_stored(

@@ -142,6 +142,27 @@ async def test_same_number_items_meet_an_existing_contact_by_the_same_rule(
     assert await conn.fetchval("SELECT name FROM contacts") == "C"
 
 
+async def test_of_two_items_with_the_oldest_equal_time_the_first_wins(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    """An equal time is not strictly older: the later item is `existing`, and its data is
+    not what the batch stores, for a new number and for one a contact has."""
+    tie = [contact("First", created_at=at(5)), contact("Second", "+14155550123", created_at=at(5))]
+    results = (await upload(client, user, tie)).json()["results"]
+    assert [(x["result"], x["contact"]["name"]) for x in results] == [
+        ("created", "First"),
+        ("existing", "First"),
+    ]
+    await conn.execute("TRUNCATE contacts CASCADE")
+    await post(client, user, contact("Stored", created_at=at(10)))
+    results = (await upload(client, user, tie)).json()["results"]
+    assert [(x["result"], x["contact"]["name"]) for x in results] == [
+        ("replaced", "First"),
+        ("existing", "First"),
+    ]
+    assert await conn.fetchval("SELECT name FROM contacts") == "First"
+
+
 async def test_first_item_without_created_at_creates_with_server_time_later_older_replaces(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:

@@ -93,6 +93,13 @@ async def test_garbage_or_foreign_cursor_is_400(
         f"/contacts/search?q=M&cursor={search['next_cursor']}", headers=user.headers
     )
     assert_problem(r, 400, "bad_request")
+    # A digits search's cursor holds its digits too: q=555 cannot follow q=415's.
+    digits = (await client.get("/contacts/search?q=415&limit=1", headers=user.headers)).json()
+    for q, status in (("415", 200), ("555", 400), ("N", 400)):
+        r = await client.get(
+            f"/contacts/search?q={q}&limit=1&cursor={digits['next_cursor']}", headers=user.headers
+        )
+        assert r.status_code == status, (q, r.text)
 
 
 async def test_limit_outside_1_to_200_is_422(client: httpx.AsyncClient, user: Account) -> None:

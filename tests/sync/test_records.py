@@ -115,10 +115,13 @@ async def test_state_tells_where_the_next_upload_and_pull_start(
 
     other = await make_user()
     await upload(client, user, [call(3), call(1)])
+    first_sync_at = await conn.fetchval("SELECT api_time(max(created_at)) FROM sync_audit")
+    await upload(client, user, [call(2)])  # the last upload, not the first, is the state's
     await upload(client, other, [call(9)])  # another user's newer call does not count
     synced_at = await conn.fetchval(
         "SELECT api_time(max(created_at)) FROM sync_audit WHERE user_id = $1", uuid.UUID(user.id)
     )
+    assert synced_at != first_sync_at
     await conn.execute(
         "INSERT INTO contacts (name, phone_raw, phone_normalized) VALUES ('C', '+14155550150', '+14155550150')"
     )

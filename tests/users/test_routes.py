@@ -143,6 +143,25 @@ async def test_patch_changes_fields_and_password(
     assert (await client.get("/auth/me", headers=fresh)).json()["is_admin"] is True
 
 
+@pytest.mark.parametrize(
+    "body", [{"name": "Renamed"}, {"email": "moved@example.com"}, {"password": "new-password"}]
+)
+async def test_a_patch_without_is_admin_keeps_the_admin_right(
+    client: httpx.AsyncClient, admin: Account, make_user: MakeUser, body: dict[str, str]
+) -> None:
+    """Only the fields sent change: an admin renamed is still an admin."""
+    other = await make_user(is_admin=True)
+    r = await client.patch(f"/users/{other.id}", json=body, headers=admin.headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["is_admin"] is True
+    sign_in = {"email": other.email, "password": other.password, **body}
+    sign_in.pop("name", None)
+    token = (await client.post("/auth/login", json=sign_in)).json()["token"]
+    me = await client.get("/auth/me", headers={"Authorization": f"Bearer {token}"})
+    assert me.json()["is_admin"] is True
+    assert (await client.get("/users", headers={"Authorization": f"Bearer {token}"})).is_success
+
+
 async def test_patch_to_taken_email_is_409(
     client: httpx.AsyncClient, admin: Account, user: Account
 ) -> None:
