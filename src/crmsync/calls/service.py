@@ -196,6 +196,45 @@ def _reject(
     errors.setdefault(index, []).append({"loc": loc, "msg": msg, "type": "not_found"})
 
 
+async def _drop_unknown_refs(
+    conn: Connection,
+    loc: Loc,
+    indexes: list[int],
+    calls: list[CallIn],
+    errors: dict[int, list[dict[str, Any]]],
+    users: set[uuid.UUID],
+    contacts: set[uuid.UUID],
+) -> tuple[list[int], list[CallIn]]:
+    """The calls (and their indexes) left once those naming an unknown or deleted user, or
+    an unknown contact, are rejected into `errors`: one query for all the ids named."""
+    known = await conn.fetchrow(KNOWN_IDS_SQL, list(users), list(contacts))
+    assert known is not None
+    unknown_users = users - set(known["users"])
+    unknown_contacts = contacts - set(known["contacts"])
+    if not (unknown_users or unknown_contacts):
+        return indexes, calls
+    keep = []
+    for index, call in zip(indexes, calls, strict=True):
+        where = [*loc, index]
+        if call.get("user_id") in unknown_users:
+            _reject(errors, index, [*where, "user_id"], "Unknown or deleted user")
+        if call.get("contact_id") in unknown_contacts:
+            _reject(errors, index, [*where, "contact_id"], "Unknown contact")
+        if index not in errors:
+            keep.append((index, call))
+    return [index for index, _ in keep], [call for _, call in keep]
+
+
+def _as_stored(calls: list[CallIn], user_id: uuid.UUID, region: str) -> None:
+    """Each call made the row as stored: its number normalized, its user and UTC time set."""
+    for call in calls:
+        hint, raw = call.get("phone_normalized"), call.get("phone_raw")
+        call["phone_raw"] = raw_or_hint(raw, hint)
+        call["phone_normalized"] = normalize_with_hint(raw, hint, region)
+        call["user_id"] = call.get("user_id") or user_id
+        call["timestamp"] = call["timestamp"].astimezone(UTC)  # see times.as_utc
+
+
 async def call_insert_many(
     conn: Connection,
     items: Sequence[object],
@@ -218,31 +257,13 @@ async def call_insert_many(
         raise Forbidden("Only admins may upload calls of another user")
     named_contacts = {c for call in calls if (c := call.get("contact_id")) is not None}
     if named_users or named_contacts:
-        known = await conn.fetchrow(KNOWN_IDS_SQL, list(named_users), list(named_contacts))
-        assert known is not None
-        unknown_users = named_users - set(known["users"])
-        unknown_contacts = named_contacts - set(known["contacts"])
-        if unknown_users or unknown_contacts:
-            keep = []
-            for index, call in zip(indexes, calls, strict=True):
-                where = [*loc, index]
-                if call.get("user_id") in unknown_users:
-                    _reject(errors, index, [*where, "user_id"], "Unknown or deleted user")
-                if call.get("contact_id") in unknown_contacts:
-                    _reject(errors, index, [*where, "contact_id"], "Unknown contact")
-                if index not in errors:
-                    keep.append((index, call))
-            indexes = [index for index, _ in keep]
-            calls = [call for _, call in keep]
+        indexes, calls = await _drop_unknown_refs(
+            conn, loc, indexes, calls, errors, named_users, named_contacts
+        )
 
     inserted = 0
     if calls:
-        for call in calls:  # now the row as stored
-            hint, raw = call.get("phone_normalized"), call.get("phone_raw")
-            call["phone_raw"] = raw_or_hint(raw, hint)
-            call["phone_normalized"] = normalize_with_hint(raw, hint, region)
-            call["user_id"] = call.get("user_id") or user_id
-            call["timestamp"] = call["timestamp"].astimezone(UTC)  # see times.as_utc
+        _as_stored(calls, user_id, region)
         # One JSON parameter: orjson and PostgreSQL's JSON parser beat encoding 7 arrays.
         inserted = await conn.fetchval(INSERT_SQL, orjson.dumps(calls).decode())
     rejected = [{"index": i, "errors": errors[i]} for i in sorted(errors)]
