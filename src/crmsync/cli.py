@@ -183,11 +183,13 @@ def create_admin(
         )
         return row
 
-    async def run(data: UserCreate | None) -> asyncpg.Record | None:
-        """The live user with the email (None: there was none, and `data` was created)."""
+    async def find() -> asyncpg.Record | None:
         async with db.connect(url) as conn:
-            if data is None:
-                return await live_user(conn, email.strip())
+            return await live_user(conn, email.strip())
+
+    async def create(data: UserCreate) -> asyncpg.Record | None:
+        """None when `data` was created; the live user with its email when there was one."""
+        async with db.connect(url) as conn:
             try:
                 async with conn.transaction():
                     await user_create(
@@ -204,14 +206,14 @@ def create_admin(
 
     # An existing email first: a re-run needs no password (none set, or not the one the
     # admin has since chosen) to be the no-op the contract promises.
-    existing = asyncio.run(run(None))
+    existing = asyncio.run(find())
     if existing is None:
         password = _new_password()
         try:
             data = UserCreate(name=name, email=email, password=password, is_admin=True)
         except ValidationError as exc:
             _invalid(exc)
-        existing = asyncio.run(run(data))
+        existing = asyncio.run(create(data))
         if existing is None:
             typer.echo(f"admin {data.email} created")
             return
