@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import time
+import uuid
 from types import SimpleNamespace
 from typing import Any
 
@@ -106,6 +107,30 @@ async def test_an_upload_holds_no_connection_while_its_body_arrives(
         slow.sendall(body[5:])
         answer = slow.recv(65536)
     assert answer.startswith(b"HTTP/1.1 200 "), answer
+
+
+@pytest.mark.parametrize("path", ["/calls", "/contacts/batch", "/sync"])
+@pytest.mark.parametrize("token", ["", "Bearer forged.token.here", "Bearer {expired}"])
+async def test_an_upload_without_a_signed_token_is_refused_before_its_body_is_read(
+    database_url: str, path: str, token: str
+) -> None:
+    """A stranger announcing 16 MiB is answered 401 at once: the server reads none of the
+    body (it read all of it, before checking the token, and held it in memory)."""
+    expired, _ = auth_service.issue_token(
+        uuid.uuid4(), 0, secret=make_settings(database_url).secret, ttl_seconds=-10
+    )
+    authorization = token.format(expired=expired)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: {authorization}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {16 * 1024 * 1024}\r\n\r\n"
+    ).encode()
+    port = free_port()
+    config = uvicorn.Config(make_app(database_url), host="127.0.0.1", port=port, log_config=None)
+    with serving(config), socket.create_connection(("127.0.0.1", port), timeout=5) as stranger:
+        stranger.sendall(head + b"[{}, ")
+        answer = stranger.recv(65536)  # within the timeout, with the body still to come
+    assert answer.startswith(b"HTTP/1.1 401 "), answer
+    assert b'"code":"unauthenticated"' in answer
 
 
 async def test_a_flood_of_sign_ins_leaves_connections_for_the_rest_of_the_api(

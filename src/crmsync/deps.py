@@ -15,7 +15,7 @@ from fastapi import Depends, Header, Query, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
-from crmsync.auth.service import AuthedUser, authenticate
+from crmsync.auth.service import AuthedUser, authenticate, signed_claims
 from crmsync.config import Settings
 from crmsync.db import Connection, request_connection, request_transaction
 from crmsync.errors import BadRequest, Forbidden, Unauthenticated
@@ -31,22 +31,29 @@ Conn = Annotated[Connection, Depends(request_connection, scope="function")]
 Tx = Annotated[Connection, Depends(request_transaction, scope="function")]
 
 
-async def raw_body(request: Request) -> bytes:
-    """An upload's body, read before any other dependency takes a database connection: a
-    phone on a slow network would otherwise hold a pooled connection, in an open
-    transaction, for as long as its body took to arrive. Name it first in a signature."""
-    return await request.body()
-
-
-RawBody = Annotated[bytes, Depends(raw_body)]
-
-
 async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
 AppSettings = Annotated[Settings, Depends(get_settings)]
+
+
+async def raw_body(request: Request, settings: AppSettings) -> bytes:
+    """An upload's body, read before any other dependency takes a database connection: a
+    phone on a slow network would otherwise hold a pooled connection, in an open
+    transaction, for as long as its body took to arrive. Name it first in a signature.
+
+    Only once the request's token is one this server signed (checked without the
+    database; current_user checks the rest): a stranger's megabytes are never read."""
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthenticated("Missing bearer token")
+    signed_claims(token, settings.secret)
+    return await request.body()
+
+
+RawBody = Annotated[bytes, Depends(raw_body)]
 
 # Upload headers (POST /contacts/batch, /calls, /sync)
 IdempotencyKey = Annotated[

@@ -108,14 +108,22 @@ def _generation(value: object) -> int:
     return value
 
 
-async def authenticate(conn: Connection, token: str, *, secret: str) -> AuthedUser:
-    """The live user a token belongs to, or Unauthenticated (bad, expired, revoked, deleted)."""
+def signed_claims(token: str, secret: str) -> tuple[uuid.UUID, uuid.UUID, datetime, int]:
+    """(user id, jti, expiry, generation) of a token this server signed and that has not
+    expired, else Unauthenticated; without the database (revocation and deletion are
+    authenticate's)."""
     try:
-        user_id, jti, expires_at, generation = _verified_claims(token, secret)
+        claims = _verified_claims(token, secret)
     except (jwt.PyJWTError, ValueError, TypeError, KeyError, OverflowError, OSError):
         raise Unauthenticated("Invalid or expired token") from None
-    if expires_at <= datetime.now(UTC):
+    if claims[2] <= datetime.now(UTC):
         raise Unauthenticated("Invalid or expired token")
+    return claims
+
+
+async def authenticate(conn: Connection, token: str, *, secret: str) -> AuthedUser:
+    """The live user a token belongs to, or Unauthenticated (bad, expired, revoked, deleted)."""
+    user_id, jti, expires_at, generation = signed_claims(token, secret)
     row = await conn.fetchrow(
         f"""SELECT u.is_admin, {USER_JSON}::text AS json FROM users u
             WHERE u.id = $1 AND u.deleted_at IS NULL AND u.token_generation = $3
