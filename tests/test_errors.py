@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import logging
 import re
@@ -18,7 +19,7 @@ import uvicorn
 from prometheus_client import REGISTRY
 
 from crmsync.deps import Tx
-from crmsync.middleware import MAX_HEAD_BYTES, ProblemHttpProtocol
+from crmsync.middleware import MAX_HEAD_BYTES, SMALL_BODY_BYTES, ProblemHttpProtocol
 from tests.conftest import Account, assert_problem, free_port, make_app, serving
 
 
@@ -151,6 +152,52 @@ async def test_body_of_exactly_the_size_limit_is_read(database_url: str) -> None
             assert_problem(r, 413, "payload_too_large")
             r = await client.post("/auth/login", content=streamed(exact + b" "), headers=headers)
             assert_problem(r, 413, "payload_too_large")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/auth/login"),
+        ("POST", "/contacts"),
+        ("PUT", "/contacts/{contact}"),
+        ("POST", "/users"),
+        ("PATCH", "/users/{me}"),
+    ],
+)
+async def test_bodies_other_than_uploads_are_at_most_64_kib_inflated_too(
+    client: httpx.AsyncClient, admin: Account, method: str, path: str
+) -> None:
+    """These routes parse their JSON into Python objects before the token is checked: a
+    16 KB gzip inflating to 16 MiB of `[{},...]` cost a stranger's request 500 MB. A body
+    of these routes is a few hundred bytes; past SMALL_BODY_BYTES it is a 413, unread."""
+    made = await client.post(
+        "/contacts", json={"name": "C", "phone_raw": "+14155550123"}, headers=admin.headers
+    )
+    url = path.format(contact=made.json()["contact"]["id"], me=admin.id)
+    bomb = b"[" + b"{}," * ((16 * 1024 * 1024 - 4) // 3) + b"{}]"  # just under 16 MiB
+    small = b'{"name": "' + b"n" * (SMALL_BODY_BYTES - 20) + b'"}'
+    for body, encoding, status in (
+        (gzip.compress(bomb), "gzip", 413),
+        (b" " * (SMALL_BODY_BYTES + 1), "identity", 413),
+        (small.ljust(SMALL_BODY_BYTES), "identity", 422),  # read, then refused as too long
+    ):
+        headers = {**admin.headers, "Content-Type": "application/json"}
+        headers["Content-Encoding"] = encoding
+        r = await client.request(method, url, content=body, headers=headers)
+        assert r.status_code == status, (len(body), encoding, r.text[:200])
+    # An upload may still be as large as the setting allows (16 MiB by default).
+    calls = [
+        {
+            "direction": "incoming",
+            "duration_seconds": 1,
+            "timestamp": f"2026-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}Z",
+            "phone_raw": "+14155550123" + " " * 200,
+        }
+        for i in range(3000)
+    ]
+    r = await client.post("/calls", json=calls, headers=admin.headers)
+    assert r.status_code == 200 and r.json()["inserted"] == 3000, r.text[:300]
+    assert len(json.dumps(calls)) > 10 * SMALL_BODY_BYTES
 
 
 @pytest.mark.parametrize(

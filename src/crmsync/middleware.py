@@ -132,11 +132,20 @@ class HttpsGuard:
         return hops[0] if hops else None
 
 
+# The uploads, whose bodies may be as large as the setting allows (5,000 calls are a few
+# MiB). Every other body is a sign-in, one contact or one user: a few hundred bytes, never
+# near SMALL_BODY_BYTES. Those routes have their JSON parsed into Python objects before
+# the token is checked, so a large one would cost any stranger's request hundreds of MB.
+UPLOADS = frozenset({("POST", "/contacts/batch"), ("POST", "/calls"), ("POST", "/sync")})
+SMALL_BODY_BYTES = 64 * 1024
+
+
 class BodyLimit:
-    """413 for a body over max_bytes, told by Content-Length or counted while it streams,
-    before the whole of it is read. A gzip body (`Content-Encoding: gzip`, a phone saving
-    its data plan) is inflated as it streams, max_bytes bounding what it inflates to as
-    well; another encoding of a body is a 415."""
+    """413 for a body over the limit (max_bytes for UPLOADS, SMALL_BODY_BYTES for every
+    other route), told by Content-Length or counted while it streams, before the whole of
+    it is read. A gzip body (`Content-Encoding: gzip`, a phone saving its data plan) is
+    inflated as it streams, the limit bounding what it inflates to as well; another
+    encoding of a body is a 415."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -146,6 +155,9 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.max_bytes
+        if (scope["method"], scope["path"]) not in UPLOADS:
+            limit = min(limit, SMALL_BODY_BYTES)
         encoding = b"identity"
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -153,63 +165,66 @@ class BodyLimit:
                     declared = int(value)
                 except ValueError:
                     declared = 0
-                if declared > self.max_bytes:
-                    await send_problem(send, PayloadTooLarge(self._detail()), close=True)
+                if declared > limit:
+                    await send_problem(send, _too_large(limit), close=True)
                     return
             elif name == b"content-encoding" and scope["method"] in _WITH_BODY:
                 encoding = value.strip().lower()
         if encoding == b"identity":
-            await self.app(scope, self._limited(receive), send)
+            await self.app(scope, _limited(receive, limit), send)
         elif encoding in (b"gzip", b"x-gzip"):
             scope["headers"] = [h for h in scope["headers"] if h[0] not in _INFLATED_AWAY]
-            await self.app(scope, self._inflating(receive), send)
+            await self.app(scope, _inflating(receive, limit), send)
         else:
             detail = f"Content-Encoding {encoding.decode('latin-1')!r} is not supported; use gzip"
             await send_problem(send, UnsupportedEncoding(detail), close=True)
 
-    def _limited(self, receive: Receive) -> Receive:
-        seen = 0
 
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise PayloadTooLarge(self._detail())
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body over {limit} bytes")
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    seen = 0
+
+    async def limited_receive() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _too_large(limit)
+        return message
+
+    return limited_receive
+
+
+def _inflating(receive: Receive, limit: int) -> Receive:
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip's header and trailer
+    seen = 0
+    compressed = False  # any byte arrived: an empty body stays empty
+
+    async def inflating_receive() -> Message:
+        nonlocal seen, compressed
+        message = await receive()
+        if message["type"] != "http.request":
             return message
+        chunk = message.get("body", b"")
+        compressed = compressed or bool(chunk)
+        try:
+            # One byte over the room left is enough to know the body is too large.
+            body = inflater.decompress(chunk, limit - seen + 1)
+        except zlib.error:
+            raise BadRequest("Malformed gzip body") from None
+        seen += len(body)
+        if seen > limit:
+            raise _too_large(limit)
+        ended = not message.get("more_body", False)
+        if ended and compressed and (not inflater.eof or inflater.unused_data):
+            raise BadRequest("Malformed gzip body")  # cut short, or bytes after its end
+        return {**message, "body": body}
 
-        return limited_receive
-
-    def _inflating(self, receive: Receive) -> Receive:
-        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip's header and trailer
-        seen = 0
-        compressed = False  # any byte arrived: an empty body stays empty
-
-        async def inflating_receive() -> Message:
-            nonlocal seen, compressed
-            message = await receive()
-            if message["type"] != "http.request":
-                return message
-            chunk = message.get("body", b"")
-            compressed = compressed or bool(chunk)
-            try:
-                # One byte over the room left is enough to know the body is too large.
-                body = inflater.decompress(chunk, self.max_bytes - seen + 1)
-            except zlib.error:
-                raise BadRequest("Malformed gzip body") from None
-            seen += len(body)
-            if seen > self.max_bytes:
-                raise PayloadTooLarge(self._detail())
-            ended = not message.get("more_body", False)
-            if ended and compressed and (not inflater.eof or inflater.unused_data):
-                raise BadRequest("Malformed gzip body")  # cut short, or bytes after its end
-            return {**message, "body": body}
-
-        return inflating_receive
-
-    def _detail(self) -> str:
-        return f"Request body over {self.max_bytes} bytes"
+    return inflating_receive
 
 
 class GzipWhenAsked:
