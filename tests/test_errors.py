@@ -92,6 +92,26 @@ async def test_request_id_is_echoed_or_made(client: httpx.AsyncClient) -> None:
     assert len((await client.get("/healthz")).headers["x-request-id"]) == 32
 
 
+async def test_answers_are_stored_in_no_cache_and_not_sniffed(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    """The phone book is people's data: no HTTP cache (OkHttp's on a phone's disk, a
+    proxy's) keeps an answer, and no browser reads JSON as anything else."""
+    made = await client.post(
+        "/contacts", json={"name": "C", "phone_raw": "+14155550123"}, headers=user.headers
+    )
+    answers = [
+        made,
+        await client.get("/contacts", headers=user.headers),
+        await client.get(f"/contacts/{made.json()['contact']['id']}", headers=user.headers),
+        await client.get("/contacts"),  # a problem too
+        await client.post("/auth/login", json={"email": user.email, "password": user.password}),
+    ]
+    for r in answers:
+        assert r.headers.get_list("cache-control") == ["no-store"], r.request.url
+        assert r.headers["x-content-type-options"] == "nosniff"
+
+
 @pytest.mark.parametrize("sent", ["r" * 129, "req\x1b[2Jforged"])
 async def test_an_overlong_or_unprintable_request_id_is_replaced(
     client: httpx.AsyncClient, sent: str

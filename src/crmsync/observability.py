@@ -270,6 +270,10 @@ class RequestContext:
                 started_response = True
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
+                headers.append((b"x-content-type-options", b"nosniff"))
+                if not any(name == b"cache-control" for name, _ in headers):
+                    # Contacts and calls are people's data: kept in no HTTP cache.
+                    headers.append((b"cache-control", b"no-store"))
                 message["headers"] = headers
             await send(message)
 
