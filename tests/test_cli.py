@@ -29,6 +29,7 @@ import psutil
 import pytest
 import trustme
 from alembic.script import ScriptDirectory
+from pydantic import ValidationError
 
 from crmsync import db
 from crmsync.config import Settings
@@ -483,6 +484,12 @@ def test_a_multi_host_url_may_name_each_hosts_port() -> None:
 def test_empty_database_url_and_metrics_token_are_unset() -> None:
     settings = Settings(database_url=" ", metrics_token="", jwt_secret=None)
     assert settings.embedded and settings.metrics_token is None
+
+
+def test_a_metrics_token_is_at_least_32_characters_as_the_jwt_secret() -> None:
+    with pytest.raises(ValidationError, match="at least 32 characters"):
+        Settings(metrics_token="x" * 31)
+    assert Settings(metrics_token="x" * 32).metrics_token is not None
 
 
 async def test_reset_password_is_the_way_back_in(

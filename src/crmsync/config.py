@@ -52,6 +52,13 @@ class Settings(BaseSettings):
         `CRMSYNC_DATABASE_URL=` a database."""
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("metrics_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().strip()) < 32:
+            raise ValueError("must be at least 32 characters (secrets.token_urlsafe(32) makes one)")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _postgresql_url(cls, value: str | None) -> str | None:
