@@ -69,8 +69,8 @@ def _dummy_hash(rounds: int) -> str:
 def issue_token(
     user_id: uuid.UUID, generation: int, *, secret: str, ttl_seconds: int
 ) -> tuple[str, datetime]:
-    """A signed token for the user. Its `gen` claim is the user's token generation: a new password
-    moves it on, and every token of an older generation is rejected from then on."""
+    """A signed token for the user. Its `gen` claim is the user's token generation: a new
+    password moves it on, and every token of an older generation is rejected from then on."""
     now = datetime.now(UTC).replace(microsecond=0)
     expires_at = now + timedelta(seconds=ttl_seconds)
     claims = {
