@@ -18,9 +18,9 @@ import pytest
 import uvicorn
 from prometheus_client import REGISTRY
 
-from crmsync.deps import Tx
-from crmsync.middleware import MAX_HEAD_BYTES, SMALL_BODY_BYTES, ProblemHttpProtocol
-from tests.conftest import Account, assert_problem, free_port, make_app, serving
+from crmsync.deps import Tx, raw_body
+from crmsync.middleware import MAX_HEAD_BYTES, SMALL_BODY_BYTES, UPLOADS, ProblemHttpProtocol
+from tests.conftest import Account, api_routes, assert_problem, free_port, make_app, serving
 
 
 async def test_unknown_route_and_wrong_method_are_problems(
@@ -424,3 +424,17 @@ async def test_a_client_hanging_up_mid_upload_is_a_499_not_a_server_error(
     assert (after or 0) == (before or 0) + 1
     assert await conn.fetchval("SELECT count(*) FROM call_logs") == 0
     assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0
+
+
+def test_the_upload_limit_names_the_upload_routes(client: httpx.AsyncClient) -> None:
+    """middleware.UPLOADS names routes by their paths: a renamed upload route would
+    silently fall to the 64 KiB limit. Each is a route the app serves, reading its body
+    itself (RawBody), and every route reading its body that way is one of them."""
+    app = client.app  # type: ignore[attr-defined]
+    raw = {
+        (method, route.path)
+        for route in api_routes(app)
+        for method in route.methods
+        if any(d.call is raw_body for d in route.dependant.dependencies)
+    }
+    assert raw == set(UPLOADS)
