@@ -170,6 +170,30 @@ async def test_dedupe_key_is_user_number_timestamp_direction(
     assert (body["inserted"], body["duplicates"]) == (5, 2)
 
 
+async def test_a_stored_call_is_a_duplicate_only_of_its_own_key(
+    client: httpx.AsyncClient, admin: Account, user: Account, conn: asyncpg.Connection
+) -> None:
+    # The same key parts as above, each against a call stored by an earlier upload (the
+    # INSERT drops stored calls before it inserts: a wrong column there loses a call).
+    stored = [call(0), call(1, phone_raw=None)]
+    assert (await upload(client, admin, stored)).json()["inserted"] == 2
+    variants = [
+        call(0),
+        call(0, direction="incoming"),
+        call(0, user_id=user.id),
+        call(0, phone_raw="(415) 555-0001"),
+        call(0, timestamp="2026-11-04T14:00:00.000001Z"),
+        call(0, duration_seconds=61),
+        call(0, timestamp="2026-11-04T16:00:00+02:00"),
+        call(1, phone_raw=None),  # withheld, stored: a duplicate
+        call(1, phone_raw="Private"),  # another spelling of no number: another key
+        call(0, phone_raw=None),  # no number at the first call's time: another key
+    ]
+    body = (await upload(client, admin, variants)).json()
+    assert (body["inserted"], body["duplicates"]) == (6, 4)
+    assert await conn.fetchval("SELECT count(*) FROM call_logs") == 8
+
+
 async def test_calls_without_a_number_count_as_one_number(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
