@@ -146,7 +146,7 @@ async def test_answers_of_a_kilobyte_and_more_are_gzipped_for_clients_that_ask(
     for refusing in ("gzip;q=0", "br, gzip; q=0.0", "deflate", "identity, *;q=0"):
         r = await client.get("/contacts", headers={**user.headers, "Accept-Encoding": refusing})
         assert "content-encoding" not in r.headers, refusing
-    for asking in ("br;q=1.0, gzip;q=0.5", "x-gzip", "deflate, gzip;q=1"):
+    for asking in ("br;q=1.0, gzip;q=0.5", "x-gzip", "deflate, gzip;q=1", "GZIP", "Gzip;Q=1"):
         r = await client.get("/contacts", headers={**user.headers, "Accept-Encoding": asking})
         assert r.headers["content-encoding"] == "gzip", asking
 

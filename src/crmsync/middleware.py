@@ -240,9 +240,16 @@ class GzipWhenAsked:
         if scope["type"] == "http":
             for name, value in scope["headers"]:
                 if name == b"accept-encoding" and accepts_gzip(value):
+                    if b"gzip" not in value:  # "GZIP": codings are case-insensitive (RFC
+                        # 9110 8.4.1), GZipMiddleware's own check is not
+                        scope = {**scope, "headers": _asking_gzip(scope["headers"])}
                     await self.gzip(scope, receive, send)
                     return
         await self.app(scope, receive, send)
+
+
+def _asking_gzip(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(n, b"gzip" if n == b"accept-encoding" else v) for n, v in headers]
 
 
 def accepts_gzip(accept_encoding: bytes) -> bool:
