@@ -149,6 +149,8 @@ async def test_answers_of_a_kilobyte_and_more_are_gzipped_for_clients_that_ask(
     for asking in ("br;q=1.0, gzip;q=0.5", "x-gzip", "deflate, gzip;q=1", "GZIP", "Gzip;Q=1"):
         r = await client.get("/contacts", headers={**user.headers, "Accept-Encoding": asking})
         assert r.headers["content-encoding"] == "gzip", asking
+    two = [*user.headers.items(), ("Accept-Encoding", "br"), ("Accept-Encoding", "gzip")]
+    assert (await client.get("/contacts", headers=two)).headers["content-encoding"] == "gzip"
 
 
 def test_the_body_limit_is_16_mib_by_default() -> None:

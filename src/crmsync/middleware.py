@@ -240,9 +240,9 @@ class GzipWhenAsked:
         if scope["type"] == "http":
             for name, value in scope["headers"]:
                 if name == b"accept-encoding" and accepts_gzip(value):
-                    if b"gzip" not in value:  # "GZIP": codings are case-insensitive (RFC
-                        # 9110 8.4.1), GZipMiddleware's own check is not
-                        scope = {**scope, "headers": _asking_gzip(scope["headers"])}
+                    # GZipMiddleware checks again, on the first Accept-Encoding only and
+                    # case-sensitively ("GZIP" is gzip too, RFC 9110 8.4.1): tell it gzip.
+                    scope = {**scope, "headers": _asking_gzip(scope["headers"])}
                     await self.gzip(scope, receive, send)
                     return
         await self.app(scope, receive, send)
