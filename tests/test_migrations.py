@@ -275,3 +275,51 @@ async def test_libpq_options_in_the_url_reach_migrations_as_they_reach_the_pool(
         assert await conn.fetchval("SELECT version_num FROM alembic_version") is not None
     finally:
         await conn.close()
+
+
+async def test_0012_rekeys_calls_to_local_only_numbers_by_their_spelling(
+    make_database: Callable[[str], Awaitable[str]],
+) -> None:
+    url = await make_database("crmsync_migration_0012")
+    db.migrate(url)
+    db.migrate(url, "0011")
+    conn = await asyncpg.connect(url)
+    try:
+        user = await conn.fetchval(
+            "INSERT INTO users (name, email, password_hash) VALUES ('U', 'u@x.io', 'h') RETURNING id"
+        )
+        contact = await conn.fetchval(
+            "INSERT INTO contacts (name, phone_raw, phone_normalized, created_by)"
+            " VALUES ('Local', '555-0150', '+15550150', $1) RETURNING id",
+            user,
+        )
+        # (raw, normalized, contact, minute): local-only, local-only again at another time,
+        # a full number, and a local-only call whose new key a stored call already has.
+        calls = [
+            ("555-0150", "+15550150", contact, 1),
+            ("5550150", "+15550150", None, 2),
+            ("(415) 555-0150", "+14155550150", None, 1),
+            ("555-0199", "+15550199", None, 3),
+            ("555-0199", None, None, 3),
+        ]
+        await conn.executemany(
+            "INSERT INTO call_logs (user_id, phone_raw, phone_normalized, contact_id, direction,"
+            " duration_seconds, timestamp)"
+            " VALUES ($1, $2, $3, $4, 'incoming', 0, timestamptz '2026-01-01' + $5 * interval '1 m')",
+            [(user, *c) for c in calls],
+        )
+        db.migrate(url)  # 0012
+        rows = await conn.fetch(
+            "SELECT phone_raw, phone_normalized, contact_id, extract(minute FROM timestamp)::int"
+            " AS minute FROM call_logs ORDER BY minute, phone_raw, phone_normalized"
+        )
+        assert [tuple(r) for r in rows] == [
+            ("(415) 555-0150", "+14155550150", None, 1),
+            ("555-0150", None, contact, 1),
+            ("5550150", None, None, 2),
+            ("555-0199", "+15550199", None, 3),
+            ("555-0199", None, None, 3),
+        ]
+        assert await conn.fetchval("SELECT phone_normalized FROM contacts") == "+15550150"
+    finally:
+        await conn.close()

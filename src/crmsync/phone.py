@@ -7,11 +7,14 @@ from functools import lru_cache
 import phonenumbers
 
 MAX_PHONE_LENGTH = 64
+_POSSIBLE = phonenumbers.ValidationResult.IS_POSSIBLE  # not IS_POSSIBLE_LOCAL_ONLY
 
 
 @lru_cache(maxsize=65_536)
 def normalize(raw: str, region: str) -> str | None:
-    """E.164 for a possible phone number, None for anything else (withheld, short code, junk)."""
+    """E.164 for a possible phone number, None for anything else (withheld, short code, junk,
+    or a number dialable only locally: `555-0150` without its area code is no E.164 number,
+    and as `+15550150` it would make one contact of every area's 555-0150)."""
     text = raw.strip()
     if not text or len(text) > MAX_PHONE_LENGTH:
         return None
@@ -19,7 +22,7 @@ def normalize(raw: str, region: str) -> str | None:
         number = phonenumbers.parse(text, region)
     except phonenumbers.NumberParseException:
         return None
-    if not phonenumbers.is_possible_number(number):
+    if phonenumbers.is_possible_number_with_reason(number) != _POSSIBLE:
         return None
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 

@@ -209,7 +209,7 @@ async def test_calls_without_a_number_count_as_one_number(
     assert all(r["phone_normalized"] is None and r["contact_id"] is None for r in rows)
 
 
-@pytest.mark.parametrize("number", ["911", "*123#", "abc", "12345", "+", "Private"])
+@pytest.mark.parametrize("number", ["911", "*123#", "abc", "12345", "+", "Private", "555-0150"])
 async def test_withheld_numbers_and_short_codes_are_stored_not_rejected(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, number: str
 ) -> None:

@@ -54,7 +54,11 @@ async def test_batch_answers_results_in_request_order_and_stores_valid_items(
     assert results[0]["contact"]["name"] == "Carla Dias"
     assert results[1]["contact"]["phone_normalized"] == "+14155550177"
     assert results[2]["errors"] == [
-        {"loc": ["body", 2, "phone_raw"], "msg": "Not a possible phone number", "type": "phone"}
+        {
+            "loc": ["body", 2, "phone_raw"],
+            "msg": "Not a possible phone number (a local one needs its area code)",
+            "type": "phone",
+        }
     ]
     assert results[3]["errors"][0]["loc"] == ["body", 3, "phone_raw"]
     assert results[4]["errors"][0]["loc"] == ["body", 4]

@@ -176,7 +176,9 @@ async def test_fifty_concurrent_creates_of_one_number_leave_one_contact_with_the
 async def test_impossible_number_is_422_and_nothing_is_written(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
-    for phone in ("abc", "12345", ""):
+    # 555-0150 is dialable only inside its area: as +15550150 it would be no E.164 number,
+    # and one contact for every area's 555-0150.
+    for phone in ("abc", "12345", "", "555-0150", "5550150", "+1 555 0150"):
         r = await post(client, user, contact(phone=phone))
         body = assert_problem(r, 422, "validation_error")
         assert body["errors"][0]["loc"] == ["body", "phone_raw"], body

@@ -52,7 +52,7 @@ CONTACT = Shape(
 )
 CONTACT_JSON = CONTACT.object_sql
 
-NOT_A_PHONE = "Not a possible phone number"
+NOT_A_PHONE = "Not a possible phone number (a local one needs its area code)"
 
 
 @dataclass(frozen=True)
