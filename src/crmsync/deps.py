@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, Header, Query, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
@@ -39,17 +40,11 @@ async def get_settings(request: Request) -> Settings:
 AppSettings = Annotated[Settings, Depends(get_settings)]
 
 
-async def raw_body(request: Request, settings: AppSettings) -> bytes:
+async def raw_body(request: Request) -> bytes:
     """An upload's body, read before any other dependency takes a database connection: a
     phone on a slow network would otherwise hold a pooled connection, in an open
     transaction, for as long as its body took to arrive. Name it first in a signature.
-
-    Only once the request's token is one this server signed (checked without the
-    database; current_user checks the rest): a stranger's megabytes are never read."""
-    token = bearer_token(request)
-    if token is None:
-        raise Unauthenticated("Missing bearer token")
-    signed_claims(token, settings.secret)
+    (Route has already checked that the token is one this server signed.)"""
     return await request.body()
 
 
@@ -158,15 +153,28 @@ class StrictJSONRequest(Request):
 _JSON_TYPE = (b"content-type", b"application/json")
 
 
+def _needs_token(dependant: Dependant) -> bool:
+    return any(d.call is current_user or _needs_token(d) for d in dependant.dependencies)
+
+
 class Route(APIRoute):
-    """Every crmsync route: bodies read as JSON, parsed by StrictJSONRequest."""
+    """Every crmsync route: bodies read as JSON, parsed by StrictJSONRequest, and on a route
+    that needs a token only once the token is one this server signed (checked without the
+    database; current_user checks the rest). So a stranger's megabytes are never read, and
+    a signed-out app sending a malformed body learns 401, not 400."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        needs_token = _needs_token(self.dependant)
 
         async def strict(request: Request) -> Response:
             if request.method in ("GET", "DELETE"):
                 return await handler(request)
+            if needs_token:
+                token = bearer_token(request)
+                if token is None:
+                    raise Unauthenticated("Missing bearer token")
+                signed_claims(token, request.app.state.settings.secret)
             scope = request.scope
             scope["headers"] = [
                 *(h for h in scope["headers"] if h[0] != b"content-type"),

@@ -439,7 +439,8 @@ async def test_every_endpoint_but_login_health_and_docs_needs_a_token(
     client: httpx.AsyncClient,
 ) -> None:
     """The contract's Auth clause, for every route the app has (so a new route that forgets
-    CurrentUser fails here): no token, or a forged one, is 401 with a valid body sent."""
+    CurrentUser fails here): no token, or a forged one, is 401, with a valid body sent and
+    with a malformed one (the token is checked before any body is read)."""
     checked = 0
     for route in api_routes(client.app):  # type: ignore[attr-defined]
         path = route.path_format.replace("{user_id}", str(uuid.uuid4()))
@@ -449,8 +450,8 @@ async def test_every_endpoint_but_login_health_and_docs_needs_a_token(
             if (method, route.path_format) in PUBLIC:
                 continue
             for headers in ({}, {"Authorization": "Bearer " + "e30.e30.forged"}):
-                body = "[]" if method == "POST" else "{}"
-                r = await client.request(method, path, content=body, headers=headers)
-                assert_problem(r, 401, "unauthenticated")
-                checked += 1
-    assert checked >= 2 * 20  # every operation of the contract but the public three
+                for body in ("[]" if method == "POST" else "{}", "{bad"):
+                    r = await client.request(method, path, content=body, headers=headers)
+                    assert_problem(r, 401, "unauthenticated")
+                    checked += 1
+    assert checked >= 4 * 20  # every operation of the contract but the public three
