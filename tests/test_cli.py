@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import bcrypt
@@ -381,6 +382,75 @@ def test_backup_and_reset_password_refuse_a_data_dir_without_the_database(
     assert not (tmp_path / "backups").exists()
 
 
+def test_a_database_that_refuses_us_is_one_line_naming_the_cause(
+    tmp_path: Path, server_url: str
+) -> None:
+    """What the server says (an unknown database here; a wrong password alike) reaches the
+    operator as its own one line, not as SQLAlchemy's wrapping of it under a traceback."""
+    url = db.with_database(server_url, f"crmsync_no_such_db_{os.getpid()}")
+    env = clean_env(CRMSYNC_DATABASE_URL=url, CRMSYNC_JWT_SECRET=TEST_SECRET)
+    for args in (
+        ["migrate"],
+        ["serve", "--port", str(free_port())],
+        ["create-admin", "--email", "boss@example.com", "--name", "Boss"],
+    ):
+        result = run_cli(*args, env=env, cwd=tmp_path)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr == (
+            f'crmsync: InvalidCatalogNameError: database "crmsync_no_such_db_{os.getpid()}"'
+            " does not exist\n"
+        ), args
+
+
+def test_a_failed_migration_names_its_own_error_not_the_aborted_transaction(
+    tmp_path: Path, server_url: str, make_database: Callable[[str], Awaitable[str]]
+) -> None:
+    """A role that may not create tables: the operator reads "permission denied", not the
+    "current transaction is aborted" of the migration lock's release after it."""
+    role = f"crmsync_no_create_{os.getpid()}"
+    url = asyncio.run(make_database(role))
+
+    async def as_superuser(database_url: str, *statements: str) -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(
+        as_superuser(
+            server_url, f"DROP ROLE IF EXISTS {role}", f"CREATE ROLE {role} LOGIN PASSWORD 'pw'"
+        )
+    )
+    try:
+        # PostgreSQL 15+ gives PUBLIC no CREATE on schema public already; older ones did.
+        asyncio.run(as_superuser(url, "REVOKE CREATE ON SCHEMA public FROM PUBLIC"))
+        parts = urlsplit(url)
+        as_role = urlunsplit(parts._replace(netloc=f"{role}:pw@{parts.netloc.rpartition('@')[2]}"))
+        result = run_cli("migrate", env=clean_env(CRMSYNC_DATABASE_URL=as_role), cwd=tmp_path)
+        assert result.returncode == 1, result.stderr
+        last = result.stderr.splitlines()[-1]
+        assert last.startswith("crmsync: InsufficientPrivilegeError: permission denied"), last
+        assert "current transaction is aborted" not in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        asyncio.run(as_superuser(server_url, f'DROP DATABASE "{role}"', f"DROP ROLE {role}"))
+
+
+def test_create_admin_before_the_server_refuses_and_says_to_start_it(tmp_path: Path) -> None:
+    """Run before the first `crmsync serve` (or from the wrong directory), it must not make
+    a new, empty embedded database the server never uses."""
+    env = clean_env(CRMSYNC_DATA_DIR=str(tmp_path / "data"))
+    result = create_admin(env, tmp_path)
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"no database in {tmp_path / 'data' / 'pgdata'}" in result.stderr
+    assert "crmsync serve" in result.stderr and "make run" in result.stderr
+    assert "CRMSYNC_DATA_DIR" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
 def test_embedded_mode_generates_one_private_secret_and_keeps_it(tmp_path: Path) -> None:
     """Tokens survive a restart (the same key is read back), and only the server's user
     can read the key file."""
@@ -415,6 +485,24 @@ def test_every_setting_is_in_the_readme_with_its_default() -> None:
             default = str(default).lower()
         if isinstance(default, int | str) and default != "":
             assert f"`{default}`" in rows[name], (name, default, rows[name])
+
+
+def test_the_readmes_make_run_variables_are_the_makefiles_or_settings() -> None:
+    """`make run HOST=... PORT=...` as the README shows it: each variable one the Makefile
+    reads, or a setting; and the phone-on-the-LAN recipe allows plain HTTP (else 403)."""
+    root = Path(__file__).parent.parent
+    readme = (root / "README.md").read_text()
+    makefile = (root / "Makefile").read_text()
+    known = set(re.findall(r"^([A-Z]+) \?=", makefile, re.M)) | {
+        "CRMSYNC_" + field.upper() for field in Settings.model_fields
+    }
+    assert "--host $(HOST) --port $(PORT)" in makefile
+    runs = re.findall(r"make run((?: [A-Z_]+=\S+)+)", readme)
+    assert runs, "the README does not say how to choose make run's address and port"
+    for run in runs:
+        for name in re.findall(r"([A-Z_]+)=", run):
+            assert name in known, run
+    assert "make run HOST=0.0.0.0 CRMSYNC_REQUIRE_HTTPS=false" in readme
 
 
 def on_a_terminal(args: list[str], env: dict[str, str], cwd: Path, answers: list[str]) -> str:

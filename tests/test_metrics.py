@@ -17,7 +17,8 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
-from crmsync import observability
+from crmsync import db, observability
+from crmsync.auth.service import issue_token
 from tests.conftest import Account, assert_problem, make_app
 from tests.test_cli import clean_env, serving
 
@@ -243,6 +244,7 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
     try:
         url = server.get_uri()
         socket_dir = parse_qs(urlsplit(url).query)["host"][0]
+        db.migrate(url)  # as `serve` does: the app starts on the schema it knows
         app = make_app(url, pool_min_size=1, pool_max_size=2, metrics_token=METRICS_TOKEN)
         async with app.router.lifespan_context(app):
             assert (await get(app, "/readyz")).status_code == 200
@@ -265,6 +267,15 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
             scrape = await get(app, "/metrics")
             assert scrape.status_code == 200, scrape.text
             assert "crmsync_database_up " in scrape.text
+            # A token this server never signed is refused without the database (a scraper
+            # with the wrong one learns so, not that the database is down); a signed one
+            # goes on to the database, which is down.
+            for token in (METRICS_TOKEN + "x", "not-a-jwt", issue_token_signed_by("other")):
+                r = await get(app, "/metrics", headers={"Authorization": f"Bearer {token}"})
+                assert_problem(r, 401, "unauthenticated")
+            signed = issue_token_signed_by(app.state.settings.secret)
+            r = await get(app, "/metrics", headers={"Authorization": f"Bearer {signed}"})
+            assert_problem(r, 503, "unavailable")
             pg_ctl(
                 ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(server.log), "start"],
                 pgdata=server.pgdata,
@@ -278,6 +289,11 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
             assert REGISTRY.get_sample_value("crmsync_database_up") == 1
     finally:
         server.cleanup()
+
+
+def issue_token_signed_by(secret: str) -> str:
+    token, _ = issue_token(uuid.uuid4(), 0, secret=secret.ljust(32, "-"), ttl_seconds=60)
+    return token
 
 
 def test_every_upload_result_is_a_series_from_the_start() -> None:

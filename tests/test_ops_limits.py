@@ -37,6 +37,14 @@ async def test_statement_timeout_cancels_a_long_query(database_url: str) -> None
         await pool.close()
 
 
+def test_statement_timeout_0_is_no_limit_on_the_client_either() -> None:
+    """0 is PostgreSQL's "no limit": asyncpg's own timeout must not cap statements then; else
+    it stays past the server's, so the server's cancel is what a slow statement meets."""
+    assert db.command_timeout(0) is None
+    assert db.command_timeout(30_000) == 35
+    assert db.command_timeout(200) == 10
+
+
 async def test_requests_get_connections_in_arrival_order(database_url: str) -> None:
     settings = make_settings(database_url, pool_min_size=1, pool_max_size=1)
     pool = await db.create_pool(database_url, settings)

@@ -19,12 +19,24 @@ import orjson
 import typer
 from alembic.util import CommandError
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 
 from crmsync import db
 from crmsync.config import SUPERVISOR_ENV, Settings
 from crmsync.errors import EmailTaken
 from crmsync.middleware import ProblemHttpProtocol
 from crmsync.observability import configure_logging, logging_config
+
+_DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def _database_cause(exc: BaseException) -> BaseException:
+    """The driver's own error under SQLAlchemy's wrappers (Alembic's connections), which
+    name it only in a message of several lines; `exc` itself when there is none."""
+    found: BaseException | None = exc
+    while found is not None and not isinstance(found, _DATABASE_ERRORS):
+        found = getattr(found, "orig", None) or found.__cause__
+    return found or exc
 
 
 class _App(typer.Typer):
@@ -34,8 +46,10 @@ class _App(typer.Typer):
     def __call__(self, *args: object, **kwargs: object) -> object:
         try:
             return super().__call__(*args, **kwargs)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            typer.echo(f"crmsync: {type(exc).__name__}: {exc}", err=True)
+        except (*_DATABASE_ERRORS, DBAPIError) as exc:
+            cause = _database_cause(exc)
+            message = str(cause).partition("\n")[0]
+            typer.echo(f"crmsync: {type(cause).__name__}: {message}", err=True)
             raise SystemExit(1) from None
         except CommandError as exc:  # Alembic: most likely a database a newer crmsync migrated
             typer.echo(
@@ -172,7 +186,18 @@ def create_admin(
     from crmsync.users.service import user_create
 
     settings = _settings()
-    url = db.database_url(settings)
+    pgdata = settings.data_dir.resolve() / "pgdata"
+    if settings.embedded and not pgdata.is_dir():
+        # From the wrong directory, a new, empty database here would get an admin that the
+        # server never sees; so, as for backup, there must be one already (serve makes it).
+        typer.echo(
+            f"no database in {pgdata} yet: start the server first (`crmsync serve`, or"
+            " `make run` in a checkout), which creates it, then run create-admin in another"
+            " terminal; or set CRMSYNC_DATA_DIR to the service's data directory",
+            err=True,
+        )
+        raise typer.Exit(1)
+    url = db.database_url(settings, create=False)
     db.migrate(url)
 
     async def live_user(conn: db.Connection, email: str) -> asyncpg.Record | None:

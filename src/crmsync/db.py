@@ -233,13 +233,22 @@ async def _reset(conn: Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
+def command_timeout(statement_timeout_ms: int) -> float | None:
+    """asyncpg's limit on a statement, in seconds: past the server's statement_timeout, so
+    that the server's cancel (a clean error, the connection kept) comes first; none where
+    the server has none (0)."""
+    if statement_timeout_ms == 0:
+        return None
+    return max(statement_timeout_ms / 1000 + 5, 10)
+
+
 async def create_pool(url: str, settings: Settings) -> Pool:
     pool = await asyncpg.create_pool(
         url,
         min_size=min(settings.pool_min_size, settings.pool_max_size),
         max_size=settings.pool_max_size,
         reset=_reset,
-        command_timeout=max(settings.statement_timeout_ms / 1000 + 5, 10),
+        command_timeout=command_timeout(settings.statement_timeout_ms),
         server_settings={
             "application_name": "crmsync",
             "TimeZone": "UTC",

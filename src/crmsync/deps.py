@@ -94,14 +94,14 @@ async def metrics_reader(request: Request, settings: AppSettings) -> None:
     """GET /metrics, behind a bearer token as every endpoint but login, health and docs:
     CRMSYNC_METRICS_TOKEN (Prometheus' static one), else a signed-in admin's. The static
     one is checked without the database, so a scrape still answers while it is down (and
-    crmsync_database_up says so)."""
+    crmsync_database_up says so); so is a token's signature, so a wrong token is 401 then,
+    not 503."""
     given, token = bearer_token(request), settings.metrics_token
-    if (
-        given is not None
-        and token is not None
-        and hmac.compare_digest(given.encode(), token.get_secret_value().encode())
-    ):
+    if given is None:
+        raise Unauthenticated("Missing bearer token")
+    if token is not None and hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
         return
+    signed_claims(given, settings.secret)
     async with contextlib.asynccontextmanager(request_connection)(request) as conn:
         user = await current_user(request, conn, settings)
     if not user.is_admin:

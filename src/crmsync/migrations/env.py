@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from alembic import context
 from sqlalchemy import Connection, text
@@ -20,9 +21,20 @@ def _run(connection: Connection) -> None:
         with context.begin_transaction():
             context.run_migrations()
         connection.commit()
-    finally:
-        connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": db.MIGRATION_LOCK_ID})
-        connection.commit()
+    except BaseException:
+        # The failure has aborted the transaction, where the unlock would fail too and
+        # replace the error the operator needs. Roll back (a session lock outlives that),
+        # then unlock if the connection still can: closing it releases the lock anyway.
+        with contextlib.suppress(Exception):
+            connection.rollback()
+            _unlock(connection)
+        raise
+    _unlock(connection)
+
+
+def _unlock(connection: Connection) -> None:
+    connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": db.MIGRATION_LOCK_ID})
+    connection.commit()
 
 
 async def _main() -> None:
