@@ -159,8 +159,10 @@ async def relink(conn: Connection, *, full: bool) -> int:
     if since is None and not full:
         return 0
     if since is None:
-        await conn.execute("SET LOCAL statement_timeout = 0")  # every contact: may be long
-        status = await conn.execute(RELINK_ALL_SQL)
+        # Every contact: may be long, so no limit in the server, and an hour in the client
+        # (whose own limit, past the server's usual one, would cut it off first).
+        await conn.execute("SET LOCAL statement_timeout = 0")
+        status = await conn.execute(RELINK_ALL_SQL, timeout=3600)
     else:
         status = await conn.execute(RELINK_SINCE_SQL, since)
     return int(status.split()[-1])
