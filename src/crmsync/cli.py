@@ -336,10 +336,10 @@ def restore_command(
         )
         raise typer.Exit(1)
     major = asyncio.run(backup.server_major(url))
-    tool = backup.pg_tool("pg_restore", server_major=major, embedded=settings.embedded)
+    tool = backup.newest_tool("pg_restore")
     try:
-        backup.check_archive(file, tool=tool)
-        backup.restore(url, file, tool=tool, replace=bool(existing))
+        backup.check_archive(file, tool=tool, server_major=major)
+        backup.restore(url, file, tool=tool, server_major=major, replace=bool(existing))
     except backup.BackupError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None

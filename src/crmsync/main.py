@@ -255,8 +255,8 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         app.state.pool_gate = asyncio.Semaphore(settings.pool_max_size)
         app.state.login_gate = asyncio.Semaphore(db.LOGIN_SLOTS)
         async with app.state.pool.acquire() as conn:
-            cluster = await contacts_service.cluster_id(conn)
-        app.state.changes_feed = contacts_service.Feed(app.state.cursor_key, cluster)
+            origin = await contacts_service.feed_origin(conn)
+        app.state.changes_feed = contacts_service.Feed(app.state.cursor_key, origin)
         background = [asyncio.create_task(sample_pool(app.state.pool))]
         if maintenance:
             background.append(asyncio.create_task(_maintenance(app.state.pool, settings)))

@@ -68,7 +68,13 @@ async def test_empty_feed_answers_a_cursor_meaning_the_beginning(
     client: httpx.AsyncClient, user: Account
 ) -> None:
     body = await pull(client, user)
-    assert body == {"items": [], "limit": 50, "next_cursor": body["next_cursor"], "has_more": False}
+    assert body == {
+        "items": [],
+        "limit": 50,
+        "next_cursor": body["next_cursor"],
+        "has_more": False,
+        "restarted": False,
+    }
     assert isinstance(body["next_cursor"], str) and body["next_cursor"]
     created = (await post(client, user, contact())).json()["contact"]
     later = await pull(client, user, body["next_cursor"])
@@ -231,23 +237,37 @@ async def test_head_never_passes_a_change_still_being_committed(
         assert early_id in {c["id"] for c in items}
 
 
-async def test_a_cursor_from_another_cluster_pulls_again_from_the_beginning(
+async def test_a_cursor_from_another_cluster_or_restore_pulls_again_from_the_beginning(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
     """A backup restored into another PostgreSQL cluster (a new machine): a device's cursor
     from the old one may lie past the positions the new cluster writes at, and would skip
-    those changes for good. A cursor names its cluster; from another one, the pull starts
-    again from the beginning."""
+    those changes for good. Restored into the same cluster, the rows are back at positions
+    before the cursors handed out since, and a device would never learn what the restore
+    undid. A cursor names its origin (cluster, and contacts table, which a restore makes
+    anew); from another one, the pull starts again from the beginning."""
     feed: Feed = client.app.state.changes_feed  # type: ignore[attr-defined]
-    assert feed.cluster == str(
-        await conn.fetchval("SELECT system_identifier FROM pg_control_system()")
-    )
+    cluster = str(await conn.fetchval("SELECT system_identifier FROM pg_control_system()"))
+    table = str(await conn.fetchval("SELECT 'contacts'::regclass::oid"))
+    assert feed.origin == f"{cluster}/{table}"
     ids = await add_contacts(client, user, 3)
     far = str(2**40)  # a position this cluster has not reached
-    here = encode_cursor(feed.key, CHANGES_SCOPE, [feed.cluster, far, "0"])
-    elsewhere = encode_cursor(feed.key, CHANGES_SCOPE, [feed.cluster + "7", far, "0"])
-    before_clusters = encode_cursor(feed.key, CHANGES_SCOPE, [far, "0"])  # still honoured
-    for cursor, expected in ((here, []), (before_clusters, []), (elsewhere, ids)):
-        items, resume = await pull_all(client, user, cursor)
+
+    def cursor(*values: str) -> str:
+        return encode_cursor(feed.key, CHANGES_SCOPE, list(values))
+
+    cases = [
+        (cursor(feed.origin, far, "0"), []),
+        (cursor(cluster, far, "0"), []),  # made before origins named the table: honoured
+        (cursor(far, "0"), []),  # made before cursors named the cluster: honoured
+        (cursor(f"{cluster}7/{table}", far, "0"), ids),  # another cluster
+        (cursor(f"{cluster}/{int(table) + 1}", far, "0"), ids),  # restored: a new table
+        (cursor(f"{cluster}7", far, "0"), ids),  # another cluster, before origins
+    ]
+    for made, expected in cases:
+        first = await pull(client, user, made)
+        assert first["restarted"] is bool(expected)  # the app's sign to upload again
+        items, resume = await pull_all(client, user, made)
         assert [c["id"] for c in items] == expected
-    assert (await pull(client, user, resume))["items"] == []  # the new cursor is this cluster's
+        assert (await pull(client, user, resume))["restarted"] is False
+    assert (await pull(client, user, resume))["items"] == []  # the new cursor is this origin's

@@ -58,7 +58,7 @@ async def test_one_round_trip_stores_contacts_and_calls_and_writes_one_sync_reco
     assert (calls["inserted"], calls["duplicates"]) == (2, 1)
     assert calls["rejected"][0]["index"] == 3
     assert calls["rejected"][0]["errors"][0]["loc"] == ["body", "calls", 3, "direction"]
-    assert set(answer["changes"]) == {"items", "next_cursor", "has_more"}
+    assert set(answer["changes"]) == {"items", "next_cursor", "has_more", "restarted"}
     assert isinstance(answer["changes"]["next_cursor"], str)
 
     carla = answer["contacts"][0]["contact"]["id"]

@@ -308,9 +308,13 @@ async def contact_delete(
 # Transaction ids count up in one PostgreSQL cluster only. A backup restored into another
 # (a new machine after a disk died) starts with restore moving the counter past the
 # restored rows' positions, but a device may hold a cursor from the old cluster further
-# on still: it would skip every change the new cluster writes below that position. So a
-# cursor names its cluster (pg_control_system's system_identifier), and one from another
-# cluster restarts the device's pull from the beginning: sent again, nothing missed.
+# on still: it would skip every change the new cluster writes below that position. A
+# backup restored into the same cluster puts rows back at positions before the cursors
+# handed out since the backup: a device would never learn that a contact it pulled later
+# is gone or changed back. So a cursor names its origin, the cluster
+# (pg_control_system's system_identifier) and the contacts table (its oid, new in every
+# restore), and one from another origin restarts the device's pull from the beginning:
+# sent again, nothing missed.
 
 CHANGES_SCOPE = "contacts/changes"
 _BEGINNING = ("0", "0")
@@ -318,20 +322,22 @@ _BEGINNING = ("0", "0")
 
 @dataclass(frozen=True)
 class Feed:
-    """What a changes cursor is signed with, and the cluster its positions belong to."""
+    """What a changes cursor is signed with, and the origin its positions belong to."""
 
     key: bytes
-    cluster: str
+    origin: str
 
 
-async def cluster_id(conn: Connection) -> str:
-    """The PostgreSQL cluster's identity, made by initdb; "0" where a managed service
-    hides it (cursors then cannot tell clusters apart)."""
+async def feed_origin(conn: Connection) -> str:
+    """`<cluster>/<contacts table>`: the cluster's identity, made by initdb ("0" where a
+    managed service hides it: cursors then cannot tell clusters apart), and the oid of
+    the contacts table, which every restore creates anew."""
+    table = await conn.fetchval("SELECT 'contacts'::regclass::oid::text")
     try:
-        found = await conn.fetchval("SELECT system_identifier::text FROM pg_control_system()")
+        cluster = await conn.fetchval("SELECT system_identifier::text FROM pg_control_system()")
     except asyncpg.InsufficientPrivilegeError:
-        found = None
-    return str(found or "0")
+        cluster = None
+    return f"{cluster or '0'}/{table}"
 
 
 # Plain columns, the JSON made by orjson (see pagination.Shape).
@@ -360,9 +366,11 @@ class ChangesPage:
     items_json: bytes  # JSON array of contacts, oldest change first
     next_cursor: str
     has_more: bool
+    restarted: bool = False  # the cursor was made before a restore: from the beginning
 
     def json(self, *, limit: int | None = None) -> bytes:
-        """The page as the API answers it: `{items, [limit,] next_cursor, has_more}`."""
+        """The page as the API answers it: `{items, [limit,] next_cursor, has_more,
+        restarted}`."""
         return b"".join(
             (
                 b'{"items":',
@@ -370,32 +378,36 @@ class ChangesPage:
                 b"" if limit is None else b',"limit":%d' % limit,
                 b',"next_cursor":',
                 orjson.dumps(self.next_cursor),
-                b',"has_more":true}' if self.has_more else b',"has_more":false}',
+                b',"has_more":true' if self.has_more else b',"has_more":false',
+                b',"restarted":true}' if self.restarted else b',"restarted":false}',
             )
         )
 
 
-def _changes_position(cursor: str | None, feed: Feed) -> tuple[int, int]:
+def _changes_position(cursor: str | None, feed: Feed) -> tuple[int, int, bool]:
+    """Where a pull resumes, and whether it restarts: the cursor was made elsewhere."""
     if not cursor:  # none, or empty (`?cursor=`): from the beginning
-        return 0, 0
-    values = decode_cursor(feed.key, CHANGES_SCOPE, cursor, (3, 2))  # 2: made before clusters
-    if len(values) == 3 and values.pop(0) != feed.cluster:
-        return 0, 0  # made on another cluster: see above
+        return 0, 0, False
+    values = decode_cursor(feed.key, CHANGES_SCOPE, cursor, (3, 2))  # 2: made before origins
+    # A cursor made before origins named the table names its cluster alone; honoured there,
+    # so that this version's start is no new pull of every contact for every device.
+    if len(values) == 3 and values.pop(0) not in (feed.origin, feed.origin.partition("/")[0]):
+        return 0, 0, True  # made elsewhere: see above
     try:
-        return int(values[0]), int(values[1])
+        return int(values[0]), int(values[1]), False
     except ValueError:
         raise BadRequest("Invalid cursor") from None
 
 
 def _changes_cursor(feed: Feed, xid: object, seq: object) -> str:
-    return encode_cursor(feed.key, CHANGES_SCOPE, [feed.cluster, str(xid), str(seq)])
+    return encode_cursor(feed.key, CHANGES_SCOPE, [feed.origin, str(xid), str(seq)])
 
 
 async def contact_changes_page(
     conn: Connection, *, cursor: str | None, limit: int, feed: Feed
 ) -> ChangesPage:
     """Contacts written after `cursor` (None: from the beginning), oldest change first."""
-    xid, seq = _changes_position(cursor, feed)
+    xid, seq, restarted = _changes_position(cursor, feed)
     rows = await conn.fetch(CHANGES_SQL, xid, seq, limit)
     items = rows[:limit]
     if items:
@@ -404,6 +416,7 @@ async def contact_changes_page(
         items_json=CONTACT.dumps(items),
         next_cursor=_changes_cursor(feed, xid, seq),
         has_more=len(rows) > limit,
+        restarted=restarted,
     )
 
 
