@@ -213,6 +213,41 @@ async def test_an_empty_cursor_is_no_cursor(client: httpx.AsyncClient, admin: Ac
     assert (r.status_code, r.json()["page"]) == (200, 1)
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "/calls?user_id=&contact_id=&direction=&since=&until=&limit=1",
+        "/contacts/changes?cursor=&limit=",
+        "/sync?user_id=",
+        "/contacts?page=&cursor=&limit=",
+        "/users?page=&limit",
+    ],
+)
+async def test_an_empty_query_value_is_the_parameter_left_out(
+    client: httpx.AsyncClient, admin: Account, query: str
+) -> None:
+    """The contract writes its filters as `?user_id=&since=`: a client that fills in the
+    ones it has and leaves the others empty gets what leaving them out gets."""
+    path, _, params = query.partition("?")
+    filled = "&".join(p for p in params.split("&") if p.partition("=")[2])
+    r = await client.get(query, headers=admin.headers)
+    assert r.status_code == 200, r.text
+    assert r.json() == (await client.get(f"{path}?{filled}", headers=admin.headers)).json() | {
+        "next_cursor": r.json()["next_cursor"]  # a new changes cursor per answer is fine
+    }
+
+
+async def test_a_query_value_ending_in_equals_signs_is_kept(
+    client: httpx.AsyncClient, admin: Account
+) -> None:
+    """Only an empty value is dropped, not one that ends like base64 padding."""
+    r = await client.get("/contacts/search?q=ab==", headers=admin.headers)
+    assert r.status_code == 200, r.text
+    r = await client.get("/contacts/search?q=", headers=admin.headers)
+    body = assert_problem(r, 422, "validation_error")
+    assert body["errors"][0]["loc"] == ["query", "q"]
+
+
 def test_cursor_is_tamper_proof_and_bound_to_its_listing() -> None:
     key = b"k" * 32
     cursor = encode_cursor(key, "users", ["2026-01-01 00:00:00+00", "x"])

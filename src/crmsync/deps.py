@@ -15,6 +15,7 @@ from fastapi import Depends, Header, Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
+from starlette.types import Scope
 
 from crmsync.auth.service import AuthedUser, authenticate, signed_claims
 from crmsync.config import Settings
@@ -118,7 +119,6 @@ async def page_request(
         str | None, Query(max_length=2000, description="next_cursor of a previous answer")
     ] = None,
 ) -> PageRequest:
-    cursor = cursor or None  # `cursor=` (empty) is no cursor: the first page
     if page is not None and cursor is not None:
         raise BadRequest("Give either page or cursor, not both")
     key: bytes = request.app.state.cursor_key
@@ -153,6 +153,17 @@ class StrictJSONRequest(Request):
 _JSON_TYPE = (b"content-type", b"application/json")
 
 
+def _drop_empty_query_values(scope: Scope) -> None:
+    """`?user_id=&since=&limit=`, as the contract writes its filters: an empty value is the
+    parameter left out (no filter, the default), not a 422 for an empty UUID or number."""
+    query: bytes = scope["query_string"]
+    if query:
+        parts = query.split(b"&")
+        kept = [part for part in parts if part.partition(b"=")[2]]
+        if len(kept) < len(parts):
+            scope["query_string"] = b"&".join(kept)
+
+
 def _needs_token(dependant: Dependant) -> bool:
     return any(d.call is current_user or _needs_token(d) for d in dependant.dependencies)
 
@@ -168,6 +179,7 @@ class Route(APIRoute):
         needs_token = _needs_token(self.dependant)
 
         async def strict(request: Request) -> Response:
+            _drop_empty_query_values(request.scope)
             if request.method in ("GET", "DELETE"):
                 return await handler(request)
             if needs_token:
