@@ -252,8 +252,8 @@ async def before_load(url: str, trgm: str | None, *, replace: bool) -> str:
 # Run last, in the restore's transaction: ETags (a contact's change_seq) handed out after the
 # backup was made are never handed out again for another version, so a phone's If-Match
 # from before the restore is a 412, not a match. The clock in microseconds is past every
-# value handed out before: they count one per contact write, and no server writes a
-# contact a microsecond.
+# value handed out before: they count up by one per contact write, from 1 or from the
+# clock at an earlier restore, and no server writes contacts faster than one a microsecond.
 ADVANCE_CHANGE_SEQ = """SELECT setval('public.contacts_change_seq', greatest(
     (SELECT last_value FROM public.contacts_change_seq),
     (extract(epoch FROM clock_timestamp()) * 1000000)::bigint))"""
