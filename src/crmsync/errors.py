@@ -82,6 +82,10 @@ class CannotDeleteSelf(Conflict):
     code = "cannot_delete_self"
 
 
+class LastAdmin(Conflict):
+    code = "last_admin"
+
+
 class PreconditionFailed(ApiError):
     status, code, title = 412, "precondition_failed", "Precondition Failed"
 

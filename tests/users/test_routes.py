@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from datetime import datetime
 
+import asyncpg
 import httpx
 import pytest
 
@@ -365,3 +368,57 @@ async def test_bad_patches_are_422_and_change_nothing(
     r = await client.patch(f"/users/{user.id}", json=body, headers=admin.headers)
     assert_problem(r, 422, "validation_error")
     assert (await client.get("/auth/me", headers=user.headers)).json() == before
+
+
+async def test_the_last_admin_cannot_be_demoted(
+    client: httpx.AsyncClient, admin: Account, make_user: MakeUser
+) -> None:
+    """Nobody could manage users through the API any more (only `crmsync reset-password
+    --admin` on the server would help)."""
+    mine = f"/users/{admin.id}"
+    r = await client.patch(mine, json={"is_admin": False}, headers=admin.headers)
+    body = assert_problem(r, 409, "last_admin")
+    assert "no admin" in body["detail"]
+    assert (await client.get("/users", headers=admin.headers)).status_code == 200  # still one
+    other = await make_user(is_admin=True)
+    r = await client.patch(mine, json={"is_admin": False}, headers=admin.headers)
+    assert r.status_code == 200 and r.json()["is_admin"] is False
+    r = await client.patch(f"/users/{other.id}", json={"is_admin": False}, headers=other.headers)
+    assert_problem(r, 409, "last_admin")
+    # the rule is only about admins: other changes of the last admin, and of users, go through
+    r = await client.patch(
+        f"/users/{other.id}", json={"name": "Still admin"}, headers=other.headers
+    )
+    assert r.status_code == 200 and r.json()["is_admin"] is True
+    r = await client.patch(mine, json={"is_admin": False}, headers=other.headers)
+    assert r.status_code == 200
+
+
+async def test_two_admins_deleting_each_other_at_once_leave_one(
+    database_url: str, make_user: MakeUser
+) -> None:
+    """Each request checked that its admin was live before its delete; the deletes race.
+    The second must see the first's result and refuse, not leave no admin at all."""
+    from crmsync.errors import LastAdmin
+    from crmsync.users.service import user_delete
+
+    h, i = (
+        uuid.UUID((await make_user(is_admin=True)).id),
+        uuid.UUID((await make_user(is_admin=True)).id),
+    )
+    first, second = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
+    try:
+        tx = first.transaction()
+        await tx.start()
+        await user_delete(first, i, actor_id=h)
+        racing = asyncio.create_task(user_delete(second, h, actor_id=i))
+        await asyncio.sleep(0.3)
+        assert not racing.done()  # waits for the first's lock on the admins' rows
+        await tx.commit()
+        with pytest.raises(LastAdmin):
+            await racing
+        live = await second.fetch("SELECT id FROM users WHERE is_admin AND deleted_at IS NULL")
+        assert [r["id"] for r in live] == [h]
+    finally:
+        await first.close()
+        await second.close()

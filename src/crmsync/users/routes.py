@@ -50,7 +50,17 @@ async def create_user(
 
 
 @router.patch(
-    "/{user_id}", response_model=UserOut, summary="Change a user (admin)", responses=EMAIL_TAKEN
+    "/{user_id}",
+    response_model=UserOut,
+    summary="Change a user (admin)",
+    description="Fields left out stay as they are. A new password signs the user out "
+    "everywhere. Taking the admin right from the last admin is refused (409 `last_admin`).",
+    responses={
+        409: problem_answer(
+            "`email_taken`: another live user has that email; `last_admin`: that would"
+            " leave no admin"
+        )
+    },
 )
 async def update_user(
     user_id: uuid.UUID, body: UserUpdate, admin: AdminUser, conn: Conn, settings: AppSettings
@@ -73,8 +83,15 @@ async def update_user(
     response_class=Response,
     summary="Delete a user (admin)",
     description="The user can no longer sign in and its tokens are rejected at once; "
-    "its contacts, calls and sync records stay. An admin cannot delete itself (409).",
-    responses={409: problem_answer("`cannot_delete_self`: an admin cannot delete itself")},
+    "its contacts, calls and sync records stay. An admin cannot delete itself (409), and a "
+    "delete that would leave no admin (two admins deleting each other at once) is refused "
+    "(409 `last_admin`).",
+    responses={
+        409: problem_answer(
+            "`cannot_delete_self`: an admin cannot delete itself; `last_admin`: that would"
+            " leave no admin"
+        )
+    },
 )
 async def delete_user(user_id: uuid.UUID, admin: AdminUser, conn: Conn) -> Response:
     await service.user_delete(conn, user_id, actor_id=admin.id)

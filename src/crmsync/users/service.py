@@ -8,7 +8,7 @@ import asyncpg
 
 from crmsync.auth.service import USER, USER_JSON, hash_password, throttle_clear
 from crmsync.db import Connection
-from crmsync.errors import CannotDeleteSelf, EmailTaken, NotFound
+from crmsync.errors import CannotDeleteSelf, EmailTaken, LastAdmin, NotFound
 from crmsync.pagination import Listing, PageRequest, SortKey, paginate
 
 
@@ -44,6 +44,25 @@ async def user_create(
     return json
 
 
+# A write that would leave no live admin (a demotion, or a deletion racing another) is
+# refused: nobody could manage users through the API any more. Every live admin's row is
+# locked first, in id order, so that two such writes at once take turns and the second
+# sees the first's result: two admins deleting each other leave one.
+OTHER_ADMINS = """(SELECT count(*) FROM (SELECT id FROM users
+                   WHERE is_admin AND deleted_at IS NULL ORDER BY id FOR UPDATE) a
+                   WHERE a.id <> u.id) > 0"""
+
+
+async def _refused_or_unknown(conn: Connection, user_id: uuid.UUID) -> Exception:
+    """Why a write of user_id matched no row: it would remove the last admin, or no live
+    user has that id."""
+    if await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1 AND deleted_at IS NULL)", user_id
+    ):
+        return LastAdmin("That would leave no admin: make another user an admin first")
+    return NotFound("No such user")
+
+
 async def user_update(
     conn: Connection,
     user_id: uuid.UUID,
@@ -67,7 +86,9 @@ async def user_update(
                       WHEN $4 IS NOT NULL OR (name, email, is_admin) IS DISTINCT FROM
                            (coalesce($2, name), coalesce($3, email), coalesce($5, is_admin))
                       THEN now() ELSE updated_at END
-                WHERE id = $1 AND deleted_at IS NULL RETURNING {USER_JSON}::text""",
+                WHERE id = $1 AND deleted_at IS NULL
+                  AND ($5 IS NOT FALSE OR NOT is_admin OR {OTHER_ADMINS})
+                RETURNING {USER_JSON}::text""",
             user_id,
             name,
             email,
@@ -77,7 +98,7 @@ async def user_update(
     except asyncpg.UniqueViolationError:
         raise EmailTaken("That email is already used by another user") from None
     if json is None:
-        raise NotFound("No such user")
+        raise await _refused_or_unknown(conn, user_id)
     return json
 
 
@@ -110,9 +131,9 @@ async def user_delete(conn: Connection, user_id: uuid.UUID, *, actor_id: uuid.UU
     if user_id == actor_id:
         raise CannotDeleteSelf("An admin cannot delete its own account")
     status = await conn.execute(
-        "UPDATE users SET deleted_at = now(), updated_at = now()"
-        " WHERE id = $1 AND deleted_at IS NULL",
+        "UPDATE users AS u SET deleted_at = now(), updated_at = now()"
+        f" WHERE id = $1 AND deleted_at IS NULL AND (NOT is_admin OR {OTHER_ADMINS})",
         user_id,
     )
     if status == "UPDATE 0":
-        raise NotFound("No such user")
+        raise await _refused_or_unknown(conn, user_id)
