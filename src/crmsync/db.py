@@ -22,6 +22,7 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from crmsync.config import Settings
+from crmsync.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 # The embedded wheel warns on import where XDG_RUNTIME_DIR is unset (cron, sudo), also for
@@ -281,11 +282,18 @@ async def request_connection(request: Request) -> AsyncIterator[Connection]:
 
 
 @contextlib.asynccontextmanager
-async def _turn_at(gate: asyncio.Semaphore) -> AsyncIterator[None]:
+async def _turn_at(
+    gate: asyncio.Semaphore, busy: ServiceUnavailable | None = None
+) -> AsyncIterator[None]:
     """A place at `gate`, first come first served, waited for at most ACQUIRE_TIMEOUT_SECONDS
-    (then TimeoutError: a 503)."""
-    async with asyncio.timeout(ACQUIRE_TIMEOUT_SECONDS):
-        await gate.acquire()
+    (then `busy`, or TimeoutError: both a 503)."""
+    try:
+        async with asyncio.timeout(ACQUIRE_TIMEOUT_SECONDS):
+            await gate.acquire()
+    except TimeoutError:
+        if busy is None:
+            raise
+        raise busy from None
     try:
         yield
     finally:
@@ -302,8 +310,10 @@ async def login_slot(request: Request) -> AsyncIterator[None]:
     checks the password (~0.25 s of CPU; the account's lock lasts from the lockout check
     to the failure's count), so a flood of sign-ins (unknown emails are not locked out)
     took every connection, and every other request waited, then got a 503. Now the others
-    wait here, holding nothing."""
-    async with _turn_at(request.app.state.login_gate):
+    wait here, holding nothing. A sign-in that waits too long learns that sign-ins are
+    busy (and the log says so), not that the database is down."""
+    busy = ServiceUnavailable("Too many sign-ins at once; retry shortly", retry_after=5)
+    async with _turn_at(request.app.state.login_gate, busy):
         yield
 
 

@@ -92,7 +92,9 @@ def _pydantic_errors(errors: Any) -> list[dict[str, Any]]:
 
 async def on_api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    if exc.status >= 500:
+    if exc.status == 503:  # busy or briefly unavailable: not a bug
+        log.warning("unavailable: %s", exc.detail)
+    elif exc.status >= 500:
         log.error("server error: %s", exc.detail)
     return problem(exc)
 

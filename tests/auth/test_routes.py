@@ -11,7 +11,9 @@ from datetime import UTC, datetime
 import asyncpg
 import httpx
 import jwt
+import pytest
 
+from crmsync import db
 from crmsync.main import maintain
 from tests.conftest import TEST_SECRET, Account, MakeUser, api_routes, assert_problem, make_app
 
@@ -455,3 +457,28 @@ async def test_every_endpoint_but_login_health_and_docs_needs_a_token(
                     assert_problem(r, 401, "unauthenticated")
                     checked += 1
     assert checked >= 4 * 20  # every operation of the contract but the public three
+
+
+async def test_a_sign_in_that_waits_too_long_for_its_turn_is_told_sign_ins_are_busy(
+    client: httpx.AsyncClient, user: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flood of sign-ins fills the per-process sign-in slots; one that waits past the
+    limit gets a 503 saying so, not "the database is unavailable" (it is not), and the
+    rest of the API goes on answering."""
+    gate: asyncio.Semaphore = client.app.state.login_gate  # type: ignore[attr-defined]
+    monkeypatch.setattr(db, "ACQUIRE_TIMEOUT_SECONDS", 0.2)
+    taken = 0
+    try:
+        while not gate.locked():
+            await gate.acquire()
+            taken += 1
+        r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+        body = assert_problem(r, 503, "unavailable")
+        assert body["detail"] == "Too many sign-ins at once; retry shortly"
+        assert r.headers["retry-after"] == "5"
+        assert (await client.get("/auth/me", headers=user.headers)).status_code == 200
+    finally:
+        for _ in range(taken):
+            gate.release()
+    r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    assert r.status_code == 200
