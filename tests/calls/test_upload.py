@@ -700,6 +700,10 @@ async def test_same_idempotency_key_and_body_returns_the_first_answer_and_stores
     again = await upload(client, user, batch, **{"Idempotency-Key": "k-1"})
     assert first.status_code == again.status_code == 200
     assert again.json() == first.json() and first.json()["inserted"] == 2
+    assert (first.headers.get("idempotent-replayed"), again.headers.get("idempotent-replayed")) == (
+        None,
+        "true",
+    )
     assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 1
     other = await upload(client, user, [call(5)], **{"Idempotency-Key": "k-1"})
     assert_problem(other, 422, "validation_error")

@@ -224,6 +224,10 @@ async def test_idempotency_key_replays_the_first_answer_and_stores_nothing_new(
     first = await upload(client, user, batch, **{"Idempotency-Key": "k-1"})
     again = await upload(client, user, batch, **{"Idempotency-Key": "k-1"})
     assert again.status_code == 200 and again.content == first.content
+    assert (first.headers.get("idempotent-replayed"), again.headers.get("idempotent-replayed")) == (
+        None,
+        "true",
+    )
     assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 1
     other_body = await upload(client, user, [contact("B")], **{"Idempotency-Key": "k-1"})
     assert_problem(other_body, 422, "validation_error")

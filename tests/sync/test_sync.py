@@ -246,6 +246,8 @@ async def test_same_idempotency_key_returns_the_first_answer_and_writes_nothing_
     again = await sync(client, user, body, **{"Idempotency-Key": "sync-1"})
     assert first.status_code == again.status_code == 200
     assert again.json() == first.json()
+    assert "idempotent-replayed" not in first.headers
+    assert again.headers["idempotent-replayed"] == "true"  # its changes are as of then
     assert await counts(conn) == (1, 2, 1)
     other = await sync(client, user, {"calls": [call(5)]}, **{"Idempotency-Key": "sync-1"})
     assert_problem(other, 422, "validation_error")

@@ -69,7 +69,7 @@ async def upload_calls(
             count_metrics=lambda: service.call_count_metrics(batch),
         )
 
-    status, answer = await upload(
+    uploaded = await upload(
         conn,
         user_id=user.id,
         kind="calls",
@@ -78,7 +78,7 @@ async def upload_calls(
         request=("POST", request.url.path, body),
         work=work,
     )
-    return JSONBytes(answer, status_code=status)
+    return JSONBytes(uploaded.body, status_code=uploaded.status, headers=uploaded.headers)
 
 
 @router.get(

@@ -229,7 +229,7 @@ async def upload_contacts(
             count_metrics=lambda: upsert.contact_count_metrics(counts),
         )
 
-    status, answer = await upload(
+    uploaded = await upload(
         conn,
         user_id=user.id,
         kind="contacts",
@@ -238,7 +238,7 @@ async def upload_contacts(
         request=("POST", request.url.path, body),
         work=work,
     )
-    return JSONBytes(answer, status_code=status)
+    return JSONBytes(uploaded.body, status_code=uploaded.status, headers=uploaded.headers)
 
 
 @router.put(

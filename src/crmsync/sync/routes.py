@@ -169,7 +169,7 @@ async def sync(
             count_metrics=count_metrics,
         )
 
-    status, answer = await service.upload(
+    uploaded = await service.upload(
         conn,
         user_id=user.id,
         kind="sync",
@@ -178,4 +178,4 @@ async def sync(
         request=("POST", request.url.path, body),
         work=work,
     )
-    return JSONBytes(answer, status_code=status)
+    return JSONBytes(uploaded.body, status_code=uploaded.status, headers=uploaded.headers)

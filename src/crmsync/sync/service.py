@@ -55,6 +55,19 @@ def batch_items(
     return value
 
 
+@dataclass(frozen=True)
+class Uploaded:
+    status: int
+    body: bytes
+    # The answer stored for an earlier request with the same Idempotency-Key: as of then.
+    replayed: bool
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """Says a replay, so that the app pulls what changed since the first answer."""
+        return {"Idempotent-Replayed": "true"} if self.replayed else None
+
+
 async def upload(
     conn: Connection,
     *,
@@ -64,7 +77,7 @@ async def upload(
     device_id: str | None,
     request: tuple[str, str, bytes],
     work: Callable[[], Awaitable[Upload]],
-) -> Answer:
+) -> Uploaded:
     """How every upload (POST /contacts/batch, /calls, /sync) runs, in the request's
     transaction: `work` stores the batch, one sync record is written beside it, and the
     answer is kept under the Idempotency-Key. A repeat of the key gets the first answer
@@ -87,10 +100,12 @@ async def upload(
         done.append(result)
         return 200, result.answer(sync_id)
 
-    answer = await idempotent(conn, user_id=user_id, key=key, request=request, produce=produce)
+    status, body = await idempotent(
+        conn, user_id=user_id, key=key, request=request, produce=produce
+    )
     for result in done:  # none when the answer was a stored one
         result.count_metrics()
-    return answer
+    return Uploaded(status, body, replayed=not done)
 
 
 async def _sync_record_create(
