@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import stat
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -505,3 +506,27 @@ def test_restore_refuses_another_databases_dump_and_one_from_a_newer_postgresql(
     backup.check_archive(ours, tool=tool, server_major=major)
     with pytest.raises(backup.BackupError, match=f"comes from PostgreSQL {major}; restore it"):
         backup.check_archive(ours, tool=tool, server_major=major - 1)
+
+
+def test_restore_refuses_while_a_server_is_connected_to_the_database(
+    source: str, tmp_path: Path
+) -> None:
+    """A running server would go on with what it read at its start (the changes feed's
+    origin) and its cached statements: the restore waits until it is stopped."""
+    file = backup.backup(source, tmp_path, keep=1, tool=backup.newest_tool("pg_dump"))
+    env = clean_env(CRMSYNC_DATABASE_URL=source)
+
+    async def with_a_server_connection() -> subprocess.CompletedProcess[str]:
+        pooled = await asyncpg.connect(source, server_settings={"application_name": "crmsync"})
+        try:
+            return await asyncio.to_thread(
+                run_cli, "restore", "--force", str(file), env=env, cwd=tmp_path
+            )
+        finally:
+            await pooled.close()
+
+    refused = asyncio.run(with_a_server_connection())
+    assert refused.returncode == 1
+    assert "a crmsync server is running on this database (connections open: 1)" in refused.stderr
+    restored = run_cli("restore", "--force", str(file), env=env, cwd=tmp_path)
+    assert restored.returncode == 0, restored.stderr

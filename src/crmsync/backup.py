@@ -68,6 +68,17 @@ async def server_major(url: str) -> int:
         return int(await conn.fetchval("SHOW server_version_num")) // 10000
 
 
+async def serving_connections(url: str) -> int:
+    """How many connections a running crmsync server (its pool names itself `crmsync`)
+    holds to this database."""
+    async with db.connect(url) as conn:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'crmsync' AND pid <> pg_backend_pid()"
+        )
+        return count
+
+
 async def public_relations(url: str) -> list[str]:
     """Tables, views and sequences in schema public, what a restore replaces (extensions'
     own objects aside)."""

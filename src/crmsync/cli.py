@@ -326,6 +326,16 @@ def restore_command(
         typer.echo(f"no such backup file: {file}", err=True)
         raise typer.Exit(1)
     url = db.database_url(settings)
+    serving = asyncio.run(backup.serving_connections(url))
+    if serving:
+        # It would go on answering with what it read at its start (the changes feed's
+        # origin) and with cached statements on tables the restore replaces.
+        typer.echo(
+            f"a crmsync server is running on this database (connections open: {serving}):"
+            " stop it first (e.g. `systemctl stop crmsync`), then restore, then start it",
+            err=True,
+        )
+        raise typer.Exit(1)
     existing = asyncio.run(backup.public_relations(url))
     if existing and not force:
         typer.echo(
