@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from crmsync import backup, db
-from crmsync.contacts.service import feed_origin
+from crmsync.contacts.service import Feed, feed
 from tests.test_cli import clean_env, run_cli
 
 SEED = """
@@ -440,16 +440,17 @@ def test_a_restore_in_place_gives_the_feed_a_new_origin_and_hands_out_no_etag_tw
     contacts table, which the restore makes anew; change_seq, the ETag, moves past every
     value it had."""
 
-    async def state() -> tuple[str, int]:
+    async def state() -> tuple[Feed, int]:
         conn = await asyncpg.connect(source)
         try:
-            return await feed_origin(conn), await conn.fetchval(
+            return await feed(conn, b"k" * 32), await conn.fetchval(
                 "SELECT nextval('contacts_change_seq')"
             )
         finally:
             await conn.close()
 
-    origin, _ = asyncio.run(state())
+    before, _ = asyncio.run(state())
+    assert not before.restored
     out = tmp_path / "backups"
     env = clean_env(CRMSYNC_DATABASE_URL=source)
     made = run_cli("backup", "--out", str(out), env=env, cwd=tmp_path)
@@ -465,8 +466,10 @@ def test_a_restore_in_place_gives_the_feed_a_new_origin_and_hands_out_no_etag_tw
     assert (
         asyncio.run(fetchval(source, "SELECT count(*) FROM contacts WHERE name = 'Renamed'")) == 0
     )
-    new_origin, next_seq = asyncio.run(state())
-    assert new_origin != origin and new_origin.split("/")[0] == origin.split("/")[0]
+    after, next_seq = asyncio.run(state())
+    assert after.origin != before.origin
+    assert after.origin.split("/")[0] == before.origin.split("/")[0]  # the same cluster
+    assert after.restored  # cursors that name no contacts table now restart too
     assert isinstance(etag_after_backup, int) and next_seq > etag_after_backup
 
 

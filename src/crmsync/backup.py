@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from crmsync import db
+from crmsync.contacts.service import RESTORED_MARK
 
 PREFIX, SUFFIX = "crmsync-", ".dump"
 
@@ -268,6 +269,9 @@ async def before_load(url: str, trgm: str | None, *, replace: bool) -> str:
 ADVANCE_CHANGE_SEQ = """SELECT setval('public.contacts_change_seq', greatest(
     (SELECT last_value FROM public.contacts_change_seq),
     (extract(epoch FROM clock_timestamp()) * 1000000)::bigint))"""
+# And the mark that the contacts were restored (contacts.service.feed): changes
+# cursors made before they named the contacts table are honoured only where none was.
+MARK_RESTORED = f"COMMENT ON TABLE public.contacts IS '{RESTORED_MARK}'"
 # pg_restore 17 and later write this setting, which PostgreSQL 15 and 16 reject.
 TRANSACTION_TIMEOUT = b"\nSET transaction_timeout = 0;\n"
 
@@ -316,7 +320,7 @@ def restore(url: str, file: Path, *, tool: Path, server_major: int, replace: boo
         psql = tool.with_name("psql")
         command = [str(psql), "--no-psqlrc", "--quiet", "--single-transaction"]
         command += ["--set=ON_ERROR_STOP=1", f"--command={first}", f"--file={sql}"]
-        command += [f"--command={ADVANCE_CHANGE_SEQ}"]
+        command += [f"--command={ADVANCE_CHANGE_SEQ}", f"--command={MARK_RESTORED}"]
         try:
             _run(command, url)
         except BackupError as exc:

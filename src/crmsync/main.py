@@ -257,8 +257,7 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         app.state.pool_gate = asyncio.Semaphore(settings.pool_max_size)
         app.state.login_gate = asyncio.Semaphore(db.LOGIN_SLOTS)
         async with app.state.pool.acquire() as conn:
-            origin = await contacts_service.feed_origin(conn)
-        app.state.changes_feed = contacts_service.Feed(app.state.cursor_key, origin)
+            app.state.changes_feed = await contacts_service.feed(conn, app.state.cursor_key)
         background = [asyncio.create_task(sample_pool(app.state.pool))]
         if maintenance:
             background.append(asyncio.create_task(_maintenance(app.state.pool, settings)))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 from asyncpg.transaction import Transaction
 
 from crmsync.contacts.service import (
@@ -271,3 +273,25 @@ async def test_a_cursor_from_another_cluster_or_restore_pulls_again_from_the_beg
         assert [c["id"] for c in items] == expected
         assert (await pull(client, user, resume))["restarted"] is False
     assert (await pull(client, user, resume))["items"] == []  # the new cursor is this origin's
+
+
+async def test_once_the_contacts_were_restored_cursors_that_name_no_table_restart_too(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    """Cursors made before origins named the contacts table (the cluster alone, or
+    nothing) are honoured only where no backup was ever restored: a phone that last
+    pulled before this version would otherwise never learn what a restore undid."""
+    feed: Feed = client.app.state.changes_feed  # type: ignore[attr-defined]
+    assert not feed.restored
+    ids = await add_contacts(client, user, 3)
+    cluster, far = feed.origin.partition("/")[0], str(2**40)
+    restored = dataclasses.replace(feed, restored=True)
+    for values, restarts in (
+        ([cluster, far, "0"], True),
+        ([far, "0"], True),
+        ([feed.origin, far, "0"], False),  # made since: its origin says it all
+    ):
+        made = encode_cursor(feed.key, CHANGES_SCOPE, values)
+        page = await contact_changes_page(conn, cursor=made, limit=50, feed=restored)
+        assert page.restarted is restarts
+        assert len(orjson.loads(page.items_json)) == (len(ids) if restarts else 0)

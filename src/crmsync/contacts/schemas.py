@@ -129,7 +129,9 @@ class ContactChangesOut(BaseModel):
     next_cursor: str = Field(description="Always set: follow it now if has_more, else later")
     has_more: bool
     restarted: bool = Field(
+        default=False,
         description="True when the cursor is from before the server was restored from a "
         "backup: this pull starts again from the beginning, and what was written after the "
-        "backup is gone (see the sync algorithm in the API docs)"
+        "backup is gone (see the sync algorithm in the API docs). Absent (false) in the "
+        "replay of an upload answered before servers sent it.",
     )

@@ -320,24 +320,35 @@ CHANGES_SCOPE = "contacts/changes"
 _BEGINNING = ("0", "0")
 
 
+# `crmsync restore` leaves this as the contacts table's comment.
+RESTORED_MARK = "crmsync: restored from a backup"
+
+
 @dataclass(frozen=True)
 class Feed:
-    """What a changes cursor is signed with, and the origin its positions belong to."""
+    """What a changes cursor is signed with, the origin its positions belong to, and
+    whether the contacts were ever restored from a backup."""
 
     key: bytes
     origin: str
+    restored: bool = False
 
 
-async def feed_origin(conn: Connection) -> str:
-    """`<cluster>/<contacts table>`: the cluster's identity, made by initdb ("0" where a
-    managed service hides it: cursors then cannot tell clusters apart), and the oid of
-    the contacts table, which every restore creates anew."""
-    table = await conn.fetchval("SELECT 'contacts'::regclass::oid::text")
+async def feed(conn: Connection, key: bytes) -> Feed:
+    """The origin is `<cluster>/<contacts table>`: the cluster's identity, made by initdb
+    ("0" where a managed service hides it: cursors then cannot tell clusters apart), and
+    the oid of the contacts table, which every restore creates anew."""
+    row = await conn.fetchrow(
+        "SELECT 'contacts'::regclass::oid::text AS oid,"
+        " obj_description('contacts'::regclass, 'pg_class') IS NOT DISTINCT FROM $1 AS restored",
+        RESTORED_MARK,
+    )
+    assert row is not None
     try:
         cluster = await conn.fetchval("SELECT system_identifier::text FROM pg_control_system()")
     except asyncpg.InsufficientPrivilegeError:
         cluster = None
-    return f"{cluster or '0'}/{table}"
+    return Feed(key, f"{cluster or '0'}/{row['oid']}", row["restored"])
 
 
 # Plain columns, the JSON made by orjson (see pagination.Shape).
@@ -388,10 +399,14 @@ def _changes_position(cursor: str | None, feed: Feed) -> tuple[int, int, bool]:
     """Where a pull resumes, and whether it restarts: the cursor was made elsewhere."""
     if not cursor:  # none, or empty (`?cursor=`): from the beginning
         return 0, 0, False
-    values = decode_cursor(feed.key, CHANGES_SCOPE, cursor, (3, 2))  # 2: made before origins
-    # A cursor made before origins named the table names its cluster alone; honoured there,
-    # so that this version's start is no new pull of every contact for every device.
-    if len(values) == 3 and values.pop(0) not in (feed.origin, feed.origin.partition("/")[0]):
+    values = decode_cursor(feed.key, CHANGES_SCOPE, cursor, (3, 2))
+    # Cursors made before origins named the contacts table name their cluster alone, or
+    # (older still) nothing: honoured where the contacts were never restored, so that
+    # this version's start is no new pull of every contact for every device.
+    made_in = values.pop(0) if len(values) == 3 else None
+    if made_in != feed.origin and (
+        feed.restored or made_in not in (None, feed.origin.partition("/")[0])
+    ):
         return 0, 0, True  # made elsewhere: see above
     try:
         return int(values[0]), int(values[1]), False

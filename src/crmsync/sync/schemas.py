@@ -52,7 +52,7 @@ class SyncChangesOut(BaseModel):
     items: list[ContactOut] = Field(description="Contacts, as GET /contacts/changes")
     next_cursor: str
     has_more: bool
-    restarted: bool = Field(description="As in GET /contacts/changes")
+    restarted: bool = Field(default=False, description="As in GET /contacts/changes")
 
 
 class SyncOut(BaseModel):
