@@ -63,6 +63,27 @@ async def test_owner_changes_name_and_phone_and_gets_a_new_etag(
     assert r.headers["etag"] == await etag_of(client, user, c["id"])
 
 
+async def test_a_contact_stored_with_a_local_only_number_stays_editable(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    """Stored before local-only numbers were refused (migration 0012 keeps such contacts):
+    its own number sent again is no change, any other unreadable one is still a 422, and
+    a full number fixes it."""
+    contact_id = await conn.fetchval(
+        "INSERT INTO contacts (name, phone_raw, phone_normalized, created_by)"
+        " VALUES ('Lou', '555-0150', '+15550150', $1) RETURNING id",
+        uuid.UUID(user.id),
+    )
+    r = await put(client, user, str(contact_id), {"name": "Lou Local", "phone_raw": "555-0150"})
+    assert r.status_code == 200, r.text
+    assert (r.json()["name"], r.json()["phone_normalized"]) == ("Lou Local", "+15550150")
+    for other in ("5550150", "555-0151"):
+        r = await put(client, user, str(contact_id), {"phone_raw": other})
+        assert_problem(r, 422, "validation_error")
+    r = await put(client, user, str(contact_id), {"phone_raw": "(303) 555-0150"})
+    assert (r.status_code, r.json()["phone_normalized"]) == (200, "+13035550150")
+
+
 async def test_admin_may_edit_and_delete_anyones_contact_others_get_403(
     client: httpx.AsyncClient, user: Account, admin: Account, make_user: MakeUser
 ) -> None:

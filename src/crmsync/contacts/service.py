@@ -241,7 +241,15 @@ async def contact_update(
     if phone_raw is not None:
         phone = normalize(phone_raw, region)
         if phone is None:
-            raise ValidationFailed.one(["body", "phone_raw"], NOT_A_PHONE, "phone")
+            # The number the contact has, sent again with its other fields, is no change:
+            # one stored before local-only numbers were refused (migration 0012) stays
+            # editable by an app that always sends the whole contact.
+            current = await conn.fetchval(
+                "SELECT phone_raw FROM contacts WHERE id = $1", contact_id
+            )
+            if current != phone_raw:
+                raise ValidationFailed.one(["body", "phone_raw"], NOT_A_PHONE, "phone")
+            phone_raw = None
     versions = None if if_match is None else list(if_match)
     try:
         for attempt in range(1, ATTEMPTS + 1):
