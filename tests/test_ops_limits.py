@@ -184,3 +184,25 @@ async def test_a_flood_of_sign_ins_leaves_connections_for_the_rest_of_the_api(
                 release.set()
             for answer in await asyncio.gather(*guesses):
                 assert_problem(answer, 401, "invalid_credentials")
+
+
+async def test_a_request_that_waits_too_long_for_a_connection_is_told_the_server_is_busy(
+    client: httpx.AsyncClient, user: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every connection in use past the wait: a 503 that says so (the database is up and
+    answering the others), not "the database is unavailable"."""
+    gate: asyncio.Semaphore = client.app.state.pool_gate  # type: ignore[attr-defined]
+    monkeypatch.setattr(db, "ACQUIRE_TIMEOUT_SECONDS", 0.2)
+    taken = 0
+    try:
+        while not gate.locked():
+            await gate.acquire()
+            taken += 1
+        r = await client.get("/auth/me", headers=user.headers)
+        body = assert_problem(r, 503, "unavailable")
+        assert body["detail"] == "Every database connection is busy; retry shortly"
+        assert r.headers["retry-after"] == "5"
+    finally:
+        for _ in range(taken):
+            gate.release()
+    assert (await client.get("/auth/me", headers=user.headers)).status_code == 200

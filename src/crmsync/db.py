@@ -275,25 +275,26 @@ async def request_connection(request: Request) -> AsyncIterator[Connection]:
     """
     pool: Pool = request.app.state.pool
     async with (
-        _turn_at(request.app.state.pool_gate),
+        _turn_at(request.app.state.pool_gate, BUSY),
         pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn,
     ):
         yield conn
 
 
+# A request that waited too long for its turn at the pool: every connection is busy (a
+# load the database does not keep up with), which is not the database being down.
+BUSY = "Every database connection is busy; retry shortly"
+
+
 @contextlib.asynccontextmanager
-async def _turn_at(
-    gate: asyncio.Semaphore, busy: ServiceUnavailable | None = None
-) -> AsyncIterator[None]:
+async def _turn_at(gate: asyncio.Semaphore, busy: str) -> AsyncIterator[None]:
     """A place at `gate`, first come first served, waited for at most ACQUIRE_TIMEOUT_SECONDS
-    (then `busy`, or TimeoutError: both a 503)."""
+    (then a 503 saying `busy`)."""
     try:
         async with asyncio.timeout(ACQUIRE_TIMEOUT_SECONDS):
             await gate.acquire()
     except TimeoutError:
-        if busy is None:
-            raise
-        raise busy from None
+        raise ServiceUnavailable(busy, retry_after=5) from None
     try:
         yield
     finally:
@@ -312,8 +313,7 @@ async def login_slot(request: Request) -> AsyncIterator[None]:
     took every connection, and every other request waited, then got a 503. Now the others
     wait here, holding nothing. A sign-in that waits too long learns that sign-ins are
     busy (and the log says so), not that the database is down."""
-    busy = ServiceUnavailable("Too many sign-ins at once; retry shortly", retry_after=5)
-    async with _turn_at(request.app.state.login_gate, busy):
+    async with _turn_at(request.app.state.login_gate, "Too many sign-ins at once; retry shortly"):
         yield
 
 
