@@ -7,6 +7,7 @@ Each test starts from empty tables.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -279,3 +280,18 @@ def api_routes(app: FastAPI) -> list[APIRoute]:
         elif hasattr(route, "original_router"):  # FastAPI's wrapper of an included router
             pending.extend(route.original_router.routes)
     return found
+
+
+@contextlib.asynccontextmanager
+async def every_place_taken(gate: asyncio.Semaphore) -> AsyncIterator[None]:
+    """Holds every place at one of the app's gates (db.request_connection's, or sign-ins'),
+    so that the next request waits for one; given back at the end."""
+    taken = 0
+    try:
+        while not gate.locked():
+            await gate.acquire()
+            taken += 1
+        yield
+    finally:
+        for _ in range(taken):
+            gate.release()

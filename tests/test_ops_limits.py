@@ -20,7 +20,15 @@ import uvicorn
 from crmsync import db
 from crmsync.auth import service as auth_service
 from tests.calls.test_upload import call
-from tests.conftest import Account, assert_problem, free_port, make_app, make_settings, serving
+from tests.conftest import (
+    Account,
+    assert_problem,
+    every_place_taken,
+    free_port,
+    make_app,
+    make_settings,
+    serving,
+)
 
 
 async def test_statement_timeout_cancels_a_long_query(database_url: str) -> None:
@@ -193,16 +201,9 @@ async def test_a_request_that_waits_too_long_for_a_connection_is_told_the_server
     answering the others), not "the database is unavailable"."""
     gate: asyncio.Semaphore = client.app.state.pool_gate  # type: ignore[attr-defined]
     monkeypatch.setattr(db, "ACQUIRE_TIMEOUT_SECONDS", 0.2)
-    taken = 0
-    try:
-        while not gate.locked():
-            await gate.acquire()
-            taken += 1
+    async with every_place_taken(gate):
         r = await client.get("/auth/me", headers=user.headers)
         body = assert_problem(r, 503, "unavailable")
         assert body["detail"] == "Every database connection is busy; retry shortly"
         assert r.headers["retry-after"] == "5"
-    finally:
-        for _ in range(taken):
-            gate.release()
     assert (await client.get("/auth/me", headers=user.headers)).status_code == 200

@@ -15,7 +15,15 @@ import pytest
 
 from crmsync import db
 from crmsync.main import maintain
-from tests.conftest import TEST_SECRET, Account, MakeUser, api_routes, assert_problem, make_app
+from tests.conftest import (
+    TEST_SECRET,
+    Account,
+    MakeUser,
+    api_routes,
+    assert_problem,
+    every_place_taken,
+    make_app,
+)
 
 
 async def test_login_returns_token_user_and_expiry(
@@ -467,18 +475,11 @@ async def test_a_sign_in_that_waits_too_long_for_its_turn_is_told_sign_ins_are_b
     rest of the API goes on answering."""
     gate: asyncio.Semaphore = client.app.state.login_gate  # type: ignore[attr-defined]
     monkeypatch.setattr(db, "ACQUIRE_TIMEOUT_SECONDS", 0.2)
-    taken = 0
-    try:
-        while not gate.locked():
-            await gate.acquire()
-            taken += 1
+    async with every_place_taken(gate):
         r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
         body = assert_problem(r, 503, "unavailable")
         assert body["detail"] == "Too many sign-ins at once; retry shortly"
         assert r.headers["retry-after"] == "5"
         assert (await client.get("/auth/me", headers=user.headers)).status_code == 200
-    finally:
-        for _ in range(taken):
-            gate.release()
     r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
     assert r.status_code == 200
