@@ -295,3 +295,13 @@ async def every_place_taken(gate: asyncio.Semaphore) -> AsyncIterator[None]:
     finally:
         for _ in range(taken):
             gate.release()
+
+
+async def execute(url: str, *statements: str) -> None:
+    """Runs statements on a connection of their own (e.g. as the test server's superuser)."""
+    conn = await asyncpg.connect(url)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()

@@ -18,6 +18,7 @@ import pytest
 
 from crmsync import backup, db
 from crmsync.contacts.service import Feed, feed
+from tests.conftest import execute
 from tests.test_cli import clean_env, run_cli
 
 SEED = """
@@ -74,15 +75,6 @@ async def snapshot(url: str) -> dict[str, list[str]]:
             )
         ]
         return rows
-    finally:
-        await conn.close()
-
-
-async def execute(url: str, *statements: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
     finally:
         await conn.close()
 

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from crmsync import db
 from crmsync.config import Settings
-from tests.conftest import TEST_SECRET, make_app
+from tests.conftest import TEST_SECRET, execute, make_app
 
 CRMSYNC = str(Path(sys.executable).parent / "crmsync")
 PASSWORD = "admin-password-1"
@@ -410,22 +410,14 @@ def test_a_failed_migration_names_its_own_error_not_the_aborted_transaction(
     role = f"crmsync_no_create_{os.getpid()}"
     url = asyncio.run(make_database(role))
 
-    async def as_superuser(database_url: str, *statements: str) -> None:
-        conn = await asyncpg.connect(database_url)
-        try:
-            for statement in statements:
-                await conn.execute(statement)
-        finally:
-            await conn.close()
-
     asyncio.run(
-        as_superuser(
+        execute(
             server_url, f"DROP ROLE IF EXISTS {role}", f"CREATE ROLE {role} LOGIN PASSWORD 'pw'"
         )
     )
     try:
         # PostgreSQL 15+ gives PUBLIC no CREATE on schema public already; older ones did.
-        asyncio.run(as_superuser(url, "REVOKE CREATE ON SCHEMA public FROM PUBLIC"))
+        asyncio.run(execute(url, "REVOKE CREATE ON SCHEMA public FROM PUBLIC"))
         parts = urlsplit(url)
         as_role = urlunsplit(parts._replace(netloc=f"{role}:pw@{parts.netloc.rpartition('@')[2]}"))
         result = run_cli("migrate", env=clean_env(CRMSYNC_DATABASE_URL=as_role), cwd=tmp_path)
@@ -435,7 +427,7 @@ def test_a_failed_migration_names_its_own_error_not_the_aborted_transaction(
         assert "current transaction is aborted" not in result.stderr
         assert "Traceback" not in result.stderr
     finally:
-        asyncio.run(as_superuser(server_url, f'DROP DATABASE "{role}"', f"DROP ROLE {role}"))
+        asyncio.run(execute(server_url, f'DROP DATABASE "{role}"', f"DROP ROLE {role}"))
 
 
 def test_create_admin_before_the_server_refuses_and_says_to_start_it(tmp_path: Path) -> None:

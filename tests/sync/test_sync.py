@@ -10,6 +10,8 @@ import asyncpg
 import httpx
 import pytest
 
+from crmsync.contacts.service import CHANGES_SCOPE, Feed
+from crmsync.pagination import encode_cursor
 from crmsync.sync.schemas import SyncOut
 from tests.calls.test_upload import call
 from tests.conftest import Account, assert_problem
@@ -277,3 +279,19 @@ async def test_a_database_error_stores_none_of_the_request(
     finally:
         await conn.execute("DROP TRIGGER test_sync_fail ON call_logs")
         await conn.execute("DROP FUNCTION test_sync_fail()")
+
+
+async def test_a_cursor_from_before_a_restore_restarts_the_changes_of_post_sync_too(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    """POST /sync's `changes` says `restarted: true` as GET /contacts/changes does, for a
+    cursor made elsewhere (another cluster, or before a restore): the app's sign to run
+    its recovery."""
+    feed: Feed = client.app.state.changes_feed  # type: ignore[attr-defined]
+    cluster, _, table = feed.origin.partition("/")
+    elsewhere = encode_cursor(feed.key, CHANGES_SCOPE, [f"{cluster}/{int(table) + 1}", "0", "0"])
+    await sync(client, user, {"contacts": [contact(1)]})
+    changes = (await sync(client, user, {"cursor": elsewhere})).json()["changes"]
+    assert changes["restarted"] is True and len(changes["items"]) == 1
+    again = (await sync(client, user, {"cursor": changes["next_cursor"]})).json()["changes"]
+    assert (again["restarted"], again["items"]) == (False, [])
