@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint typecheck pytest test-pg15 migrate bench bench-scale openapi lock clean
+.PHONY: run test lint typecheck pytest test-pg15 migrate bench bench-history bench-scale openapi lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ test-pg15: $(VENV)/.dev
 bench: $(VENV)/.dev
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/run.py $(ARGS)
+
+# Every full run in bench/results/ side by side: how far each bar row moves between runs.
+bench-history: $(VENV)/.dev
+	$(BIN)/python bench/history.py $(ARGS)
 
 # crmsync alone at 100x the team (2M contacts, 10M calls; about an hour): does the design hold.
 bench-scale: $(VENV)/.dev
