@@ -192,7 +192,7 @@ async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> byt
     # Only the last row's sort keys make the cursor: those the shape shows are read from
     # its fields; the others are selected in their own types, after the shape's columns
     # (PostgreSQL's text output of a timestamptz costs it more than its binary form costs
-    # asyncpg, bench/README.md). str() of either value casts back exactly.
+    # asyncpg, bench/NOTES.md). str() of either value casts back exactly.
     own_keys = [k.expr for k in listing.keys if k.field is None]
     pick_from = listing.pick_from_sql or listing.from_sql
     count_sql = listing.total_sql or f"SELECT count(*) {pick_from} {where_sql}"
