@@ -21,13 +21,10 @@ from typing import Any
 
 import orjson
 from load import BY_NAME, READS
-from run import _bar
+from run import READ_P99_MS, WRITES, _bar, needed_ratio
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BAR_ROWS = [
-    *sorted(READS, key=list(BY_NAME).index),
-    *(s for s in BY_NAME if s.startswith("upload") or s == "sync"),
-]
+BAR_ROWS = [name for name in BY_NAME if needed_ratio(name) is not None]
 
 
 def full_runs(since: str) -> list[dict[str, Any]]:
@@ -70,15 +67,16 @@ def per_row_table(runs: list[dict[str, Any]], workers: int) -> None:
         " | p99 < 50 ms |"
     )
     print("|---|---|---|---|---|")
+    by_run = [rows(run, workers) for run in runs]
     for name in BAR_ROWS:
-        found = [rows(run, workers)[name] for run in runs if name in rows(run, workers)]
+        found = [by_name[name] for by_name in by_run if name in by_name]
         ratios = [ratio(r) for r in found]
-        need = 1.0 if name in READS else 2.0
+        need = needed_ratio(name) or 0.0
         cells = [BY_NAME[name].title, spread(ratios, ".2f")]
         cells.append(f"{sum(x >= need for x in ratios)} of {len(found)} (>= {need:.1f}x)")
         if name in READS:
             p99 = [r["crmsync"]["p99_ms"] for r in found]
-            cells += [spread(p99, ".1f"), f"{sum(x < 50 for x in p99)} of {len(found)}"]
+            cells += [spread(p99, ".1f"), f"{sum(x < READ_P99_MS for x in p99)} of {len(found)}"]
         else:
             cells += ["-", "-"]
         print(f"| {' | '.join(cells)} |")
@@ -97,19 +95,17 @@ def per_run_table(runs: list[dict[str, Any]]) -> None:
         for workers in (1, 2):
             by_name = rows(run, workers)
             reads = [by_name[n] for n in READS if n in by_name]
-            writes = [r for n, r in by_name.items() if n.startswith("upload") or n == "sync"]
-            cells[0].append(f"{sum(ratio(r) >= 1.0 for r in reads)}/{len(reads)}")
-            cells[1].append(f"{sum(ratio(r) >= 2.0 for r in writes)}/{len(writes)}")
+            writes = [by_name[n] for n in WRITES if n in by_name]
+            for i, rows_of in enumerate((reads, writes)):
+                met = sum(ratio(r) >= (needed_ratio(r["scenario"]) or 0.0) for r in rows_of)
+                cells[i].append(f"{met}/{len(rows_of)}")
             new = by_name.get("upload_1000_new")
             cells[2].append(f"{new['crmsync']['units_per_s'] / copy:.0%}" if new and copy else "-")
-            cells[3].append(f"{sum(r['crmsync']['p99_ms'] < 50 for r in reads)}/{len(reads)}")
+            p99_met = sum(r["crmsync"]["p99_ms"] < READ_P99_MS for r in reads)
+            cells[3].append(f"{p99_met}/{len(reads)}")
         commit = run.get("machine", {}).get("crmsync_commit", "")[:7]
         started = run["started_at"][:16].replace("T", " ")
         print(f"| {started} | `{commit}` | " + " | ".join(" · ".join(c) for c in cells) + " |")
-
-
-def fmt(value: float) -> str:
-    return f"{value:,.0f}" if value >= 10 else f"{value:.0f}"
 
 
 def run_tables(run: dict[str, Any]) -> None:
@@ -140,7 +136,7 @@ def run_tables(run: dict[str, Any]) -> None:
                 cells += ["-", "-"]
                 continue
             unit = {"req": "req/s", "call": "calls/s"}.get(BY_NAME[name].unit, "/s")
-            cells.append(f"{fmt(a['units_per_s'])} / {fmt(b['units_per_s'])} {unit}")
+            cells.append(f"{a['units_per_s']:,.0f} / {b['units_per_s']:,.0f} {unit}")
             cells.append(f"{row['ratio']:.2f}x")
             cells.append(
                 f"{a['p50_ms']:.0f}/{a['p99_ms']:.0f} vs {b['p50_ms']:.0f}/{b['p99_ms']:.0f}"

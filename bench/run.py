@@ -262,16 +262,23 @@ def summarize(measurements: list[dict[str, Any]], workers: int, name: str) -> di
     return out
 
 
+# Issue 7's bars: reads at least 1.0x the peer with p99 under 50 ms, uploads and sync 2x.
+READ_RATIO, WRITE_RATIO, READ_P99_MS = 1.0, 2.0, 50.0
+WRITES = {s.name for s in SCENARIOS if s.name.startswith("upload")} | {"sync"}
+
+
+def needed_ratio(name: str) -> float | None:
+    """The ratio to the peer a scenario's bar asks for; None for a row without a bar."""
+    return READ_RATIO if name in READS else WRITE_RATIO if name in WRITES else None
+
+
 def _bar(name: str, a: dict[str, Any], b: dict[str, Any]) -> str:
-    """Issue 7's bar: reads at least 1.0x with p99 under 50 ms, uploads and sync at least 2x."""
-    if "units_per_s" not in a or "units_per_s" not in b or not b["units_per_s"]:
+    need = needed_ratio(name)
+    if need is None or "units_per_s" not in a or "units_per_s" not in b or not b["units_per_s"]:
         return "-"
     ratio = a["units_per_s"] / b["units_per_s"]
-    if name in READS:
-        return "ok" if ratio >= 1.0 and a["p99_ms"] < 50 else "MISS"
-    if name.startswith("upload") or name == "sync":
-        return "ok" if ratio >= 2.0 else "MISS"
-    return "-"
+    p99_ok = name not in READS or a["p99_ms"] < READ_P99_MS
+    return "ok" if ratio >= need and p99_ok else "MISS"
 
 
 def fmt_side(side: dict[str, Any], unit: str) -> str:
