@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 from load import BY_NAME, READS
-from run import READ_P99_MS, WRITES, _bar, needed_ratio
+from run import LIMITS, READ_P99_MS, WRITES, _bar, needed_ratio
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BAR_ROWS = [name for name in BY_NAME if needed_ratio(name) is not None]
@@ -43,9 +43,7 @@ def rows(run: dict[str, Any], workers: int) -> dict[str, dict[str, Any]]:
     return {
         r["scenario"]: r
         for r in run["summary"]
-        if r["workers"] == workers
-        and "units_per_s" in r["crmsync"]
-        and "units_per_s" in r["express"]
+        if r["workers"] == workers and "units_per_s" in r["crmsync"] and "ratio" in r
     }
 
 
@@ -54,10 +52,6 @@ def spread(values: list[float], fmt: str) -> str:
         return "-"
     low, mid, high = min(values), statistics.median(values), max(values)
     return f"{low:{fmt}} / {mid:{fmt}} / {high:{fmt}}"
-
-
-def ratio(row: dict[str, Any]) -> float:
-    return float(row["crmsync"]["units_per_s"] / row["express"]["units_per_s"])
 
 
 def per_row_table(runs: list[dict[str, Any]], workers: int) -> None:
@@ -70,7 +64,7 @@ def per_row_table(runs: list[dict[str, Any]], workers: int) -> None:
     by_run = [rows(run, workers) for run in runs]
     for name in BAR_ROWS:
         found = [by_name[name] for by_name in by_run if name in by_name]
-        ratios = [ratio(r) for r in found]
+        ratios = [r["ratio"] for r in found]
         need = needed_ratio(name) or 0.0
         cells = [BY_NAME[name].title, spread(ratios, ".2f")]
         cells.append(f"{sum(x >= need for x in ratios)} of {len(found)} (>= {need:.1f}x)")
@@ -97,7 +91,7 @@ def per_run_table(runs: list[dict[str, Any]]) -> None:
             reads = [by_name[n] for n in READS if n in by_name]
             writes = [by_name[n] for n in WRITES if n in by_name]
             for i, rows_of in enumerate((reads, writes)):
-                met = sum(ratio(r) >= (needed_ratio(r["scenario"]) or 0.0) for r in rows_of)
+                met = sum(r["ratio"] >= (needed_ratio(r["scenario"]) or 0.0) for r in rows_of)
                 cells[i].append(f"{met}/{len(rows_of)}")
             new = by_name.get("upload_1000_new")
             cells[2].append(f"{new['crmsync']['units_per_s'] / copy:.0%}" if new and copy else "-")
@@ -160,26 +154,21 @@ def run_tables(run: dict[str, Any]) -> None:
                 cells.append(f"{server:.2f} + {pg:.2f} = {server + pg:.2f} ms")
         print(f"| {' | '.join(cells)} |")
     physical = run.get("physical", {})
-    fractions = physical.get("fractions", {})
+    limits = {
+        "copy": "COPY of the seeded call rows into `LIKE call_logs INCLUDING ALL`",
+        "list": "pgbench `-c 32`, the contact list SQL (random page + total)",
+        "search": "pgbench `-c 32`, the name search SQL",
+    }
     print("\n| limit | PostgreSQL | crmsync, 1 worker | 2 workers |")
     print("|---|---|---|---|")
-    for key, label, rate, unit in (
-        (
-            "copy",
-            "COPY of the seeded call rows into `LIKE call_logs INCLUDING ALL`",
-            "rows_per_s",
-            "rows/s",
-        ),
-        ("list", "pgbench `-c 32`, the contact list SQL (random page + total)", "tps", "tps"),
-        ("search", "pgbench `-c 32`, the name search SQL", "tps", "tps"),
-    ):
-        if key not in physical:
+    for scenario, key, field, _ in LIMITS:
+        limit = physical.get(key, {}).get(field)
+        if not limit:
             continue
-        cells = [label, f"{physical[key][rate]:,.0f} {unit}"]
-        prefix = {"copy": "calls/s at 1000", "list": "contact list", "search": "search"}[key]
+        cells = [limits[key], f"{limit:,.0f} {'rows/s' if key == 'copy' else 'tps'}"]
         for workers in (1, 2):
-            frac = [v for k, v in fractions.items() if k.startswith(prefix) and f"({workers} " in k]
-            cells.append(f"{frac[0]:.0%}" if frac else "-")
+            mine = by.get((scenario, workers), {}).get("crmsync", {}).get("units_per_s")
+            cells.append(f"{mine / limit:.0%}" if mine else "-")
         print(f"| {' | '.join(cells)} |")
 
 

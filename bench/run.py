@@ -344,14 +344,17 @@ def print_table(summary: list[dict[str, Any]], cfg: Config, physical: dict[str, 
     print("\n'!' marks runs with non-2xx answers or socket errors (see the JSON).")
 
 
+# crmsync's scenarios beside PostgreSQL's own limit: (scenario, physical key, its rate, label)
+LIMITS = (
+    ("upload_1000_new", "copy", "rows_per_s", "calls/s at 1000 per request vs COPY"),
+    ("contacts_page", "list", "tps", "contact list req/s vs pgbench list"),
+    ("contacts_search", "search", "tps", "search req/s vs pgbench search"),
+)
+
+
 def fractions(summary: list[dict[str, Any]], physical: dict[str, Any]) -> dict[str, float]:
     out = {}
-    pairs = (
-        ("upload_1000_new", "copy", "rows_per_s", "calls/s at 1000 per request vs COPY"),
-        ("contacts_page", "list", "tps", "contact list req/s vs pgbench list"),
-        ("contacts_search", "search", "tps", "search req/s vs pgbench search"),
-    )
-    for scenario, key, field, label in pairs:
+    for scenario, key, field, label in LIMITS:
         for row in summary:
             mine = row["crmsync"].get("units_per_s")
             limit = physical.get(key, {}).get(field)
