@@ -342,6 +342,12 @@ def test_bad_settings_and_an_unreachable_database_are_one_line_not_a_traceback(
         ("CRMSYNC_TRUSTED_PROXIES", "not-a-network"),
         ("CRMSYNC_LOG_LEVEL", "chatty"),
         ("CRMSYNC_IDEMPOTENCY_TTL_DAYS", "6"),  # the app is promised 7 days
+        # Past what a token's expiry or a PostgreSQL interval holds: every login a 500
+        ("CRMSYNC_TOKEN_TTL_SECONDS", "99999999999999"),
+        ("CRMSYNC_LOGIN_WINDOW_SECONDS", "100000000000000000"),
+        ("CRMSYNC_LOGIN_LOCKOUT_SECONDS", "100000000000000000"),
+        ("CRMSYNC_LOGIN_MAX_FAILURES", "3000000000"),
+        ("CRMSYNC_STATEMENT_TIMEOUT_MS", "3000000000"),
         ("CRMSYNC_DATABASE_URL", "not-a-url"),
         ("CRMSYNC_DATABASE_URL", "mysql://someone@127.0.0.1/none"),
         ("CRMSYNC_DATABASE_URL", "postgresql://someone@localhost:notaport/none"),

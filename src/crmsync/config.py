@@ -23,21 +23,24 @@ class Settings(BaseSettings):
 
     database_url: str | None = None
     data_dir: Path = Path("data")
-    pool_min_size: int = Field(default=2, ge=1)
-    pool_max_size: int = Field(default=10, ge=1)
-    statement_timeout_ms: int = Field(default=30_000, ge=0)
+    # Upper bounds too: a value past what the code or PostgreSQL can hold (a token expiry
+    # past year 9999, an interval out of range) would start the server and then fail every
+    # login with a 500; it is refused at start instead.
+    pool_min_size: int = Field(default=2, ge=1, le=1000)
+    pool_max_size: int = Field(default=10, ge=1, le=1000)
+    statement_timeout_ms: int = Field(default=30_000, ge=0, le=2_147_483_647)
 
     jwt_secret: SecretStr | None = None
-    token_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    token_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60, le=366 * 24 * 3600)
     bcrypt_rounds: int = Field(default=12, ge=4, le=16)
-    login_max_failures: int = Field(default=5, ge=1)
-    login_window_seconds: int = Field(default=900, ge=1)
-    login_lockout_seconds: int = Field(default=300, ge=1)
+    login_max_failures: int = Field(default=5, ge=1, le=1000)
+    login_window_seconds: int = Field(default=900, ge=1, le=7 * 24 * 3600)
+    login_lockout_seconds: int = Field(default=300, ge=1, le=7 * 24 * 3600)
 
     default_region: str = "US"
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     # The contract keeps an Idempotency-Key at least 7 days; a day more by default.
-    idempotency_ttl_days: int = Field(default=8, ge=7)
+    idempotency_ttl_days: int = Field(default=8, ge=7, le=3650)
 
     require_https: bool = True
     trusted_proxies: Annotated[tuple[IPNetwork, ...], NoDecode] = ()
