@@ -116,7 +116,7 @@ async def page_request(
         int | None, Query(ge=1, le=MAX_PAGE, description="1-based page number (page mode)")
     ] = None,
     cursor: Annotated[
-        str | None, Query(max_length=2000, description="next_cursor of a previous answer")
+        str | None, Query(description="next_cursor of a previous answer (a bad one: 400)")
     ] = None,
 ) -> PageRequest:
     if page is not None and cursor is not None:

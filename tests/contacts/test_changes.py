@@ -182,8 +182,9 @@ async def test_an_empty_cursor_is_from_the_beginning(
 async def test_garbage_or_foreign_cursor_is_400(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
-    r = await client.get("/contacts/changes?cursor=garbage", headers=user.headers)
-    assert_problem(r, 400, "bad_request")
+    for garbage in ("garbage", "A" * 2001):
+        r = await client.get("/contacts/changes", params={"cursor": garbage}, headers=user.headers)
+        assert_problem(r, 400, "bad_request")
     await conn.executemany(
         "INSERT INTO contacts (name, phone_raw, phone_normalized) VALUES ($1, $2, $2)",
         [("A", "+14155550101"), ("B", "+14155550102")],

@@ -141,7 +141,9 @@ async def contact_changes(
     user: CurrentUser,
     conn: Conn,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
-    cursor: Annotated[str | None, Query(max_length=2000)] = None,
+    cursor: Annotated[
+        str | None, Query(description="next_cursor of a previous answer (a bad one: 400)")
+    ] = None,
 ) -> Response:
     changes = await service.contact_changes_page(
         conn, cursor=cursor, limit=limit, feed=request.app.state.changes_feed
