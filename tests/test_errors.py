@@ -28,6 +28,10 @@ async def test_unknown_route_and_wrong_method_are_problems(
 ) -> None:
     assert_problem(await client.get("/nope"), 404, "not_found")
     assert_problem(await client.put("/auth/login", json={}), 405, "method_not_allowed")
+    # A trailing slash is another path: no 307 to a URL made of the Host header
+    for method, path in (("GET", "/contacts/"), ("POST", "/calls/"), ("GET", "/healthz/")):
+        r = await client.request(method, path, headers={**user.headers, "Host": "evil.example"})
+        assert_problem(r, 404, "not_found")
 
 
 @pytest.mark.parametrize(

@@ -38,11 +38,8 @@ async def test_every_operation_is_described(client: httpx.AsyncClient) -> None:
             if not ok:
                 missing.append(f"{where}: no success answer")
             for status in ok:
-                if (
-                    status != "204"
-                    and path != "/metrics"
-                    and "application/json" not in responses[status].get("content", {})
-                ):
+                json_answer = responses[status].get("content", {}).get("application/json", {})
+                if status != "204" and path != "/metrics" and not json_answer.get("schema"):
                     missing.append(f"{where}: {status} has no JSON schema")
             problems = [s for s in responses if s[0] in "45"]
             for status in problems:

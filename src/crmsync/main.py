@@ -275,6 +275,9 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # `/contacts/` is an unknown path (404 problem), not an empty 307 to a URL built
+        # from the Host header that OkHttp would follow, body and all.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.cursor_key = hashlib.sha256(b"cursor:" + settings.secret.encode()).digest()
@@ -305,6 +308,7 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         "/readyz",
         tags=["operations"],
         summary="The database answers",
+        response_model=dict[str, str],
         responses={503: {"description": "The database does not answer"}},
     )
     async def readyz(request: Request) -> Response:
