@@ -103,10 +103,14 @@ async def metrics_reader(request: Request, settings: AppSettings) -> None:
     if token is not None and hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
         return
     signed_claims(given, settings.secret)
-    async with contextlib.asynccontextmanager(request_connection)(request) as conn:
-        user = await current_user(request, conn, settings)
-    if not user.is_admin:
+    if not (await _caller(request)).is_admin:
         raise Forbidden("Metrics are for admins and the metrics token")
+
+
+async def _caller(request: Request) -> AuthedUser:
+    """current_user outside FastAPI's dependencies, on a connection of its own."""
+    async with contextlib.asynccontextmanager(request_connection)(request) as conn:
+        return await current_user(request, conn, request.app.state.settings)
 
 
 async def page_request(
@@ -144,6 +148,16 @@ class StrictJSONRequest(Request):
             self._json = orjson.loads(await self.body())  # JSONDecodeError: FastAPI's 400
         return self._json
 
+    async def is_malformed(self) -> bool:
+        """Whether the body is there and no JSON (an empty one is a missing body: a 422)."""
+        if not await self.body():
+            return False
+        try:
+            await self.json()
+        except orjson.JSONDecodeError:
+            return True
+        return False
+
 
 # Every body is JSON whatever its Content-Type says (none, text/plain, a form type): one
 # rule for every endpoint, as for the uploads, which read their bytes themselves. FastAPI
@@ -164,19 +178,26 @@ def _drop_empty_query_values(scope: Scope) -> None:
             scope["query_string"] = b"&".join(kept)
 
 
-def _needs_token(dependant: Dependant) -> bool:
-    return any(d.call is current_user or _needs_token(d) for d in dependant.dependencies)
+def _needs(dependant: Dependant, dependency: Callable[..., Any]) -> bool:
+    return any(d.call is dependency or _needs(d, dependency) for d in dependant.dependencies)
 
 
 class Route(APIRoute):
     """Every crmsync route: bodies read as JSON, parsed by StrictJSONRequest, and on a route
     that needs a token only once the token is one this server signed (checked without the
     database; current_user checks the rest). So a stranger's megabytes are never read, and
-    a signed-out app sending a malformed body learns 401, not 400."""
+    a signed-out app sending a malformed body learns 401, not 400.
+
+    FastAPI parses a body before it solves the dependencies that check the token in the
+    database (revoked, its user deleted) and the caller's role. So on a route with a
+    model body, a malformed one is answered here, after those checks: 401, then 403 on an
+    admin's route, then 400. (The uploads parse their bodies in the handler.)"""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        needs_token = _needs_token(self.dependant)
+        needs_token = _needs(self.dependant, current_user)
+        needs_admin = _needs(self.dependant, admin_user)
+        parses_body = self.body_field is not None
 
         async def strict(request: Request) -> Response:
             _drop_empty_query_values(request.scope)
@@ -192,6 +213,12 @@ class Route(APIRoute):
                 *(h for h in scope["headers"] if h[0] != b"content-type"),
                 _JSON_TYPE,
             ]
-            return await handler(StrictJSONRequest(scope, request.receive))
+            json_request = StrictJSONRequest(scope, request.receive)
+            if needs_token and parses_body and await json_request.is_malformed():
+                user = await _caller(json_request)
+                if needs_admin:
+                    await admin_user(user)
+                raise BadRequest("Malformed JSON body")
+            return await handler(json_request)
 
         return strict

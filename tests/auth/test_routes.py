@@ -467,6 +467,38 @@ async def test_every_endpoint_but_login_health_and_docs_needs_a_token(
     assert checked >= 4 * 20  # every operation of the contract but the public three
 
 
+async def test_a_revoked_token_is_401_whatever_the_body_and_a_member_403_on_users(
+    client: httpx.AsyncClient, user: Account, make_user: MakeUser
+) -> None:
+    """A token that is signed but no longer valid (logged out, its user deleted) is 401
+    on every route with a malformed body too, as with a valid one: the app signs out on a
+    401, and a 400 would tell it its own request was wrong. A member sending a malformed
+    body to an admin's route is 403. Only then is a malformed body 400."""
+    member = await make_user(name="Other member")
+    r = await client.post("/auth/logout", headers=user.headers)
+    assert r.status_code == 204
+    checked = 0
+    for route in api_routes(client.app):  # type: ignore[attr-defined]
+        path = route.path_format.replace("{user_id}", str(uuid.uuid4()))
+        path = path.replace("{contact_id}", str(uuid.uuid4()))
+        for method in route.methods - {"HEAD", "GET", "DELETE"}:
+            if (method, route.path_format) in PUBLIC:
+                continue
+            for body in ("[]" if method == "POST" else "{}", "{bad"):
+                r = await client.request(method, path, content=body, headers=user.headers)
+                assert_problem(r, 401, "unauthenticated")
+                checked += 1
+    assert checked >= 2 * 8
+    for method, path in (("POST", "/users"), ("PATCH", f"/users/{member.id}")):
+        r = await client.request(method, path, content="{bad", headers=member.headers)
+        assert_problem(r, 403, "forbidden")
+    r = await client.post("/contacts", content="{bad", headers=member.headers)
+    assert r.json()["detail"] == "Malformed JSON body"
+    assert_problem(r, 400, "bad_request")
+    r = await client.put(f"/contacts/{uuid.uuid4()}", content="{bad", headers=member.headers)
+    assert_problem(r, 400, "bad_request")
+
+
 async def test_a_sign_in_that_waits_too_long_for_its_turn_is_told_sign_ins_are_busy(
     client: httpx.AsyncClient, user: Account, monkeypatch: pytest.MonkeyPatch
 ) -> None:
