@@ -323,3 +323,54 @@ async def test_0012_rekeys_calls_to_local_only_numbers_by_their_spelling(
         assert await conn.fetchval("SELECT phone_normalized FROM contacts") == "+15550150"
     finally:
         await conn.close()
+
+
+async def test_0013_rekeys_calls_with_a_blank_number_as_no_number(
+    make_database: Callable[[str], Awaitable[str]],
+) -> None:
+    url = await make_database("crmsync_migration_0013")
+    db.migrate(url)
+    db.migrate(url, "0012")
+    conn = await asyncpg.connect(url)
+    try:
+        user = await conn.fetchval(
+            "INSERT INTO users (name, email, password_hash) VALUES ('U', 'u@x.io', 'h') RETURNING id"
+        )
+        # (raw, minute): blank; blank twice at one time (one keeps its spelling); blank
+        # beside a stored "" and beside a call with no number (both keep theirs); numbers.
+        calls = [
+            (" ", 1),
+            ("\t", 2),
+            ("  ", 2),
+            ("\u00a0", 3),
+            ("", 3),
+            (" ", 4),
+            (None, 4),
+            ("911", 5),
+            (" 911", 5),
+        ]
+        await conn.executemany(
+            "INSERT INTO call_logs (user_id, phone_raw, direction, duration_seconds, timestamp)"
+            " VALUES ($1, $2, 'missed', 0, timestamptz '2026-01-01' + $3 * interval '1 m')",
+            [(user, *c) for c in calls],
+        )
+        db.migrate(url)  # 0013
+        rows = await conn.fetch(
+            "SELECT phone_raw, extract(minute FROM timestamp)::int AS minute FROM call_logs"
+            ' ORDER BY minute, phone_raw COLLATE "C" NULLS FIRST'
+        )
+        kept_at_2 = rows[2]["phone_raw"]  # the one re-keyed is either
+        assert kept_at_2 in ("\t", "  ")
+        assert [tuple(r) for r in rows] == [
+            ("", 1),
+            ("", 2),
+            (kept_at_2, 2),
+            ("", 3),
+            ("\u00a0", 3),
+            (None, 4),
+            (" ", 4),
+            (" 911", 5),
+            ("911", 5),
+        ]
+    finally:
+        await conn.close()

@@ -263,6 +263,19 @@ async def test_an_empty_phone_raw_is_kept_as_sent(
     assert (body["inserted"], body["duplicates"]) == (0, 1), body
 
 
+async def test_a_blank_phone_raw_is_no_number_for_the_duplicate_rule(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    """A blank spelling is stored as "": one withheld call, however blank its number."""
+    blanks = [call(0, phone_raw=raw) for raw in ("", " ", "\t", "\u00a0 ", ...)]
+    body = (await upload(client, user, blanks)).json()
+    assert (body["inserted"], body["duplicates"], body["rejected"]) == (1, 4, []), body
+    row = await conn.fetchrow("SELECT phone_raw, phone_normalized FROM call_logs")
+    assert (row["phone_raw"], row["phone_normalized"]) == ("", None)
+    body = (await upload(client, user, [call(0, phone_raw="  ")])).json()
+    assert (body["inserted"], body["duplicates"]) == (0, 1), body
+
+
 async def test_a_blank_phone_raw_leaves_the_number_to_the_hint(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:

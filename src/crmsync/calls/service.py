@@ -239,10 +239,13 @@ async def _drop_unknown_refs(
 
 
 def _as_stored(calls: list[CallIn], user_id: uuid.UUID, region: str) -> None:
-    """Each call made the row as stored: its number normalized, its user and UTC time set."""
+    """Each call made the row as stored: its number normalized, its user and UTC time set.
+    A blank spelling (" ", a tab) is no number, stored as "", so that it has the duplicate
+    key of "" and of no number at all (migration 0013 re-keyed the ones stored before)."""
     for call in calls:
         hint, raw = call.get("phone_normalized"), call.get("phone_raw")
-        call["phone_raw"] = raw_or_hint(raw, hint)
+        kept = raw_or_hint(raw, hint)
+        call["phone_raw"] = "" if kept is not None and not kept.strip() else kept
         call["phone_normalized"] = normalize_with_hint(raw, hint, region)
         call["user_id"] = call.get("user_id") or user_id
         call["timestamp"] = call["timestamp"].astimezone(UTC)  # see times.as_utc
