@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 from collections.abc import Iterator
 
 import asyncpg
@@ -128,3 +129,25 @@ def test_redaction_net_catches_tokens_and_hashes_in_messages() -> None:
     bcrypt = "$2b$12$" + "a" * 53
     assert redact(f"bad {jwt} and {bcrypt}!") == "bad [redacted] and [redacted]!"
     assert redact("plain message") == "plain message"
+
+
+def test_a_warning_carries_its_exception_in_one_line_an_error_its_traceback() -> None:
+    """While the database is down asyncpg's pool logs warnings with the exception it will
+    retry: one line each, so that "Traceback" in the log still means a bug."""
+    formatter = JsonFormatter()
+
+    def logged(level: int) -> dict[str, str]:
+        try:
+            raise ConnectionRefusedError(111, "Connect call failed")
+        except ConnectionRefusedError:
+            record = logging.getLogger("asyncpg.pool").makeRecord(
+                "asyncpg.pool", level, __file__, 1, "Failed to restore", (), sys.exc_info()
+            )
+        entry: dict[str, str] = json.loads(formatter.format(record))
+        return entry
+
+    warning = logged(logging.WARNING)
+    assert warning["exc"] == "ConnectionRefusedError: [Errno 111] Connect call failed"
+    error = logged(logging.ERROR)
+    assert error["exc"].startswith("Traceback (most recent call last):")
+    assert error["exc"].endswith("ConnectionRefusedError: [Errno 111] Connect call failed")

@@ -10,6 +10,7 @@ import logging.config
 import os
 import re
 import time
+import traceback
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,8 +202,13 @@ class JsonFormatter(logging.Formatter):
         extra = getattr(record, "fields", None)
         if isinstance(extra, dict):
             entry.update(extra)
-        if record.exc_info:
+        if record.exc_info and record.levelno >= logging.ERROR:
             entry["exc"] = redact(self.formatException(record.exc_info))
+        elif record.exc_info and record.exc_info[1] is not None:
+            # A warning with an exception is an expected condition a library retries
+            # (asyncpg's pool while the database is down): its one line, not a traceback.
+            summary = traceback.format_exception_only(record.exc_info[1])
+            entry["exc"] = redact("".join(summary).strip())
         return orjson.dumps(entry, default=str).decode()
 
 
