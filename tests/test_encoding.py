@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from tests.conftest import Account, assert_problem, make_app, make_settings
@@ -156,3 +157,34 @@ async def test_answers_of_a_kilobyte_and_more_are_gzipped_for_clients_that_ask(
 def test_the_body_limit_is_16_mib_by_default() -> None:
     """The contract's default size limit (uploads of 5,000 calls are a few MiB)."""
     assert make_settings("postgresql://unused/unused").max_body_bytes == 16 * 1024 * 1024
+
+
+async def test_an_upload_of_more_json_values_than_its_items_may_hold_is_a_413_unparsed(
+    client: httpx.AsyncClient, user: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16 MiB of `{},` gzips to 16 KB and would parse into 5.6 million dicts (2 GB) before
+    the item limit could count them; one item of a million keys likewise. Both are refused
+    before parsing. A batch within its limits whose strings are full of commas and colons
+    is not."""
+    parsed: list[int] = []
+    loads = orjson.loads
+    monkeypatch.setattr(orjson, "loads", lambda body: parsed.append(len(body)) or loads(body))
+    headers = {**user.headers, "Content-Encoding": "gzip"}
+    size = 16 * 1024 * 1024 - 100  # room for /sync's wrapper
+    dicts = b"[" + b"{}," * ((size - 2) // 3 - 1) + b"{}]"
+    keys = b"[{" + b",".join(b'"k%d":0' % i for i in range(1_000_000)) + b"}]"
+    for path, body in (
+        ("/calls", dicts),
+        ("/contacts/batch", dicts),
+        ("/sync", b'{"calls": ' + dicts + b"}"),
+        ("/calls", keys),
+    ):
+        r = await client.post(path, content=gzip.compress(body), headers=headers)
+        detail = assert_problem(r, 413, "payload_too_large")["detail"]
+        assert detail.startswith("More JSON values than"), detail
+    assert parsed == []
+    names = [{"name": f"{i}" + ",:" * 90, "phone_raw": f"+1415555{i:04d}"} for i in range(1000)]
+    r = await client.post("/contacts/batch", content=_gzip(names), headers=headers)
+    assert r.status_code == 200, r.text
+    assert {item["result"] for item in r.json()["results"]} == {"created"}
+    assert parsed

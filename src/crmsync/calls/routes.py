@@ -50,7 +50,9 @@ async def upload_calls(
     x_device_id: DeviceId = None,
 ) -> Response:
     async def work() -> Upload:
-        items = batch_items(parse_json(body), loc=("body",), max_items=MAX_CALLS)
+        items = batch_items(
+            parse_json(body, max_items=MAX_CALLS), loc=("body",), max_items=MAX_CALLS
+        )
         batch = await service.call_insert_many(
             conn, items, user_id=user.id, is_admin=user.is_admin, region=settings.default_region
         )

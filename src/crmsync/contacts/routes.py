@@ -216,7 +216,9 @@ async def upload_contacts(
     x_device_id: DeviceId = None,
 ) -> Response:
     async def work() -> Upload:
-        items = batch_items(parse_json(body), loc=("body",), max_items=MAX_BATCH)
+        items = batch_items(
+            parse_json(body, max_items=MAX_BATCH), loc=("body",), max_items=MAX_BATCH
+        )
         batch = await upsert.contact_upsert_many(
             conn, items, user_id=user.id, region=settings.default_region
         )

@@ -103,7 +103,7 @@ async def sync(
     x_device_id: DeviceId = None,
 ) -> Response:
     async def work() -> service.Upload:
-        payload = service.parse_json(body)
+        payload = service.parse_json(body, max_items=MAX_BATCH + MAX_CALLS)
         if not isinstance(payload, dict):
             raise ValidationFailed.one(["body"], "Input should be a valid object", "dict_type")
         cursor = payload.get("cursor")
