@@ -576,6 +576,10 @@ def test_a_metrics_token_is_at_least_32_characters_as_the_jwt_secret() -> None:
     with pytest.raises(ValidationError, match="at least 32 characters"):
         Settings(metrics_token="x" * 31)
     assert Settings(metrics_token="x" * 32).metrics_token is not None
+    for short in ("s" * 31, " " * 32, " " * 8 + "s" * 24 + "\t" * 8):
+        with pytest.raises(ValueError, match="CRMSYNC_JWT_SECRET must be at least 32"):
+            _ = Settings(jwt_secret=short).secret
+    assert Settings(jwt_secret=" " + "s" * 32).secret == " " + "s" * 32  # kept as given
 
 
 async def test_reset_password_is_the_way_back_in(

@@ -126,7 +126,7 @@ class Settings(BaseSettings):
         """
         if self.jwt_secret is not None:
             value = self.jwt_secret.get_secret_value()
-            if len(value) < 32:
+            if len(value.strip()) < 32:  # 32 spaces are no secret
                 raise ValueError("CRMSYNC_JWT_SECRET must be at least 32 characters")
             return value
         if not self.embedded:
