@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -426,6 +427,54 @@ async def test_a_client_hanging_up_mid_upload_is_a_499_not_a_server_error(
         "crmsync_http_requests_total", {"method": "POST", "route": "/calls", "status": "499"}
     )
     assert (after or 0) == (before or 0) + 1
+    assert await conn.fetchval("SELECT count(*) FROM call_logs") == 0
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0
+
+
+async def test_a_request_cut_short_by_a_stopping_server_is_a_503_problem(
+    database_url: str,
+    user: Account,
+    conn: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stopping server waits for running requests, then cancels them: uvicorn would then
+    answer a plain-text 500 and log a traceback. A phone on a slow network uploading during
+    a restart gets a 503 problem instead, and nothing is stored."""
+    port = free_port()
+    config = uvicorn.Config(
+        make_app(database_url),
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        timeout_graceful_shutdown=1,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    part = b'[{"direction": "missed", "duration_seconds": 0, "timestamp": "2026-01-01T00:00:00Z"'
+    head = (
+        f"POST /calls HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {user.token}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+    ).encode()
+    with caplog.at_level(logging.INFO):
+        thread.start()
+        while not server.started:
+            assert thread.is_alive()
+            await asyncio.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(head + part)  # and the rest never comes
+            await asyncio.sleep(0.3)
+            server.should_exit = True
+            answer = b""
+            while chunk := await asyncio.to_thread(slow.recv, 65536):
+                answer += chunk
+        thread.join(10)
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 503 Service Unavailable", answer[:300]
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert b"content-type: application/problem+json" in headers.lower()
+    assert b"retry-after: 1" in headers.lower()
+    assert json.loads(body)["code"] == "unavailable"
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback logged
     assert await conn.fetchval("SELECT count(*) FROM call_logs") == 0
     assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0
 

@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from crmsync.errors import ApiError, send_problem
+from crmsync.errors import ApiError, ServiceUnavailable, send_problem
 
 if TYPE_CHECKING:
     from crmsync.db import Pool
@@ -289,6 +289,16 @@ class RequestContext:
             # The client hung up before its body arrived (a phone losing its network mid
             # upload): no one to answer, nothing stored, no server error. nginx's 499.
             status = 499
+        except asyncio.CancelledError:
+            # The server stopping with this request still running past its grace period
+            # (uvicorn then cancels it, and would answer a plain-text 500): a 503 problem.
+            # Its transaction was rolled back, or, cancelled during its COMMIT, may have
+            # been committed: what docs/mobile.md says of a 503, and a retry finds it. Not
+            # raised again: the cancel has done its work, and uvicorn would log it as a bug.
+            logging.getLogger("crmsync.errors").warning("request cancelled: server stopping")
+            if not started_response:
+                stopping = ServiceUnavailable("The server is restarting; retry", retry_after=1)
+                await send_problem(send_wrapper, stopping)
         except Exception:
             logging.getLogger("crmsync.errors").exception("unhandled error")
             if not started_response:
