@@ -84,6 +84,15 @@ class Settings(BaseSettings):
             raise ValueError("CRMSYNC_POOL_MIN_SIZE must not exceed CRMSYNC_POOL_MAX_SIZE")
         return self
 
+    @field_validator("statement_timeout_ms")
+    @classmethod
+    def _no_or_a_real_limit(cls, value: int) -> int:
+        """A few milliseconds would cancel start-up's own first queries (the catalog read
+        cold): the service could not start at all."""
+        if 0 < value < 100:
+            raise ValueError("must be 0 (no limit) or at least 100")
+        return value
+
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _split_proxies(cls, value: object) -> object:
