@@ -342,6 +342,7 @@ class ProblemHttpProtocol(HttpToolsProtocol):
         head = (
             b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/problem+json\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n"
+            b"cache-control: no-store\r\nx-content-type-options: nosniff\r\n"
             b"x-request-id: " + request_id.encode() + b"\r\n\r\n"
         )
         self.transport.write(head + body)
