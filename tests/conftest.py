@@ -31,6 +31,7 @@ from fastapi.routing import APIRoute
 from crmsync import db
 from crmsync.config import Settings
 from crmsync.main import create_app
+from crmsync.observability import every_route
 from crmsync.tables import metadata
 
 TEST_SECRET = "test-secret-" + "x" * 40
@@ -271,15 +272,7 @@ def serving(config: uvicorn.Config) -> Iterator[None]:
 
 def api_routes(app: FastAPI) -> list[APIRoute]:
     """Every API route of the app, those of its included routers too."""
-    found: list[APIRoute] = []
-    pending: list[Any] = list(app.routes)
-    while pending:
-        route = pending.pop(0)
-        if isinstance(route, APIRoute):
-            found.append(route)
-        elif hasattr(route, "original_router"):  # FastAPI's wrapper of an included router
-            pending.extend(route.original_router.routes)
-    return found
+    return [route for route in every_route(app.routes) if isinstance(route, APIRoute)]
 
 
 @contextlib.asynccontextmanager

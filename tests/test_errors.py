@@ -78,6 +78,17 @@ async def test_body_over_limit_is_413_before_reading_it(
     big = b"[" + b"1," * (9 * 1024 * 1024) + b"1]"
     r = await client.post("/auth/login", content=big, headers={"content-type": "application/json"})
     assert_problem(r, 413, "payload_too_large")
+    # Answered before routing, and still counted under its route, not "unmatched"
+    counted = REGISTRY.get_sample_value(
+        "crmsync_http_requests_total", {"method": "POST", "route": "/auth/login", "status": "413"}
+    )
+    assert counted is not None and counted >= 1
+    r = await client.post("/contacts", content=b"{}", headers={"content-encoding": "br"})
+    assert_problem(r, 415, "unsupported_media_type")
+    counted = REGISTRY.get_sample_value(
+        "crmsync_http_requests_total", {"method": "POST", "route": "/contacts", "status": "415"}
+    )
+    assert counted is not None and counted >= 1
 
 
 async def test_streamed_body_over_limit_is_413(client: httpx.AsyncClient) -> None:
@@ -280,6 +291,8 @@ def test_a_request_head_over_the_limit_is_refused_unread(served_protocol: int) -
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 "), answer[:200]
     assert b"content-type: application/problem+json" in head.lower()
+    assert b"\r\ncache-control: no-store\r\n" in head.lower()  # as on every answer
+    assert b"\r\nx-content-type-options: nosniff\r\n" in head.lower()
     assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}(\r\n|$)", head), head
     assert json.loads(body)["code"] == "bad_request"
 

@@ -12,7 +12,7 @@ import re
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crmsync.errors import ApiError, ServiceUnavailable, send_problem
@@ -241,6 +242,32 @@ def configure_logging(level: str) -> None:
     logging.config.dictConfig(logging_config(level))
 
 
+def every_route(routes: Iterable[BaseRoute]) -> list[BaseRoute]:
+    """The app's routes, those of its included routers too (FastAPI stands one route in for
+    each included router, its `original_router` holding the real ones, prefixed)."""
+    found: list[BaseRoute] = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        found.extend(every_route(inner.routes) if inner is not None else [route])
+    return found
+
+
+def _route_of(scope: Scope) -> str | None:
+    """The route template of a request answered before routing (a 413 or 415 of the
+    middleware, a 403 https_required), so that its metrics and log line name it; None for
+    a path no route has."""
+    app = scope.get("app")
+    if app is None:
+        return None
+    routes = getattr(app.state, "every_route", None)
+    if routes is None:
+        routes = app.state.every_route = every_route(app.routes)
+    for route in routes:
+        if route.matches(scope)[0] is not Match.NONE:
+            return str(getattr(route, "path", None))
+    return None
+
+
 class RequestContext:
     """Pure ASGI: request id (kept from X-Request-ID when sane), one JSON access line, and
     the last word on anything unexpected: logged with the request id, a plain 500
@@ -306,7 +333,7 @@ class RequestContext:
                 await send_problem(send_wrapper, error)
         finally:
             duration = time.perf_counter() - started
-            route = getattr(scope.get("route"), "path", None)
+            route = getattr(scope.get("route"), "path", None) or _route_of(scope)
             state = scope.get("state", {})
             # Unmatched paths share one label, so scanners cannot grow the series count.
             observe_request(scope["method"], route or "unmatched", status, duration)
