@@ -310,7 +310,13 @@ def test_a_database_a_newer_version_migrated_is_named_as_such(
 ) -> None:
     url = asyncio.run(make_database(f"crmsync_cli_newer_{os.getpid()}"))
     env = clean_env(CRMSYNC_DATABASE_URL=url)
-    assert run_cli("migrate", env=env, cwd=tmp_path).returncode == 0
+    done = run_cli("migrate", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    # Says which database, and its revision (credentials left out)
+    name = urlsplit(url).path.lstrip("/")
+    assert done.stdout.startswith(f"database {name} on "), done.stdout
+    assert done.stdout.rstrip().endswith("is at the newest schema, revision 0013")
+    assert "Context impl" not in done.stderr  # Alembic's chatter, on every run
 
     async def from_the_future() -> None:
         conn = await asyncpg.connect(url)
@@ -383,7 +389,7 @@ def test_backup_and_reset_password_refuse_a_data_dir_without_the_database(
     for args in (("backup",), ("reset-password", "--email", "boss@example.com")):
         r = run_cli(*args, env=env, cwd=tmp_path)
         assert r.returncode == 1, r.stdout
-        assert f"no database in {tmp_path / 'data' / 'pgdata'}" in r.stderr
+        assert r.stderr.startswith(f"crmsync: no database in {tmp_path / 'data' / 'pgdata'}")
         assert "CRMSYNC_DATA_DIR" in r.stderr
     assert not (tmp_path / "data").exists()
     assert not (tmp_path / "backups").exists()
@@ -448,6 +454,15 @@ def test_create_admin_before_the_server_refuses_and_says_to_start_it(tmp_path: P
     assert "crmsync serve" in result.stderr and "make run" in result.stderr
     assert "CRMSYNC_DATA_DIR" in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_create_admin_checks_the_email_and_name_before_asking_the_password(
+    tmp_path: Path,
+) -> None:
+    env = clean_env(CRMSYNC_DATA_DIR=str(tmp_path / "data"))
+    args = ["create-admin", "--email", "not-an-email", "--name", "N"]
+    out = on_a_terminal(args, env, tmp_path, [])
+    assert "Password" not in out and "email: value is not a valid email address" in out, out
 
 
 def test_embedded_mode_generates_one_private_secret_and_keeps_it(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
@@ -46,6 +47,9 @@ class _App(typer.Typer):
     def __call__(self, *args: object, **kwargs: object) -> object:
         try:
             return super().__call__(*args, **kwargs)
+        except FileNotFoundError as exc:  # no database where the settings point
+            typer.echo(f"crmsync: {exc}", err=True)
+            raise SystemExit(1) from None
         except (*_DATABASE_ERRORS, DBAPIError) as exc:
             cause = _database_cause(exc)
             message = str(cause).partition("\n")[0]
@@ -148,8 +152,20 @@ def serve(
 def migrate() -> None:
     """Apply pending database migrations."""
     settings = _settings()
-    db.migrate(db.database_url(settings))
-    typer.echo("database is up to date")
+    url = db.database_url(settings)
+    db.migrate(url)
+
+    async def revision() -> str:
+        async with db.connect(url) as conn:
+            return str(await conn.fetchval("SELECT version_num FROM alembic_version"))
+
+    where = urlsplit(url)
+    place = (
+        f"the embedded database in {settings.data_dir.resolve() / 'pgdata'}"
+        if settings.embedded
+        else f"database {where.path.lstrip('/')} on {where.hostname or 'the local socket'}"
+    )
+    typer.echo(f"{place} is at the newest schema, revision {asyncio.run(revision())}")
 
 
 def _invalid(exc: ValidationError) -> NoReturn:
@@ -182,10 +198,14 @@ def create_admin(
 ) -> None:
     """Create an admin user. The password comes from CRMSYNC_ADMIN_PASSWORD, else it is
     asked twice on the terminal. An existing email is left as it is (exit 0)."""
-    from crmsync.users.schemas import UserCreate
+    from crmsync.users.schemas import UserCreate, UserUpdate
     from crmsync.users.service import user_create
 
     settings = _settings()
+    try:  # the name and email as the API checks them, before the password is asked for
+        UserUpdate(name=name, email=email)
+    except ValidationError as exc:
+        _invalid(exc)
     pgdata = settings.data_dir.resolve() / "pgdata"
     if settings.embedded and not pgdata.is_dir():
         # From the wrong directory, a new, empty database here would get an admin that the

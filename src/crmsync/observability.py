@@ -213,17 +213,31 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+class _AlembicChatter(logging.Filter):
+    """Alembic says which database kind it found and that DDL is transactional on every
+    run: two lines of noise in every start-up and in the commands' prompts. Its lines on
+    migrations run stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.name == "alembic.runtime.migration"
+            and str(record.msg).startswith(("Context impl ", "Will assume "))
+        )
+
+
 def logging_config(level: str) -> dict[str, Any]:
     """JSON lines on stderr, as a dictConfig: uvicorn applies it in every worker process."""
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": JsonFormatter}},
+        "filters": {"alembic_chatter": {"()": _AlembicChatter}},
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",
                 "stream": "ext://sys.stderr",
                 "formatter": "json",
+                "filters": ["alembic_chatter"],
             }
         },
         "root": {"handlers": ["stderr"], "level": level.upper()},
