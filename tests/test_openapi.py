@@ -111,3 +111,10 @@ async def test_codes_and_headers_are_described_where_they_differ(
     contact = paths["/contacts/{contact_id}"]
     for method in ("get", "put"):
         assert "ETag" in contact[method]["responses"]["200"]["headers"], method
+
+
+async def test_an_upload_answer_describes_idempotent_replayed(client: httpx.AsyncClient) -> None:
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    for path in ("/calls", "/contacts/batch", "/sync"):
+        headers = paths[path]["post"]["responses"]["200"]["headers"]
+        assert headers["Idempotent-Replayed"]["schema"]["enum"] == ["true"], path

@@ -92,6 +92,16 @@ RETRY_AFTER = {
 }
 
 
+# On an upload's answer (the operations taking an Idempotency-Key)
+IDEMPOTENT_REPLAYED = {
+    "Idempotent-Replayed": {
+        "description": "`true` when this is the answer stored for an earlier request with the "
+        "same Idempotency-Key and body: nothing was stored now (absent otherwise)",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
+
+
 def problem_answer(description: str) -> dict[str, Any]:
     """An error answer for a route's `responses`: problem+json, as every error is."""
     schema = {"$ref": "#/components/schemas/Problem"}
@@ -157,6 +167,12 @@ def build(app: FastAPI) -> dict[str, Any]:
                     existing["content"] = problem["content"]
                     if "headers" in problem:
                         existing["headers"] = problem["headers"]
+            params = operation.get("parameters", [])
+            if (
+                any(p.get("name", "").lower() == "idempotency-key" for p in params)
+                and "200" in responses
+            ):
+                responses["200"].setdefault("headers", {}).update(IDEMPOTENT_REPLAYED)
             if (method, path) not in PUBLIC:
                 operation["security"] = [{"bearer": []}]
     return spec
