@@ -58,15 +58,25 @@ def _values_within(body: bytes, limit: int, max_items: int) -> None:
     """Each JSON value but the first follows a comma, a colon or an opening bracket, and
     takes at least two bytes with its separator: a body of up to 2 * limit bytes (every
     usual upload) holds at most limit values. A bigger one has its separators counted,
-    those in strings too at first, then without the strings when that is over the limit."""
+    those in strings too at first; when that is over the limit, the strings' own are taken
+    off one string at a time, stopping at the limit's count of strings (each is a key or a
+    value itself)."""
     if len(body) <= 2 * limit:
         return
 
     def separators(text: bytes) -> int:
         return sum(text.count(c) for c in (b",", b":", b"[", b"{"))
 
-    if separators(body) > limit and separators(_STRING.sub(b'""', body)) > limit:
-        raise PayloadTooLarge(f"More JSON values than {max_items} items may hold")
+    outside_strings = separators(body)
+    if outside_strings <= limit:
+        return
+    too_many = PayloadTooLarge(f"More JSON values than {max_items} items may hold")
+    for count, string in enumerate(_STRING.finditer(body), 1):
+        if count > limit:
+            raise too_many
+        outside_strings -= separators(string.group())
+    if outside_strings > limit:
+        raise too_many
 
 
 def batch_items(
