@@ -348,6 +348,7 @@ async def test_0013_rekeys_calls_with_a_blank_number_as_no_number(
             (None, 4),
             ("911", 5),
             (" 911", 5),
+            ("\u2003\u3000", 6),  # blank to Python's str.strip(), not only to ASCII
         ]
         await conn.executemany(
             "INSERT INTO call_logs (user_id, phone_raw, direction, duration_seconds, timestamp)"
@@ -371,6 +372,7 @@ async def test_0013_rekeys_calls_with_a_blank_number_as_no_number(
             (" ", 4),
             (" 911", 5),
             ("911", 5),
+            ("", 6),
         ]
     finally:
         await conn.close()
