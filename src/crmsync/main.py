@@ -115,6 +115,12 @@ async def on_validation_error(request: Request, exc: Exception) -> Response:
 _probes: set[asyncio.Future[None]] = set()
 
 
+def _probe_done(probe: asyncio.Future[None]) -> None:
+    _probes.discard(probe)
+    if not probe.cancelled():
+        probe.exception()  # seen: one that failed while winding down is no "never retrieved"
+
+
 def _allowed_methods(request: Request) -> str:
     """Every method some route answers at this path, for a 405's Allow (RFC 9110). Starlette's
     own names only the first route matching the path (`/contacts`: GET, not POST)."""
@@ -328,7 +334,7 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         # answer now; the check winds down on its own.
         probe = asyncio.ensure_future(check())
         _probes.add(probe)
-        probe.add_done_callback(_probes.discard)
+        probe.add_done_callback(_probe_done)
         done, _ = await asyncio.wait({probe}, timeout=1.5)
         if not done or probe.exception() is not None:
             probe.cancel()
