@@ -457,9 +457,10 @@ def test_create_admin_before_the_server_refuses_and_says_to_start_it(tmp_path: P
 
 
 def test_create_admin_checks_the_email_and_name_before_asking_the_password(
-    tmp_path: Path,
+    tmp_path: Path, make_database: Callable[[str], Awaitable[str]]
 ) -> None:
-    env = clean_env(CRMSYNC_DATA_DIR=str(tmp_path / "data"))
+    url = asyncio.run(make_database(f"crmsync_cli_bad_email_{os.getpid()}"))
+    env = clean_env(CRMSYNC_DATABASE_URL=url, CRMSYNC_JWT_SECRET=TEST_SECRET)
     args = ["create-admin", "--email", "not-an-email", "--name", "N"]
     out = on_a_terminal(args, env, tmp_path, [])
     assert "Password" not in out and "email: value is not a valid email address" in out, out

@@ -47,7 +47,7 @@ class _App(typer.Typer):
     def __call__(self, *args: object, **kwargs: object) -> object:
         try:
             return super().__call__(*args, **kwargs)
-        except FileNotFoundError as exc:  # no database where the settings point
+        except db.NoDatabase as exc:
             typer.echo(f"crmsync: {exc}", err=True)
             raise SystemExit(1) from None
         except (*_DATABASE_ERRORS, DBAPIError) as exc:
@@ -202,10 +202,6 @@ def create_admin(
     from crmsync.users.service import user_create
 
     settings = _settings()
-    try:  # the name and email as the API checks them, before the password is asked for
-        UserUpdate(name=name, email=email)
-    except ValidationError as exc:
-        _invalid(exc)
     pgdata = settings.data_dir.resolve() / "pgdata"
     if settings.embedded and not pgdata.is_dir():
         # From the wrong directory, a new, empty database here would get an admin that the
@@ -253,6 +249,10 @@ def create_admin(
     # admin has since chosen) to be the no-op the contract promises.
     existing = asyncio.run(find())
     if existing is None:
+        try:  # the name and email as the API checks them, before the password is asked for
+            UserUpdate(name=name, email=email)
+        except ValidationError as exc:
+            _invalid(exc)
         password = _new_password()
         try:
             data = UserCreate(name=name, email=email, password=password, is_admin=True)

@@ -23,9 +23,10 @@ class Settings(BaseSettings):
 
     database_url: str | None = None
     data_dir: Path = Path("data")
-    # Upper bounds too: a value past what the code or PostgreSQL can hold (a token expiry
-    # past year 9999, an interval out of range) would start the server and then fail every
-    # login with a 500; it is refused at start instead.
+    # Upper bounds too, at what a team could want (a token for a year, a lockout of a
+    # week): far past them lie values the code or PostgreSQL cannot hold (a token expiry
+    # past year 9999, an interval out of range), with which the server started and then
+    # failed every login with a 500. Refused at start instead.
     pool_min_size: int = Field(default=2, ge=1, le=1000)
     pool_max_size: int = Field(default=10, ge=1, le=1000)
     statement_timeout_ms: int = Field(default=30_000, ge=0, le=2_147_483_647)

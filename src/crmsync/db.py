@@ -179,6 +179,10 @@ def with_database(url: str, database: str) -> str:
     return urlunsplit(parts._replace(path="/" + database))
 
 
+class NoDatabase(FileNotFoundError):
+    """The settings point at a data directory without the embedded database."""
+
+
 def database_url(settings: Settings, *, create: bool = True) -> str:
     """The URL to use: the configured one, or the embedded server's (started on demand;
     made first when there is none yet, unless `create` is False: a command that only
@@ -188,7 +192,7 @@ def database_url(settings: Settings, *, create: bool = True) -> str:
         return settings.database_url
     pgdata = settings.data_dir.resolve() / "pgdata"
     if not create and not pgdata.is_dir():
-        raise FileNotFoundError(
+        raise NoDatabase(
             f"no database in {pgdata}: set CRMSYNC_DATA_DIR to the service's data directory"
             " (or CRMSYNC_DATABASE_URL to its PostgreSQL)"
         )
