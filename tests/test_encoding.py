@@ -173,8 +173,10 @@ async def test_an_upload_of_more_json_values_than_its_items_may_hold_is_a_413_un
     size = 16 * 1024 * 1024 - 100  # room for /sync's wrapper
     dicts = b"[" + b"{}," * ((size - 2) // 3 - 1) + b"{}]"
     keys = b"[{" + b",".join(b'"k%d":0' % i for i in range(1_000_000)) + b"}]"
+    strings = b"[" + b'"",' * ((size - 2) // 3 - 1) + b'""]'  # each string a value too
     for path, body in (
         ("/calls", dicts),
+        ("/calls", strings),
         ("/contacts/batch", dicts),
         ("/sync", b'{"calls": ' + dicts + b"}"),
         ("/calls", keys),
