@@ -8,7 +8,9 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 
+from crmsync.contacts import upsert
 from tests.conftest import Account, MakeUser, assert_problem, make_app
 
 T0 = datetime(2026, 10, 1, 8, 0, tzinfo=UTC)
@@ -332,3 +334,29 @@ async def test_creating_a_contact_leaves_calls_already_linked_to_another_contact
     assert r.json()["inserted"] == 1, r.text
     assert (await post(client, user, contact("Bruno", "(415) 555-0123"))).status_code == 201
     assert str(await conn.fetchval("SELECT contact_id FROM call_logs")) == office["id"]
+
+
+async def test_an_upsert_finds_each_number_by_index_not_by_scanning_contacts(
+    conn: asyncpg.Connection, user: Account
+) -> None:
+    """Both statements of the older-wins rule look each number up in
+    uq_contacts_phone_normalized: a plain join let the planner hash all of contacts for a
+    batch it guesses at 100 rows, a sequential scan on every POST /contacts (1.4 ms of
+    PostgreSQL per request at 20,000 contacts, and growing with the table)."""
+    await conn.execute(
+        """INSERT INTO contacts (name, phone_raw, phone_normalized)
+           SELECT 'c' || g, '+1415' || lpad(g::text, 7, '0'), '+1415' || lpad(g::text, 7, '0')
+           FROM generate_series(1, 20000) g"""
+    )
+    await conn.execute("ANALYZE contacts")
+    for phone in ("+14150000007", "+16505550100"):  # a stored number, a new one
+        row = upsert._row(0, name="N", raw=phone, hint=None, created_at=None, region="US")
+        rows_json = orjson.dumps([row]).decode()
+        async with conn.transaction():
+            plan = await conn.fetch("EXPLAIN " + upsert.UPSERT_SQL, rows_json, user.id)
+            created = await conn.fetchval(upsert.UPSERT_SQL, rows_json, user.id)
+            args = (rows_json, user.id, created, "[]", False)
+            plan += await conn.fetch("EXPLAIN " + upsert.RESULTS_SQL, *args)
+            text = "\n".join(r[0] for r in plan)
+            assert "Seq Scan on contacts" not in text, (phone, text)
+            assert "uq_contacts_phone_normalized on contacts" in text, (phone, text)
