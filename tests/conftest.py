@@ -62,7 +62,10 @@ async def _create_database(server_url: str, name: str) -> None:
     conn = await asyncpg.connect(server_url)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        # As crmsync makes its embedded one, where the server can (17 and later); on 15 and
+        # 16, the cluster's locale (.ci/pg15.sh makes it C.UTF-8).
+        unicode = conn.get_server_version().major >= 17
+        await conn.execute(f'CREATE DATABASE "{name}" {db.UNICODE_LOCALE if unicode else ""}')
     finally:
         await conn.close()
 

@@ -163,12 +163,14 @@ def check_create_admin_and_login(env: dict[str, str], cwd: Path, base: str) -> s
 
 def test_serve_embedded_create_admin_login_and_sigterm(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    # Slow hashes, so the sign-in below is still running when SIGTERM arrives.
-    env = clean_env(CRMSYNC_DATA_DIR=str(data_dir), CRMSYNC_BCRYPT_ROUNDS="13")
+    # Slow hashes, so the sign-in below is still running when SIGTERM arrives. In the "C"
+    # locale, as where no LANG is set: initdb's default, which the database must not take.
+    env = clean_env(CRMSYNC_DATA_DIR=str(data_dir), CRMSYNC_BCRYPT_ROUNDS="13", LC_ALL="C")
     with serving(env=env, cwd=tmp_path) as (process, base):
         check_create_admin_and_login(env, tmp_path, base)
         pgdata = (data_dir / "pgdata").resolve()
         assert postgres_processes(pgdata)
+        assert asyncio.run(folds_case(pgdata)) == (True, "C.UTF-8")
 
         in_flight: list[httpx.Response] = []
         login = threading.Thread(
@@ -195,6 +197,20 @@ def test_serve_embedded_create_admin_login_and_sigterm(tmp_path: Path) -> None:
         assert httpx.post(base + "/auth/login", json=login, timeout=30).status_code == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
+
+
+async def folds_case(pgdata: Path) -> tuple[bool, str]:
+    """Whether the embedded database folds Unicode case, and its builtin locale."""
+    conn = await asyncpg.connect(host=str(pgdata), port=5432, user="postgres", database="crmsync")
+    try:
+        row = await conn.fetchrow(
+            "SELECT lower('ÉЖ') = 'éж', datlocale FROM pg_database"
+            " WHERE datname = current_database()"
+        )
+        assert row is not None
+        return row[0], row[1]
+    finally:
+        await conn.close()
 
 
 def check_unparsable_requests_get_a_problem(base: str) -> None:

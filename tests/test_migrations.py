@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 import warnings
 from collections.abc import Awaitable, Callable
@@ -376,3 +377,31 @@ async def test_0013_rekeys_calls_with_a_blank_number_as_no_number(
         ]
     finally:
         await conn.close()
+
+
+async def test_a_database_whose_locale_folds_ascii_case_only_is_named_at_every_migration(
+    make_database: Callable[[str], Awaitable[str]],
+    server_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The contract's search is case-insensitive; in a "C" database, PostgreSQL folds only
+    ASCII letters. crmsync cannot change a database's locale, so it says so at every start."""
+    good = await make_database("crmsync_locale_unicode")
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute("DROP DATABASE IF EXISTS crmsync_locale_c")
+        await conn.execute("CREATE DATABASE crmsync_locale_c TEMPLATE template0 LOCALE 'C'")
+    finally:
+        await conn.close()
+    with caplog.at_level(logging.WARNING, logger="crmsync.db"):
+        db.migrate(good)
+        assert not caplog.records
+        db.migrate(db.with_database(server_url, "crmsync_locale_c"))
+    [record] = caplog.records
+    assert record.getMessage().startswith(
+        "database crmsync_locale_c has the locale C, which folds case in ASCII only"
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="crmsync.db"):
+        db.migrate(db.with_database(server_url, "crmsync_locale_c"))  # nothing left to apply
+    assert len(caplog.records) == 1

@@ -87,6 +87,22 @@ def run_script(script: str) -> None:
         op.execute(statement)
 
 
+# The embedded database's locale: PostgreSQL's own C.UTF-8 (17 and later), the same on every
+# machine: Unicode case for the name search (ILIKE, and pg_trgm's idea of a letter) and
+# code point order, stable across OS upgrades. Left to initdb, a database took the locale
+# of the environment that first started crmsync, and where none is set (a container, a
+# service manager) that is "C": "élodie" did not find "Élodie", and a search in Cyrillic
+# or Greek found no trigram to look up.
+UNICODE_LOCALE = (
+    "TEMPLATE template0 ENCODING 'UTF8' LOCALE_PROVIDER builtin BUILTIN_LOCALE 'C.UTF-8'"
+)
+# Whether a database's own locale folds Unicode case (checked after every migration).
+FOLDS_CASE_SQL = (
+    "SELECT lower('ÉΩЖ') = 'éωж', datname, datctype FROM pg_database"
+    " WHERE datname = current_database()"
+)
+
+
 def start_embedded(data_dir: Path) -> str:
     """Start (or find running) the embedded PostgreSQL 18 in data_dir; return its URL.
 
@@ -103,7 +119,7 @@ def start_embedded(data_dir: Path) -> str:
         "(1 row)"
     )
     if exists < 0:
-        server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
+        server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE} {UNICODE_LOCALE};")
     return with_database(admin_url, EMBEDDED_DATABASE)
 
 

@@ -123,6 +123,28 @@ async def test_search_ranks_name_prefix_before_inner_substring_then_name(
     assert [c["name"] for c in items] == ["Alicia", "alina", "Bali Tours", "Natalia"]
 
 
+async def test_search_folds_case_beyond_ascii(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await add(
+        conn,
+        ("Élodie Durand", "+14155550001"),
+        ("HÉLOÏSE", "+14155550002"),
+        ("Дмитрий Орлов", "+14155550003"),
+        ("Σωκράτης", "+14155550004"),
+        ("Elodie", "+14155550005"),
+    )
+    for q, expected in (
+        ("élo", ["Élodie Durand", "HÉLOÏSE"]),  # the prefix first
+        ("ÉLOÏ", ["HÉLOÏSE"]),
+        ("дмит", ["Дмитрий Орлов"]),
+        ("ОРЛ", ["Дмитрий Орлов"]),
+        ("ΣΩΚ", ["Σωκράτης"]),
+    ):
+        items = await walk(client, user, "/contacts/search", q=q)
+        assert [c["name"] for c in items] == expected, q
+
+
 async def test_search_pages_count_and_walk_every_match(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:

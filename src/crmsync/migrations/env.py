@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from alembic import context
 from sqlalchemy import Connection, text
 
 from crmsync import db
 from crmsync.tables import metadata
+
+log = logging.getLogger("crmsync.db")
 
 
 def _run(connection: Connection) -> None:
@@ -30,6 +33,23 @@ def _run(connection: Connection) -> None:
             _unlock(connection)
         raise
     _unlock(connection)
+    _check_locale(connection)
+
+
+def _check_locale(connection: Connection) -> None:
+    """Warn, after every migration run (so at every start), when the database's locale
+    folds case in ASCII only: the contract's case-insensitive name search then is not."""
+    folds, database, ctype = connection.execute(text(db.FOLDS_CASE_SQL)).one()
+    connection.commit()
+    if not folds:
+        log.warning(
+            "database %s has the locale %s, which folds case in ASCII only: a search for"
+            ' "élodie" does not find "Élodie", and names in other scripts are searched'
+            " without the trigram index. Move the data to a database with a UTF-8 locale:"
+            ' docs/operations.md, "The database\'s locale"',
+            database,
+            ctype,
+        )
 
 
 def _unlock(connection: Connection) -> None:
