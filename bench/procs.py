@@ -218,7 +218,15 @@ class Postgres:
         return self.execute(database, statement)[0][0][0]
 
     def create_database(self, name: str) -> None:
-        self.execute("postgres", f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}")
+        """Made as crmsync makes its embedded one (db.UNICODE_LOCALE), for both servers:
+        the same string comparisons whatever the LANG of the machine running the bench."""
+        from crmsync.db import UNICODE_LOCALE
+
+        self.execute(
+            "postgres",
+            f"DROP DATABASE IF EXISTS {name}",
+            f"CREATE DATABASE {name} {UNICODE_LOCALE}",
+        )
 
     def stop(self) -> None:
         self.server.cleanup()
