@@ -84,6 +84,36 @@ async def test_a_contact_stored_with_a_local_only_number_stays_editable(
     assert (r.status_code, r.json()["phone_normalized"]) == (200, "+13035550150")
 
 
+async def test_a_number_read_with_its_hint_keeps_it_when_sent_again_and_a_new_one_takes_one(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    """A French number spelled the French way, made with its E.164 hint on a US server: an
+    app sending the whole contact back (a new name, the same phone_raw, no hint) must not
+    move it to the US reading of that spelling (+10472103030), and a new national spelling
+    from abroad is read with its hint, as POST reads it."""
+    c = await create(client, user, phone="04 72 10 30 30", phone_normalized="+33472103030")
+    assert c["phone_normalized"] == "+33472103030"
+    r = await put(client, user, c["id"], {"name": "Sophie Martin", "phone_raw": "04 72 10 30 30"})
+    assert r.status_code == 200, r.text
+    assert (r.json()["name"], r.json()["phone_normalized"]) == ("Sophie Martin", "+33472103030")
+    found = await client.get("/contacts/lookup?phone=%2B33472103030", headers=user.headers)
+    assert found.json()["id"] == c["id"]
+    # The contact's own spelling with the contact's own name: no change, the same ETag.
+    same = await put(
+        client, user, c["id"], {"name": "Sophie Martin", "phone_raw": "04 72 10 30 30"}
+    )
+    assert same.headers["etag"] == r.headers["etag"]
+
+    london = {"phone_raw": "020 7946 0958", "phone_normalized": "+442079460958"}
+    r = await put(client, user, c["id"], london)
+    assert (r.status_code, r.json()["phone_normalized"]) == (200, "+442079460958"), r.text
+    # A hint that is not the spelling's number counts for nothing: phone_raw decides.
+    r = await put(
+        client, user, c["id"], {"phone_raw": "(415) 555-0177", "phone_normalized": "+442079460958"}
+    )
+    assert (r.status_code, r.json()["phone_normalized"]) == (200, "+14155550177"), r.text
+
+
 async def test_admin_may_edit_and_delete_anyones_contact_others_get_403(
     client: httpx.AsyncClient, user: Account, admin: Account, make_user: MakeUser
 ) -> None:

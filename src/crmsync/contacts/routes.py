@@ -272,6 +272,7 @@ async def update_contact(
         contact_id,
         name=body.name,
         phone_raw=body.phone_raw,
+        phone_hint=body.phone_normalized,
         user_id=user.id,
         is_admin=user.is_admin,
         if_match=if_match_versions(if_match),

@@ -80,7 +80,14 @@ class ContactCreate(BaseModel):
 
 class ContactUpdate(BaseModel):
     name: Name | None = None
-    phone_raw: PhoneText | None = None
+    phone_raw: Annotated[
+        PhoneText | None,
+        Field(description="As the user typed it; the contact's own spelling again is no change"),
+    ] = None
+    phone_normalized: Annotated[
+        PhoneText | None,
+        Field(description="E.164 hint for a new phone_raw, as in POST; phone_raw decides"),
+    ] = None
 
 
 class ContactOut(BaseModel):

@@ -33,7 +33,7 @@ from crmsync.pagination import (
     kept_total,
     paginate,
 )
-from crmsync.phone import normalize
+from crmsync.phone import normalize, normalize_with_hint
 
 CONTACT = Shape(
     (
@@ -234,22 +234,25 @@ async def contact_update(
     is_admin: bool,
     if_match: Sequence[int] | None,
     region: str,
+    phone_hint: str | None = None,
 ) -> ContactVersion:
     """Change a live contact's name or number (owner or admin). if_match: the versions the
-    client's If-Match names (None: last write wins)."""
+    client's If-Match names (None: last write wins). phone_hint: an E.164 hint for a new
+    phone_raw, as in POST."""
     phone = None
     if phone_raw is not None:
-        phone = normalize(phone_raw, region)
-        if phone is None:
-            # The number the contact has, sent again with its other fields, is no change:
-            # one stored before local-only numbers were refused (migration 0012) stays
-            # editable by an app that always sends the whole contact.
-            current = await conn.fetchval(
-                "SELECT phone_raw FROM contacts WHERE id = $1", contact_id
-            )
-            if current != phone_raw:
-                raise ValidationFailed.one(["body", "phone_raw"], NOT_A_PHONE, "phone")
+        current = await conn.fetchval("SELECT phone_raw FROM contacts WHERE id = $1", contact_id)
+        if phone_raw == current:
+            # The spelling the contact has, sent again with its other fields (an app that
+            # always sends the whole contact), is no change, and is not read again: read
+            # without the hint it was made with, or under another default region, it could
+            # give another number ("04 72 10 30 30", made with "+33472103030", read in the
+            # US), or none (a local-only number stored before migration 0012).
             phone_raw = None
+        else:
+            phone = normalize_with_hint(phone_raw, phone_hint, region)
+            if phone is None:
+                raise ValidationFailed.one(["body", "phone_raw"], NOT_A_PHONE, "phone")
     versions = None if if_match is None else list(if_match)
     try:
         for attempt in range(1, ATTEMPTS + 1):
