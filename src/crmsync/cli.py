@@ -198,6 +198,7 @@ def create_admin(
 ) -> None:
     """Create an admin user. The password comes from CRMSYNC_ADMIN_PASSWORD, else it is
     asked twice on the terminal. An existing email is left as it is (exit 0)."""
+    from crmsync.auth.service import registered_email
     from crmsync.users.schemas import UserCreate, UserUpdate
     from crmsync.users.service import user_create
 
@@ -226,7 +227,7 @@ def create_admin(
 
     async def find() -> asyncpg.Record | None:
         async with db.connect(url) as conn:
-            return await live_user(conn, email.strip())
+            return await live_user(conn, registered_email(email))
 
     async def create(data: UserCreate) -> asyncpg.Record | None:
         """None when `data` was created; the live user with its email when there was one."""

@@ -293,6 +293,28 @@ async def test_login_matches_emails_whose_letters_python_lowercases_otherwise(
             assert r.status_code == 200, (spelling, r.text)
 
 
+async def test_login_takes_every_spelling_of_the_address_the_admin_registered(
+    client: httpx.AsyncClient, admin: Account
+) -> None:
+    """POST /users stores an address as pydantic's EmailStr spells it: an IDNA ("xn--")
+    domain decoded, the address in NFC. Sign-in reads it the same way, so the spelling the
+    admin typed works too, and both spellings share one throttle."""
+    tag = uuid.uuid4().hex[:6]
+    for registered, stored, other in (
+        (f"maria-{tag}@xn--exmple-cua.com", f"maria-{tag}@exämple.com", None),
+        (f"jose\u0301-{tag}@example.com", f"jos\u00e9-{tag}@example.com", None),
+        (f"ana-{tag}@exämple.com", f"ana-{tag}@exämple.com", f"ana-{tag}@xn--exmple-cua.com"),
+    ):
+        body = {"name": "U", "email": registered, "password": "password-1234"}
+        r = await client.post("/users", json=body, headers=admin.headers)
+        assert (r.status_code, r.json()["email"]) == (201, stored), r.text
+        for spelling in filter(None, (registered, stored, other, registered.upper())):
+            r = await client.post(
+                "/auth/login", json={"email": spelling, "password": "password-1234"}
+            )
+            assert r.status_code == 200, (spelling, r.text)
+
+
 async def test_login_ignores_spaces_around_the_email(
     client: httpx.AsyncClient, user: Account
 ) -> None:

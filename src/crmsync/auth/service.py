@@ -12,6 +12,7 @@ from functools import cache, lru_cache
 
 import bcrypt
 import jwt
+from pydantic import EmailStr, TypeAdapter, ValidationError
 
 from crmsync import db
 from crmsync.db import Connection
@@ -171,6 +172,21 @@ async def _count_failure(conn: Connection, email_key: str, throttle: Throttle) -
     )
 
 
+_EMAIL = TypeAdapter(EmailStr)
+
+
+def registered_email(email: str) -> str:
+    """An email spelled as POST /users stores it (pydantic's EmailStr: the domain lowercased
+    and in Unicode, an "xn--" label decoded, the address in NFC), so that whichever spelling
+    an admin registered signs in; as given, stripped, when it is no address (it then
+    matches no user)."""
+    text = email.strip()
+    try:
+        return _EMAIL.validate_python(text)
+    except ValidationError:
+        return text
+
+
 async def login(
     conn: Connection,
     *,
@@ -191,7 +207,7 @@ async def login(
     """
     # Lowercased by PostgreSQL, as the unique index on lower(email) does: Python's lower()
     # differs for some letters ("İ" -> "i̇", a final "Σ" -> "ς").
-    email_key = email.strip()
+    email_key = registered_email(email)
     row = None
     async with conn.transaction():
         await conn.execute(

@@ -6,7 +6,13 @@ import uuid
 
 import asyncpg
 
-from crmsync.auth.service import USER, USER_JSON, hash_password, throttle_clear
+from crmsync.auth.service import (
+    USER,
+    USER_JSON,
+    hash_password,
+    registered_email,
+    throttle_clear,
+)
 from crmsync.db import Connection
 from crmsync.errors import CannotDeleteSelf, EmailTaken, LastAdmin, NotFound
 from crmsync.pagination import Listing, PageRequest, SortKey, paginate
@@ -108,7 +114,7 @@ async def user_reset_password(
     """The operator's way back in (`crmsync reset-password`): a live user's new password,
     which signs it out everywhere as PATCH does, its login lockout lifted, and with
     make_admin the admin right. The user's JSON; None when no live user has that email."""
-    email = email.strip()
+    email = registered_email(email)
     user_id = await conn.fetchval(
         "SELECT id FROM users WHERE lower(email) = lower($1) AND deleted_at IS NULL", email
     )
