@@ -331,7 +331,7 @@ def test_a_database_a_newer_version_migrated_is_named_as_such(
     # Says which database, and its revision (credentials left out)
     name = urlsplit(url).path.lstrip("/")
     assert done.stdout.startswith(f"database {name} on "), done.stdout
-    assert done.stdout.rstrip().endswith("is at the newest schema, revision 0013")
+    assert done.stdout.rstrip().endswith("is at the newest schema, revision 0014")
     assert "Context impl" not in done.stderr  # Alembic's chatter, on every run
 
     async def from_the_future() -> None:

@@ -405,3 +405,31 @@ async def test_a_database_whose_locale_folds_ascii_case_only_is_named_at_every_m
     with caplog.at_level(logging.WARNING, logger="crmsync.db"):
         db.migrate(db.with_database(server_url, "crmsync_locale_c"))  # nothing left to apply
     assert len(caplog.records) == 1
+
+
+async def test_0014_recomposes_contact_names_into_nfc_as_changes(
+    make_database: Callable[[str], Awaitable[str]],
+) -> None:
+    url = await make_database("crmsync_migration_0014")
+    db.migrate(url)
+    db.migrate(url, "0013")
+    conn = await asyncpg.connect(url)
+    try:
+        expands = "\u0344" * 101  # NFC makes each of these two characters: 202, left alone
+        await conn.executemany(
+            "INSERT INTO contacts (name, phone_raw, phone_normalized) VALUES ($1, $2, $2)",
+            [
+                ("E\u0301lodie", "+14155550001"),  # decomposed
+                ("\u00c9lodie", "+14155550002"),  # composed already
+                ("Ana", "+14155550003"),
+                (expands, "+14155550004"),
+            ],
+        )
+        before = dict(await conn.fetch("SELECT phone_raw, change_seq FROM contacts"))
+        db.migrate(url)  # 0014
+        rows = await conn.fetch("SELECT phone_raw, name, change_seq FROM contacts ORDER BY 1")
+        assert [r["name"] for r in rows] == ["\u00c9lodie", "\u00c9lodie", "Ana", expands]
+        moved = [r["phone_raw"] for r in rows if r["change_seq"] != before[r["phone_raw"]]]
+        assert moved == ["+14155550001"]  # a write the changes feed reports, the others not
+    finally:
+        await conn.close()

@@ -145,6 +145,24 @@ async def test_search_folds_case_beyond_ascii(
         assert [c["name"] for c in items] == expected, q
 
 
+async def test_names_are_stored_and_searched_in_nfc(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    """ "Élodie" sent with a combining accent is stored composed, and either form of q finds
+    either form of the name; its length is counted once composed."""
+    decomposed, composed = "E\u0301lodie Martin", "\u00c9lodie Martin"
+    r = await client.post(
+        "/contacts", json={"name": decomposed, "phone_raw": "+14155550001"}, headers=user.headers
+    )
+    assert (r.status_code, r.json()["contact"]["name"]) == (201, composed), r.text
+    long = {"name": "e\u0301" * 200, "phone_raw": "+14155550002"}  # 400 code points, 200 composed
+    r = await client.post("/contacts", json=long, headers=user.headers)
+    assert (r.status_code, r.json()["contact"]["name"]) == (201, "\u00e9" * 200), r.text
+    for q in ("E\u0301lo", "\u00c9lo", "e\u0301lodie m"):
+        items = await walk(client, user, "/contacts/search", q=q)
+        assert [c["name"] for c in items] == [composed], q
+
+
 async def test_search_pages_count_and_walk_every_match(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:

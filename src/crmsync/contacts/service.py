@@ -4,6 +4,7 @@ tombstones included, so a deleted contact keeps its calls and comes back with it
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,7 +93,9 @@ def _like_escape(text: str) -> str:
 
 async def contact_search(conn: Connection, page: PageRequest, *, q: str) -> bytes:
     """Live contacts whose E.164 digits contain q's digits (q mostly digits), ordered by
-    name; else whose name contains q (any case), names starting with q first."""
+    name; else whose name contains q (any case), names starting with q first. q is taken
+    in NFC, as names are stored."""
+    q = unicodedata.normalize("NFC", q)
     digits = phone_digits(q)
     if digits is not None:
         listing = Listing(
