@@ -16,6 +16,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import time
@@ -32,7 +33,7 @@ import trustme
 from alembic.script import ScriptDirectory
 from pydantic import ValidationError
 
-from crmsync import db
+from crmsync import cli, db
 from crmsync.config import Settings
 from tests.conftest import TEST_SECRET, execute, make_app
 
@@ -290,11 +291,13 @@ def test_workers_stop_when_their_supervisor_is_killed(
     orphans, with nothing watching them (or the embedded PostgreSQL), and a new `serve`
     could not bind the port."""
     url = asyncio.run(make_database(f"crmsync_cli_orphans_{os.getpid()}"))
+    (tmp_path / "tmp").mkdir()
     env = clean_env(
         CRMSYNC_DATABASE_URL=url,
         CRMSYNC_JWT_SECRET=TEST_SECRET,
         CRMSYNC_POOL_MIN_SIZE="1",
         CRMSYNC_POOL_MAX_SIZE="2",
+        TMPDIR=str(tmp_path / "tmp"),
     )
     workers: list[psutil.Process] = []
     try:
@@ -315,10 +318,31 @@ def test_workers_stop_when_their_supervisor_is_killed(
             assert not alive, "orphaned workers"
             with pytest.raises(httpx.TransportError):
                 httpx.get(base + "/healthz", timeout=2)
+            # Its metrics directory stays behind, named after it, for the next to remove.
+            assert len(list((tmp_path / "tmp").glob(f"crmsync-metrics-{process.pid}-*"))) == 1
     finally:
         for worker in workers:
             with contextlib.suppress(psutil.NoSuchProcess):
                 worker.kill()
+
+
+def test_serve_removes_the_metrics_directories_of_dead_supervisors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = psutil.Popen(["true"])  # a process that has ended: its pid is free
+    dead.wait()
+    left = [
+        tmp_path / f"crmsync-metrics-{dead.pid}-abc",  # a dead supervisor's
+        tmp_path / f"crmsync-metrics-{os.getpid()}-def",  # a live one's
+        tmp_path / "crmsync-metrics-xyz",  # older releases named none: left alone
+    ]
+    for directory in left:
+        directory.mkdir()
+        (directory / "counter_1.db").write_bytes(b"x")
+    made = Path(cli._metrics_dir())
+    assert made.parent == tmp_path and made.name.startswith(f"crmsync-metrics-{os.getpid()}-")
+    assert [d.exists() for d in left] == [False, True, True]
 
 
 def test_a_database_a_newer_version_migrated_is_named_as_such(

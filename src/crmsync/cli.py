@@ -123,7 +123,7 @@ def serve(
         os.environ[SUPERVISOR_ENV] = str(os.getpid())  # see main.exit_with_the_supervisor
         # Workers are separate processes: their metrics meet in files in a fresh directory,
         # set before any worker imports prometheus_client.
-        metrics_dir = tempfile.mkdtemp(prefix="crmsync-metrics-")
+        metrics_dir = _metrics_dir()
         atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exiting normally instead
@@ -146,6 +146,20 @@ def serve(
         access_log=False,  # crmsync.access writes the request lines
         timeout_graceful_shutdown=20,
     )
+
+
+METRICS_DIR_PREFIX = "crmsync-metrics-"
+
+
+def _metrics_dir() -> str:
+    """A fresh directory for the workers' metrics files, named after this process. Those a
+    supervisor that died without removing its own left behind (kill -9, the OOM killer)
+    are removed first: nothing reads them again."""
+    for left in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        pid = left.name.removeprefix(METRICS_DIR_PREFIX).partition("-")[0]
+        if pid.isdigit() and not db.process_alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
 
 
 @app.command()

