@@ -379,7 +379,7 @@ async def test_0013_rekeys_calls_with_a_blank_number_as_no_number(
         await conn.close()
 
 
-async def test_a_database_whose_locale_folds_ascii_case_only_is_named_at_every_migration(
+async def test_a_database_not_folding_unicode_case_is_named_at_every_migration(
     make_database: Callable[[str], Awaitable[str]],
     server_url: str,
     caplog: pytest.LogCaptureFixture,
@@ -391,6 +391,10 @@ async def test_a_database_whose_locale_folds_ascii_case_only_is_named_at_every_m
     try:
         await conn.execute("DROP DATABASE IF EXISTS crmsync_locale_c")
         await conn.execute("CREATE DATABASE crmsync_locale_c TEMPLATE template0 LOCALE 'C'")
+        await conn.execute("DROP DATABASE IF EXISTS crmsync_latin1")
+        await conn.execute(
+            "CREATE DATABASE crmsync_latin1 TEMPLATE template0 ENCODING 'LATIN1' LOCALE 'C'"
+        )
     finally:
         await conn.close()
     with caplog.at_level(logging.WARNING, logger="crmsync.db"):
@@ -405,6 +409,14 @@ async def test_a_database_whose_locale_folds_ascii_case_only_is_named_at_every_m
     with caplog.at_level(logging.WARNING, logger="crmsync.db"):
         db.migrate(db.with_database(server_url, "crmsync_locale_c"))  # nothing left to apply
     assert len(caplog.records) == 1
+    # A LATIN1 database is migrated (0013 sends it only the blanks it can hold) and named.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="crmsync.db"):
+        db.migrate(db.with_database(server_url, "crmsync_latin1"))
+    [record] = caplog.records
+    assert record.getMessage().startswith(
+        "database crmsync_latin1 has the encoding LATIN1, not UTF8"
+    )
 
 
 async def test_0014_recomposes_contact_names_into_nfc_as_changes(

@@ -96,11 +96,12 @@ def run_script(script: str) -> None:
 UNICODE_LOCALE = (
     "TEMPLATE template0 ENCODING 'UTF8' LOCALE_PROVIDER builtin BUILTIN_LOCALE 'C.UTF-8'"
 )
-# Whether a database's own locale folds Unicode case (checked after every migration).
-FOLDS_CASE_SQL = (
-    "SELECT lower('ÉΩЖ') = 'éωж', datname, datctype FROM pg_database"
-    " WHERE datname = current_database()"
-)
+# A database's name, locale and encoding, and whether its locale folds Unicode case: asked
+# only of a UTF-8 database, the only kind that can be sent É, Ω and Ж (checked after every
+# migration).
+DATABASE_LOCALE_SQL = """SELECT datname, datctype, pg_encoding_to_char(encoding)
+FROM pg_database WHERE datname = current_database()"""
+FOLDS_CASE_SQL = "SELECT lower('ÉΩЖ') = 'éωж'"
 
 
 def start_embedded(data_dir: Path) -> str:

@@ -37,11 +37,21 @@ def _run(connection: Connection) -> None:
 
 
 def _check_locale(connection: Connection) -> None:
-    """Warn, after every migration run (so at every start), when the database's locale
-    folds case in ASCII only: the contract's case-insensitive name search then is not."""
-    folds, database, ctype = connection.execute(text(db.FOLDS_CASE_SQL)).one()
+    """Warn, after every migration run (so at every start), when the database is not UTF-8
+    or its locale folds case in ASCII only: the contract's case-insensitive name search
+    then is not."""
+    database, ctype, encoding = connection.execute(text(db.DATABASE_LOCALE_SQL)).one()
+    folds = encoding == "UTF8" and connection.execute(text(db.FOLDS_CASE_SQL)).scalar()
     connection.commit()
-    if not folds:
+    if encoding != "UTF8":
+        log.warning(
+            "database %s has the encoding %s, not UTF8, which crmsync needs to store and search"
+            " names in every script. Move the data to a UTF-8 database: docs/operations.md,"
+            ' "The database\'s locale"',
+            database,
+            encoding,
+        )
+    elif not folds:
         log.warning(
             "database %s has the locale %s, which folds case in ASCII only: a search for"
             ' "élodie" does not find "Élodie", and names in other scripts are searched'

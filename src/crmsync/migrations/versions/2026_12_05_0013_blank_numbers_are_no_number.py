@@ -26,8 +26,8 @@ log = logging.getLogger("alembic.runtime.migration")
 # key another stored call already has (it was stored twice) is left as it was: nothing
 # acknowledged is deleted.
 # Blank is what Python's str.strip() empties, as the server decides it (calls.service):
-# these 29 characters. (A database that is not UTF-8 cannot hold the ones above U+00FF;
-# btrim takes those it can.)
+# these 29 characters. A database that is not UTF-8 cannot even be sent the ones beyond
+# ASCII (the conversion fails, and the migration with it): there, the ASCII ones.
 BLANK = "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
 
 # One pass over call_logs. The probe of the new key uses uq_call_logs_dedupe.
@@ -49,7 +49,10 @@ FROM rekeyed r WHERE l."timestamp" = r."timestamp" AND l.id = r.id
 
 
 def upgrade() -> None:
-    calls = op.get_bind().execute(text(REKEY), {"blank": BLANK}).rowcount
+    bind = op.get_bind()
+    utf8 = bind.execute(text("SHOW server_encoding")).scalar() == "UTF8"
+    blank = BLANK if utf8 else "".join(c for c in BLANK if c.isascii())
+    calls = bind.execute(text(REKEY), {"blank": blank}).rowcount
     if calls:
         log.info('%d calls with a blank number keep "" as phone_raw', calls)
 
