@@ -104,6 +104,13 @@ async def test_a_number_read_with_its_hint_keeps_it_when_sent_again_and_a_new_on
     )
     assert same.headers["etag"] == r.headers["etag"]
 
+    # A hint without a phone_raw changes nothing.
+    alone = await put(client, user, c["id"], {"phone_normalized": "+442079460958"})
+    assert (alone.json()["phone_normalized"], alone.headers["etag"]) == (
+        "+33472103030",
+        r.headers["etag"],
+    )
+
     london = {"phone_raw": "020 7946 0958", "phone_normalized": "+442079460958"}
     r = await put(client, user, c["id"], london)
     assert (r.status_code, r.json()["phone_normalized"]) == (200, "+442079460958"), r.text

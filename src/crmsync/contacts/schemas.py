@@ -32,8 +32,8 @@ def nfc(value: object) -> object:
     return value
 
 
-# The validator runs before the constraints whatever its place; placed first, it would
-# make pydantic check the length as a generic "items" count.
+# The validator runs before the constraints whatever its place. Placed before them, it
+# made pydantic drop them in the batch's TypedDict: a 201-character name passed.
 Name = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=NO_NUL),

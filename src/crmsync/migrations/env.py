@@ -41,8 +41,6 @@ def _check_locale(connection: Connection) -> None:
     or its locale folds case in ASCII only: the contract's case-insensitive name search
     then is not."""
     database, ctype, encoding = connection.execute(text(db.DATABASE_LOCALE_SQL)).one()
-    folds = encoding == "UTF8" and connection.execute(text(db.FOLDS_CASE_SQL)).scalar()
-    connection.commit()
     if encoding != "UTF8":
         log.warning(
             "database %s has the encoding %s, not UTF8, which crmsync needs to store and search"
@@ -51,7 +49,7 @@ def _check_locale(connection: Connection) -> None:
             database,
             encoding,
         )
-    elif not folds:
+    elif not connection.execute(text(db.FOLDS_CASE_SQL)).scalar():
         log.warning(
             "database %s has the locale %s, which folds case in ASCII only: a search for"
             ' "élodie" does not find "Élodie", and names in other scripts are searched'
@@ -60,6 +58,7 @@ def _check_locale(connection: Connection) -> None:
             database,
             ctype,
         )
+    connection.commit()
 
 
 def _unlock(connection: Connection) -> None:
