@@ -115,7 +115,7 @@ async def test_the_last_allowed_page_is_an_empty_page(
     assert (r.json()["items"], r.json()["next_cursor"]) == ([], None)
 
 
-@pytest.mark.parametrize("path", ["/contacts", "/calls"])
+@pytest.mark.parametrize("path", ["/contacts", "/calls", "/sync"])
 async def test_every_page_is_its_slice_of_the_whole_list_from_either_end(
     client: httpx.AsyncClient, admin: Account, path: str
 ) -> None:
@@ -131,9 +131,11 @@ async def test_every_page_is_its_slice_of_the_whole_list_from_either_end(
     ]
     calls.append({**calls[0], "direction": "outgoing"})  # same time: the ids break the tie
     assert (await client.post("/calls", json=calls, headers=h)).status_code == 200
+    for one in calls[:6]:  # a sync record each
+        assert (await client.post("/calls", json=[one], headers=h)).status_code == 200
     whole = (await client.get(path, params={"limit": 200}, headers=h)).json()["items"]
     total = len(whole)
-    assert total == {"/contacts": 7, "/calls": 8}[path]
+    assert total == {"/contacts": 7, "/calls": 8, "/sync": 8}[path]
     for limit in (1, 2, 3, 4, 6, 7, 8):
         pages = -(-total // limit)
         for number in range(1, pages + 2):

@@ -1,7 +1,8 @@
 """Page mode's exact `total` of GET /contacts and GET /calls (also of one user's calls, or
-one direction's: migration 0011) comes from the deltas the row_counts triggers append
-(migration 0002), not from counting the tables: it must equal count(*) after every kind of
-write, and survive compaction, TRUNCATE and the migrations."""
+one direction's: migration 0011) and of GET /sync (everyone's or one user's: migration
+0015) comes from the deltas the row_counts triggers append (migration 0002), not from
+counting the tables: it must equal count(*) after every kind of write, and survive
+compaction, TRUNCATE and the migrations."""
 
 from __future__ import annotations
 
@@ -53,6 +54,19 @@ async def assert_totals_exact(
     ]:
         r = await client.get("/calls", params={**filters, "page": 1}, headers=account.headers)
         assert r.json()["total"] == expected, filters
+    records = dict(
+        await conn.fetch(
+            "SELECT u.id::text, (SELECT count(*) FROM sync_audit s WHERE s.user_id = u.id) "
+            "FROM users u"
+        )
+    )
+    scopes = [({"user_id": u}, n) for u, n in records.items()] if account.is_admin else []
+    scopes.append(({}, sum(records.values()) if account.is_admin else records[account.id]))
+    for filters, expected in scopes:
+        for page in (1, 1000):
+            r = await client.get("/sync", params={**filters, "page": page}, headers=account.headers)
+            assert r.status_code == 200
+            assert r.json()["total"] == expected, (filters, page)
 
 
 def contact(i: int, created_at: str = "2025-01-01T00:00:00Z") -> dict[str, str]:
@@ -93,9 +107,14 @@ async def test_totals_follow_every_write(
     )
     await assert_totals_exact(client, user, conn)
 
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 3  # batch, calls twice
+    await conn.execute("DELETE FROM sync_audit WHERE ctid IN (SELECT ctid FROM sync_audit LIMIT 1)")
+    await assert_totals_exact(client, user, conn)
+
     assert await maintain(conn, prune=True, idempotency_ttl_days=8)
-    # one row for the contacts, one for each direction of the user's calls
-    assert await conn.fetchval("SELECT count(*) FROM row_counts") == 4
+    # one row for the contacts, one for each direction of the user's calls, one for the
+    # user's sync records
+    assert await conn.fetchval("SELECT count(*) FROM row_counts") == 5
     await assert_totals_exact(client, user, conn)
 
 
@@ -109,6 +128,12 @@ async def test_one_upload_of_several_users_calls_counts_each_users_own(
     await assert_totals_exact(client, admin, conn)
     r = await client.get("/calls", params={"page": 1, "user_id": user.id}, headers=user.headers)
     assert r.json()["total"] == 7
+    # The upload's one sync record is the admin's. Nothing moves a record to another user;
+    # should anything ever, the totals follow.
+    await client.post("/calls", json=[call(200)], headers=user.headers)
+    await conn.execute("UPDATE sync_audit SET user_id = $1", uuid.UUID(user.id))
+    await assert_totals_exact(client, admin, conn)
+    await assert_totals_exact(client, user, conn)
 
 
 async def test_a_rolled_back_write_counts_nothing(
@@ -129,6 +154,9 @@ async def test_truncate_zeroes_the_totals(
     await client.post("/contacts/batch", json=[contact(1)], headers=user.headers)
     await client.post("/calls", json=[call(1)], headers=user.headers)
     await conn.execute("TRUNCATE call_logs, contacts")
+    await assert_totals_exact(client, user, conn)
+    assert (await client.get("/sync?page=1", headers=user.headers)).json()["total"] == 2
+    await conn.execute("TRUNCATE sync_audit")
     await assert_totals_exact(client, user, conn)
 
 
@@ -171,17 +199,20 @@ async def test_the_migration_counts_rows_already_there(
                INSERT INTO call_logs (user_id, direction, duration_seconds, "timestamp")
                SELECT (SELECT id FROM users), (ARRAY['missed', 'incoming'])[1 + i % 2], 0,
                       now() - i * interval '1 minute'
-               FROM generate_series(1, 7) i"""
+               FROM generate_series(1, 7) i;
+               INSERT INTO sync_audit (user_id, kind)
+               SELECT (SELECT id FROM users), 'calls' FROM generate_series(1, 4)"""
         )
         db.migrate(url)
         totals = dict(await conn.fetch("SELECT name, sum(n)::bigint FROM row_counts GROUP BY name"))
-        assert totals == {"contacts": 20, "calls": 7}
+        assert totals == {"contacts": 20, "calls": 7, "sync": 4}
         kept = "SELECT direction, n FROM row_counts WHERE name = 'calls' ORDER BY direction"
         assert await conn.fetch(kept) == [("incoming", 4), ("missed", 3)]
         user_id = await conn.fetchval("SELECT id FROM users")
-        assert user_id == await conn.fetchval(
-            "SELECT DISTINCT user_id FROM row_counts WHERE name = 'calls'"
-        )
+        for name in ("calls", "sync"):
+            assert user_id == await conn.fetchval(
+                "SELECT DISTINCT user_id FROM row_counts WHERE name = $1", name
+            )
         db.migrate(url, "0010")  # back to one row of all the calls
         await conn.execute(
             'INSERT INTO call_logs (user_id, direction, duration_seconds, "timestamp") '
@@ -199,17 +230,24 @@ async def test_the_migration_counts_rows_already_there(
 
 
 async def test_unfiltered_totals_are_read_from_row_counts(
-    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+    client: httpx.AsyncClient, admin: Account, user: Account, conn: asyncpg.Connection
 ) -> None:
     # What makes the other tests here bite: the totals are the kept ones, not a count(*).
     await conn.execute(
         "INSERT INTO row_counts (name, n, user_id, direction) VALUES "
-        "('calls', 1000, NULL, NULL), ('contacts', 7, NULL, NULL), ('calls', 5, $1, 'missed')",
+        "('calls', 1000, NULL, NULL), ('contacts', 7, NULL, NULL), ('calls', 5, $1, 'missed'), "
+        "('sync', 3, $1, NULL), ('sync', 40, $2, NULL)",
         user.id,
+        uuid.uuid4(),
     )
     h = user.headers
     assert (await client.get("/calls?page=1", headers=h)).json()["total"] == 1005
     assert (await client.get("/contacts?page=1", headers=h)).json()["total"] == 7
+    assert (await client.get("/sync?page=1", headers=h)).json()["total"] == 3  # the user's
+    r = await client.get("/sync?page=1", headers=admin.headers)
+    assert r.json()["total"] == 43  # everyone's
+    r = await client.get("/sync", params={"page": 1, "user_id": user.id}, headers=admin.headers)
+    assert r.json()["total"] == 3
     for filters in ({"user_id": user.id}, {"direction": "missed"}):
         r = await client.get("/calls", params={"page": 1, **filters}, headers=h)
         assert r.json()["total"] == 5, filters

@@ -127,7 +127,8 @@ class Listing:
 
 def kept_total(name: str, where: Sequence[str] = ()) -> str:
     """The total the row_counts triggers keep: live contacts or calls (migration 0002), the
-    calls narrowed by `where` on row_counts' user_id and direction (migration 0011)."""
+    calls narrowed by `where` on row_counts' user_id and direction (migration 0011), sync
+    records (on user_id: migration 0015)."""
     conditions = "".join(f" AND {condition}" for condition in where)
     return f"SELECT coalesce(sum(n), 0)::bigint FROM row_counts WHERE name = '{name}'{conditions}"
 

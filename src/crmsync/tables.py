@@ -173,9 +173,10 @@ call_logs = Table(
     ),
 )
 
-# Exact totals of live contacts and of calls, as deltas appended by statement triggers
-# (see migration 0002); a total is the sum of a name's rows. The calls' rows say whose
-# calls and which direction they count (migration 0011).
+# Exact totals of live contacts, of calls and of sync records, as deltas appended by
+# statement triggers (see migration 0002); a total is the sum of a name's rows. The calls'
+# rows say whose calls and which direction they count (migration 0011), the sync records'
+# whose records (migration 0015).
 row_counts = Table(
     "row_counts",
     metadata,
@@ -183,7 +184,7 @@ row_counts = Table(
     Column("n", BigInteger, nullable=False),
     Column("user_id", UUID(as_uuid=True)),
     Column("direction", Text),
-    CheckConstraint("name IN ('contacts', 'calls')", name="name"),
+    CheckConstraint("name IN ('contacts', 'calls', 'sync')", name="name"),
 )
 
 # The relink rounds' marks (migration 0008, crmsync.calls.service.relink).

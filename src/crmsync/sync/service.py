@@ -15,7 +15,15 @@ import orjson
 from crmsync.db import Connection
 from crmsync.errors import BadRequest, Loc, PayloadTooLarge, ValidationFailed
 from crmsync.idempotency import Answer, idempotent
-from crmsync.pagination import Listing, PageRequest, Shape, SortKey, json_object_sql, paginate
+from crmsync.pagination import (
+    Listing,
+    PageRequest,
+    Shape,
+    SortKey,
+    json_object_sql,
+    kept_total,
+    paginate,
+)
 
 SyncKind = Literal["contacts", "calls", "sync"]
 
@@ -201,6 +209,7 @@ async def sync_list(conn: Connection, page: PageRequest, *, user_id: uuid.UUID |
         where=["s.user_id = $1"] if user_id else [],
         params=[user_id] if user_id else [],
         descending=True,
+        total_sql=kept_total("sync", ["user_id = $1"] if user_id else []),
     )
     return await paginate(conn, listing, page)
 
