@@ -610,6 +610,7 @@ async def test_a_write_that_loses_every_race_is_a_503_to_retry_and_writes_nothin
         {"phone_raw": 4155550123},
         {"name": ""},
         {"name": "   "},
+        {"name": "\u200b\u2060"},
         {"name": 123},
         {"name": "a\x00b"},
         {"name": "x" * 201},

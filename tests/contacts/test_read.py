@@ -163,6 +163,19 @@ async def test_names_are_stored_and_searched_in_nfc(
         assert [c["name"] for c in items] == [composed], q
 
 
+async def test_a_name_with_invisible_characters_among_visible_ones_is_kept_as_sent(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    """Only a name that shows nothing is refused (test_upsert); a family emoji joined by
+    zero-width joiners, or a Hebrew name behind a direction mark, is a name."""
+    for i, name in enumerate(
+        ("\U0001f468\u200d\U0001f469\u200d\U0001f467", "\u200f\u05d3\u05e0\u05d4")
+    ):
+        body = {"name": name, "phone_raw": f"+1415555000{i}"}
+        r = await client.post("/contacts", json=body, headers=user.headers)
+        assert (r.status_code, r.json()["contact"]["name"]) == (201, name), r.text
+
+
 async def test_search_pages_count_and_walk_every_match(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:

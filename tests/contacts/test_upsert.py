@@ -254,6 +254,12 @@ async def test_bad_names_and_times_are_422_and_nothing_is_written(
     bad = [
         (contact(name=""), "name"),
         (contact(name="   "), "name"),
+        # Nothing that shows: zero-width space, direction marks, a byte order mark, a line
+        # separator, a Hangul filler.
+        (contact(name="\u200b"), "name"),
+        (contact(name=" \u200e\u200f "), "name"),
+        (contact(name="\ufeff\u2028"), "name"),
+        (contact(name="\u3164\u3164"), "name"),
         (contact(name="x" * 201), "name"),
         (contact(name="a\x00b"), "name"),
         (contact(created_at=future), "created_at"),

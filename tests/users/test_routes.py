@@ -74,6 +74,7 @@ async def test_duplicate_email_in_other_case_is_409(
         {"name": "E", "email": "e@example.com", "password": "short"},
         {"name": "E", "email": "not-an-email", "password": "long-enough"},
         {"name": "", "email": "e@example.com", "password": "long-enough"},
+        {"name": "\u200b\u200e", "email": "e@example.com", "password": "long-enough"},
         {"name": "x" * 201, "email": "e@example.com", "password": "long-enough"},
         {"name": "E\x00", "email": "e@example.com", "password": "long-enough"},
         {"email": "e@example.com", "password": "long-enough"},
@@ -356,6 +357,7 @@ async def test_list_orders_by_created_at_then_id_not_by_id_alone(
     [
         {"password": "short"},
         {"name": ""},
+        {"name": "\u3164"},
         {"email": "not-an-email"},
         {"is_admin": "yes"},
         [],

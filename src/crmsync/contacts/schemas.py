@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-import unicodedata
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -18,27 +16,13 @@ from typing_extensions import TypedDict
 from crmsync.db import NO_NUL
 from crmsync.errors import ItemProblem
 from crmsync.phone import MAX_PHONE_LENGTH
+from crmsync.text import Name
 from crmsync.times import PastRfc3339
 
 MAX_BATCH = 1000
 MAX_QUERY_LENGTH = 100
 
 
-def nfc(value: object) -> object:
-    """Text in Unicode's composed form (NFC), before its length is checked: "Élodie" sent
-    with a combining accent is the same name, stored and searched alike (migration 0014)."""
-    if isinstance(value, str) and not unicodedata.is_normalized("NFC", value):
-        return unicodedata.normalize("NFC", value)
-    return value
-
-
-# The validator runs before the constraints whatever its place. Placed before them, it
-# made pydantic drop them in the batch's TypedDict: a 201-character name passed.
-Name = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=NO_NUL),
-    BeforeValidator(nfc),
-]
 PhoneText = Annotated[str, StringConstraints(max_length=MAX_PHONE_LENGTH, pattern=NO_NUL)]
 Result = Literal["created", "replaced", "existing"]
 

@@ -9,12 +9,11 @@ from pydantic import (
     EmailStr,
     Field,
     StrictBool,
-    StringConstraints,
 )
 
 from crmsync.auth.schemas import UserOut
 from crmsync.auth.service import BCRYPT_MAX_BYTES
-from crmsync.db import NO_NUL
+from crmsync.text import Name
 
 
 def _bcrypt_sized(password: str) -> str:
@@ -23,9 +22,6 @@ def _bcrypt_sized(password: str) -> str:
     return password
 
 
-Name = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=NO_NUL)
-]
 Password = Annotated[
     str,
     Field(
