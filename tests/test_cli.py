@@ -355,7 +355,9 @@ def test_a_database_a_newer_version_migrated_is_named_as_such(
     # Says which database, and its revision (credentials left out)
     name = urlsplit(url).path.lstrip("/")
     assert done.stdout.startswith(f"database {name} on "), done.stdout
-    assert done.stdout.rstrip().endswith("is at the newest schema, revision 0014")
+    versions = Path(cli.__file__).parent / "migrations" / "versions"
+    newest = max(script.name.split("_")[3] for script in versions.glob("*_*.py"))  # 0015
+    assert done.stdout.rstrip().endswith(f"is at the newest schema, revision {newest}")
     assert "Context impl" not in done.stderr  # Alembic's chatter, on every run
 
     async def from_the_future() -> None:
@@ -388,6 +390,8 @@ def test_bad_settings_and_an_unreachable_database_are_one_line_not_a_traceback(
         ("CRMSYNC_TRUSTED_PROXIES", "not-a-network"),
         ("CRMSYNC_LOG_LEVEL", "chatty"),
         ("CRMSYNC_IDEMPOTENCY_TTL_DAYS", "6"),  # the app is promised 7 days
+        ("CRMSYNC_SYNC_RECORD_RETENTION_DAYS", "6"),  # under any Idempotency-Key TTL
+        ("CRMSYNC_SYNC_RECORD_RETENTION_DAYS", "forever"),
         # Past what a token's expiry or a PostgreSQL interval holds: every login a 500
         ("CRMSYNC_TOKEN_TTL_SECONDS", "99999999999999"),
         ("CRMSYNC_LOGIN_WINDOW_SECONDS", "100000000000000000"),
@@ -410,6 +414,17 @@ def test_bad_settings_and_an_unreachable_database_are_one_line_not_a_traceback(
     result = run_cli("migrate", env=env, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("invalid settings: Value error, CRMSYNC_POOL_MIN_SIZE")
+    # A replayed upload names its sync record: kept at least as long as the answer is
+    env = clean_env(
+        CRMSYNC_DATABASE_URL=unreachable,
+        CRMSYNC_IDEMPOTENCY_TTL_DAYS="30",
+        CRMSYNC_SYNC_RECORD_RETENTION_DAYS="20",
+    )
+    result = run_cli("migrate", env=env, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(
+        "invalid settings: Value error, CRMSYNC_SYNC_RECORD_RETENTION_DAYS must not be under"
+    ), result.stderr
     result = run_cli("serve", "--port", "70000", env=clean_env(), cwd=tmp_path)
     assert result.returncode == 2 and "65535" in result.stderr, result.stderr
     assert not (tmp_path / "data").exists()  # refused before anything started

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from unittest import mock
 
 import asyncpg
 import httpx
@@ -20,7 +21,7 @@ from crmsync import db, main
 from crmsync.db import MAINTENANCE_LOCK_ID
 from crmsync.main import maintain
 from tests.calls.test_upload import call
-from tests.conftest import Account, make_settings
+from tests.conftest import Account, MakeUser, make_settings
 
 DIRECTIONS = ("incoming", "outgoing", "missed")
 
@@ -305,11 +306,18 @@ async def test_rounds_fold_every_time_relink_every_minute_and_prune_every_hour(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     rounds: list[tuple[bool, bool]] = []
+    retention: set[int | None] = set()
 
     async def record(
-        conn: object, *, prune: bool, idempotency_ttl_days: int, full_relink: bool
+        conn: object,
+        *,
+        prune: bool,
+        idempotency_ttl_days: int,
+        sync_record_retention_days: int | None,
+        full_relink: bool,
     ) -> bool:
         rounds.append((full_relink, prune))
+        retention.add(sync_record_retention_days)
         if len(rounds) == main.PRUNE_EVERY + 1:
             raise asyncio.CancelledError
         return True
@@ -322,8 +330,10 @@ async def test_rounds_fold_every_time_relink_every_minute_and_prune_every_hour(
     assert (every * main.RELINK_EVERY, every * main.PRUNE_EVERY) == (60, 3600)
     monkeypatch.setattr(main, "maintain", record)
     monkeypatch.setattr(main, "ROUND_INTERVAL_SECONDS", 0)
+    settings = make_settings("postgresql://unused/unused", sync_record_retention_days=90)
     with pytest.raises(asyncio.CancelledError):
-        await main._maintenance(Pool(), make_settings("postgresql://unused/unused"))  # type: ignore[arg-type]
+        await main._maintenance(Pool(), settings)  # type: ignore[arg-type]
+    assert retention == {90}
     relinked = [i for i, (relink, _) in enumerate(rounds) if relink]
     pruned = [i for i, (_, prune) in enumerate(rounds) if prune]
     assert relinked == list(range(0, main.PRUNE_EVERY + 1, main.RELINK_EVERY))
@@ -380,3 +390,68 @@ async def test_a_round_on_an_unavailable_database_logs_one_line_not_a_traceback(
     assert record.getMessage().startswith("maintenance skipped, database unavailable:")
     assert "ReadOnlySQLTransactionError" in record.getMessage()
     assert record.levelno == logging.WARNING and record.exc_info is None
+
+
+async def test_sync_records_are_kept_forever_or_for_the_retention_set_but_each_users_newest(
+    client: httpx.AsyncClient,
+    admin: Account,
+    user: Account,
+    make_user: MakeUser,
+    conn: asyncpg.Connection,
+) -> None:
+    """CRMSYNC_SYNC_RECORD_RETENTION_DAYS: unset, every record stays; set, the older ones go
+    but each user's newest, which GET /sync/state answers as last_sync_at. The kept totals
+    follow the deletes."""
+    await conn.execute(
+        """INSERT INTO sync_audit (user_id, kind, created_at)
+           SELECT u, 'calls', now() - d * interval '1 day'
+           FROM unnest($1::uuid[]) u, unnest(ARRAY[1, 40, 41, 100]) d""",
+        [uuid.UUID(admin.id), uuid.UUID(user.id)],
+    )
+    await conn.execute(  # a user whose every record is old
+        "INSERT INTO sync_audit (user_id, kind, created_at) VALUES ($1, 'sync', now() - interval"
+        " '50 days'), ($1, 'sync', now() - interval '60 days')",
+        uuid.UUID((await make_user()).id),
+    )
+    state = (await client.get("/sync/state", headers=user.headers)).json()
+    assert await maintain(conn, prune=True, idempotency_ttl_days=8)
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 10
+    assert await maintain(conn, prune=True, idempotency_ttl_days=8, sync_record_retention_days=30)
+    left = await conn.fetch(
+        "SELECT user_id, round(extract(epoch FROM now() - created_at) / 86400)::int AS days "
+        "FROM sync_audit ORDER BY user_id, days"
+    )
+    by_user: dict[str, list[int]] = {}
+    for row in left:
+        by_user.setdefault(str(row["user_id"]), []).append(row["days"])
+    assert sorted(by_user.values()) == [[1], [1], [50]], by_user
+    assert (await client.get("/sync/state", headers=user.headers)).json() == {
+        **state,
+        "server_time": mock.ANY,
+    }
+    await assert_totals_exact(client, admin, conn)
+
+
+async def test_a_backlog_is_deleted_in_batches_each_committed(conn: asyncpg.Connection) -> None:
+    await conn.execute(
+        "INSERT INTO revoked_tokens SELECT gen_random_uuid(), now() - interval '1 hour'"
+        " FROM generate_series(1, 7)"
+    )
+    await conn.execute(
+        "INSERT INTO revoked_tokens VALUES (gen_random_uuid(), now() + interval '1 hour')"
+    )
+    statements: list[str] = []
+
+    def logged(query: asyncpg.connection.LoggedQuery) -> None:
+        statements.append(query.query)
+
+    conn.add_query_logger(logged)
+    try:
+        assert (
+            await db.delete_in_batches(conn, "revoked_tokens", "t.expires_at < now()", batch=3) == 7
+        )
+    finally:
+        await asyncio.sleep(0)  # asyncpg calls its loggers soon after, not at once
+        conn.remove_query_logger(logged)
+    assert len(statements) == 3  # 3 + 3 + 1: the short batch is the last
+    assert await conn.fetchval("SELECT count(*) FROM revoked_tokens") == 1

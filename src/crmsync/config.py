@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     # The contract keeps an Idempotency-Key at least 7 days; a day more by default.
     idempotency_ttl_days: int = Field(default=8, ge=7, le=3650)
+    # Sync records are kept forever unless this is set. At least as long as an
+    # Idempotency-Key: a replayed answer names its sync record.
+    sync_record_retention_days: int | None = Field(default=None, ge=7, le=36500)
 
     require_https: bool = True
     trusted_proxies: Annotated[tuple[IPNetwork, ...], NoDecode] = ()
@@ -49,7 +52,7 @@ class Settings(BaseSettings):
     backup_dir: Path = Path("backups")
     log_level: str = "INFO"
 
-    @field_validator("database_url", "metrics_token", mode="before")
+    @field_validator("database_url", "metrics_token", "sync_record_retention_days", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`CRMSYNC_METRICS_TOKEN=` must not be a token an empty Bearer matches, nor
@@ -83,6 +86,18 @@ class Settings(BaseSettings):
         maximum down (CRMSYNC_POOL_MAX_SIZE=1 alone is fine; see db.create_pool)."""
         if "pool_min_size" in self.model_fields_set and self.pool_min_size > self.pool_max_size:
             raise ValueError("CRMSYNC_POOL_MIN_SIZE must not exceed CRMSYNC_POOL_MAX_SIZE")
+        return self
+
+    @model_validator(mode="after")
+    def _records_outlive_their_keys(self) -> Settings:
+        """A replayed upload answers the sync_id of its first run: that record must still
+        be there for as long as the answer is."""
+        kept = self.sync_record_retention_days
+        if kept is not None and kept < self.idempotency_ttl_days:
+            raise ValueError(
+                "CRMSYNC_SYNC_RECORD_RETENTION_DAYS must not be under"
+                f" CRMSYNC_IDEMPOTENCY_TTL_DAYS ({self.idempotency_ttl_days})"
+            )
         return self
 
     @field_validator("statement_timeout_ms")

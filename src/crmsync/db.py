@@ -61,6 +61,38 @@ async def connect(url: str) -> AsyncIterator[Connection]:
         await conn.close()
 
 
+PRUNE_BATCH = 10_000
+
+
+async def delete_in_batches(
+    conn: Connection,
+    table: str,
+    where: str,
+    *args: object,
+    oldest_first: str | None = None,
+    batch: int = PRUNE_BATCH,
+) -> int:
+    """Delete the rows of `table` (aliased `t` in `where`) that `where` matches, `batch` of
+    them a statement, each committed on its own (call it outside a transaction): a backlog
+    of millions never makes one statement that outlasts the statement timeout, nor one
+    transaction that holds their locks and its WAL for seconds. `oldest_first` names the
+    indexed column `where` bounds, so that each batch is read from its index: a sequential
+    scan would read again, batch after batch, the pages the previous ones emptied. How many
+    were deleted."""
+    order = f"ORDER BY {oldest_first} " if oldest_first else ""
+    deleted = 0
+    while True:
+        status = await conn.execute(
+            f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("
+            f"SELECT t.ctid FROM {table} t WHERE {where} {order}LIMIT {int(batch)}))",
+            *args,
+        )
+        count = int(status.split()[-1])
+        deleted += count
+        if count < batch:
+            return deleted
+
+
 def sql_statements(script: str) -> list[str]:
     """Split a migration script into statements (asyncpg prepares one at a time).
 

@@ -41,6 +41,7 @@ from crmsync.errors import (
 )
 from crmsync.middleware import BodyLimit, GzipWhenAsked, HeadAsGet, HttpsGuard, Peers
 from crmsync.observability import RequestContext, metrics_response, sample_pool
+from crmsync.sync import service as sync_service
 from crmsync.sync.routes import router as sync_router
 from crmsync.users.routes import router as users_router
 
@@ -189,11 +190,18 @@ async def on_rolled_back(request: Request, exc: Exception) -> Response:
 
 
 async def maintain(
-    conn: db.Connection, *, prune: bool, idempotency_ttl_days: int, full_relink: bool = True
+    conn: db.Connection,
+    *,
+    prune: bool,
+    idempotency_ttl_days: int,
+    sync_record_retention_days: int | None = None,
+    full_relink: bool = True,
 ) -> bool:
     """One maintenance round, in one transaction; False when another process (worker or
     machine) is running one: every process starts a round on its own timer, and they take
-    turns, never two at once."""
+    turns, never two at once. A pruning round then deletes what has expired, in batches
+    that commit one by one (db.delete_in_batches), after the round's transaction: a
+    backlog never rolls back the round, and the round's locks are not held while it goes."""
     async with conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", db.MAINTENANCE_LOCK_ID):
             return False
@@ -201,12 +209,17 @@ async def maintain(
         linked = await calls_service.relink(conn, full=full_relink)
         if linked:
             log.info("maintenance linked %d calls to contacts created while they uploaded", linked)
-        if prune:
-            await auth_service.prune(conn)
-            await conn.execute(
-                "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(days => $1)",
-                idempotency_ttl_days,
-            )
+    if prune:
+        await auth_service.prune(conn)
+        await db.delete_in_batches(
+            conn,
+            "idempotency_keys",
+            "t.created_at < now() - make_interval(days => $1)",
+            idempotency_ttl_days,
+            oldest_first="t.created_at",
+        )
+        if sync_record_retention_days is not None:
+            await sync_service.prune_records(conn, retention_days=sync_record_retention_days)
     return True
 
 
@@ -220,6 +233,7 @@ async def _maintenance(pool: db.Pool, settings: Settings) -> None:
                     full_relink=rounds % RELINK_EVERY == 0,
                     prune=rounds % PRUNE_EVERY == 0,
                     idempotency_ttl_days=settings.idempotency_ttl_days,
+                    sync_record_retention_days=settings.sync_record_retention_days,
                 )
         except _UNAVAILABLE as exc:  # one line per round while the database is away
             log.warning("maintenance skipped, database unavailable: %r", exc)

@@ -15,7 +15,7 @@ import jwt
 from pydantic import EmailStr, TypeAdapter, ValidationError
 
 from crmsync import db
-from crmsync.db import Connection
+from crmsync.db import Connection, delete_in_batches
 from crmsync.errors import InvalidCredentials, TooManyAttempts, Unauthenticated
 from crmsync.observability import LOGIN_FAILURES
 from crmsync.pagination import Shape
@@ -253,9 +253,13 @@ async def logout(conn: Connection, user: AuthedUser) -> None:
 
 
 async def prune(conn: Connection) -> None:
-    """Forget what can no longer matter: expired revocations, stale throttle rows."""
-    await conn.execute("DELETE FROM revoked_tokens WHERE expires_at < now()")
-    await conn.execute(
-        "DELETE FROM login_throttle WHERE coalesce(locked_until, window_started_at)"
-        " < now() - interval '1 day'"
+    """Forget what can no longer matter: expired revocations, stale throttle rows. Outside a
+    transaction: each batch commits."""
+    await delete_in_batches(
+        conn, "revoked_tokens", "t.expires_at < now()", oldest_first="t.expires_at"
+    )
+    await delete_in_batches(
+        conn,
+        "login_throttle",
+        "coalesce(t.locked_until, t.window_started_at) < now() - interval '1 day'",
     )

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import orjson
 
-from crmsync.db import Connection
+from crmsync.db import Connection, delete_in_batches
 from crmsync.errors import BadRequest, Loc, PayloadTooLarge, ValidationFailed
 from crmsync.idempotency import Answer, idempotent
 from crmsync.pagination import (
@@ -178,6 +178,21 @@ async def _sync_record_create(
         elapsed_ms,
     )
     return sync_id
+
+
+async def prune_records(conn: Connection, *, retention_days: int) -> int:
+    """Delete the sync records older than `retention_days` (CRMSYNC_SYNC_RECORD_RETENTION_DAYS)
+    but each user's newest, which GET /sync/state answers as last_sync_at. Outside a
+    transaction: each batch commits. How many were deleted."""
+    return await delete_in_batches(
+        conn,
+        "sync_audit",
+        "t.created_at < now() - make_interval(days => $1) AND EXISTS ("
+        "SELECT FROM sync_audit n WHERE n.user_id = t.user_id"
+        " AND (n.created_at, n.id) > (t.created_at, t.id))",
+        retention_days,
+        oldest_first="t.created_at",
+    )
 
 
 SYNC = Shape(
