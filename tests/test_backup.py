@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import stat
@@ -240,6 +241,35 @@ def test_backups_of_one_second_are_all_kept_then_pruned_to_the_newest(
     assert [f.name for f in made] == [f"{stamp}.dump", f"{stamp}-2.dump", f"{stamp}-3.dump"]
     assert backup.backups(tmp_path) == made[1:]
     assert all(f.read_bytes()[:5] == b"PGDMP" for f in made[1:])
+
+
+def test_two_backups_at_once_take_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The nightly timer and a manual run in the same second: both whole, under two names
+    (they shared one partial file, and one failed while the other reported a file still
+    being written)."""
+
+    class SameSecond(datetime):
+        @classmethod
+        def now(cls, tz: object = None) -> SameSecond:
+            return cls(2026, 12, 5, 3, 0, 0, tzinfo=UTC)
+
+    monkeypatch.setattr(backup, "datetime", SameSecond)
+    tool = tmp_path / "pg_dump"
+    tool.write_text(
+        f"#!{sys.executable}\n"
+        "import sys, time\n"
+        "out = next(a for a in sys.argv if a.startswith('--file='))[7:]\n"
+        "f = open(out, 'w'); f.write('PGDMP'); f.flush(); time.sleep(0.5); f.write(' whole')\n"
+    )
+    tool.chmod(0o755)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = [
+            pool.submit(backup.backup, "postgresql://u@h/db", tmp_path / "out", keep=5, tool=tool)
+            for _ in range(2)
+        ]
+        made = sorted(run.result().name for run in runs)
+    assert made == ["crmsync-20261205T030000Z-2.dump", "crmsync-20261205T030000Z.dump"]
+    assert [f.read_text() for f in backup.backups(tmp_path / "out")] == ["PGDMP whole"] * 2
 
 
 def test_the_database_password_reaches_pg_dump_by_environment_not_its_command_line(

@@ -5,6 +5,7 @@ all of it in one transaction, or nothing."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import re
 import subprocess
@@ -123,9 +124,20 @@ def _run(command: list[str], url: str | None = None) -> str:
     return result.stdout
 
 
+LOCK_NAME = ".crmsync-backup.lock"
+
+
 def backup(url: str, directory: Path, *, keep: int, tool: Path) -> Path:
-    """Write a timestamped dump into directory, then delete all but the newest `keep`."""
+    """Write a timestamped dump into directory, then delete all but the newest `keep`. One
+    backup into a directory at a time: a second one (the nightly timer and a manual run at
+    once) waits for the first, which would otherwise share its file names."""
     directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / LOCK_NAME, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        return _backup(url, directory, keep=keep, tool=tool)
+
+
+def _backup(url: str, directory: Path, *, keep: int, tool: Path) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     target = directory / f"{PREFIX}{stamp}{SUFFIX}"
     n = 1
