@@ -431,8 +431,25 @@ def test_bad_settings_and_an_unreachable_database_are_one_line_not_a_traceback(
     for command in (["migrate"], ["backup", "--out", str(tmp_path)]):
         result = run_cli(*command, env=clean_env(CRMSYNC_DATABASE_URL=unreachable), cwd=tmp_path)
         assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith(
+            "crmsync: cannot reach the database (CRMSYNC_DATABASE_URL): ConnectionRefusedError"
+        ), result.stderr
         assert "Connect call failed" in result.stderr and "Traceback" not in result.stderr
         assert "hunter2secret" not in result.stderr
+
+
+def test_a_database_refusing_the_role_is_named_as_the_database(
+    tmp_path: Path, server_url: str
+) -> None:
+    parts = urlsplit(server_url)
+    host = parts.netloc.rpartition("@")[2]
+    stranger = parts._replace(netloc=f"no_such_role:pw@{host}").geturl()
+    result = run_cli("migrate", env=clean_env(CRMSYNC_DATABASE_URL=stranger), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(
+        "crmsync: the database refused the connection (CRMSYNC_DATABASE_URL): "
+    ), result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_backup_and_reset_password_refuse_a_data_dir_without_the_database(

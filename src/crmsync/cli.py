@@ -8,6 +8,7 @@ import atexit
 import os
 import shutil
 import signal
+import socket
 import ssl
 import sys
 import tempfile
@@ -40,6 +41,18 @@ def _database_cause(exc: BaseException) -> BaseException:
     return found or exc
 
 
+def _what_failed(cause: BaseException) -> str:
+    """Which part an error is about, for an operator who sees only its class and message
+    (a file's error names its path itself)."""
+    if isinstance(cause, ConnectionError | socket.gaierror | TimeoutError):
+        return "cannot reach the database (CRMSYNC_DATABASE_URL): "
+    if isinstance(cause, asyncpg.InvalidAuthorizationSpecificationError):
+        return "the database refused the connection (CRMSYNC_DATABASE_URL): "
+    if isinstance(cause, asyncpg.PostgresError | asyncpg.InterfaceError):
+        return "database error: "
+    return ""
+
+
 class _App(typer.Typer):
     """An operator's mistake (a database that does not answer, a file that is in the way)
     is one line on stderr and exit 1, not a traceback."""
@@ -53,7 +66,7 @@ class _App(typer.Typer):
         except (*_DATABASE_ERRORS, DBAPIError) as exc:
             cause = _database_cause(exc)
             message = str(cause).partition("\n")[0]
-            typer.echo(f"crmsync: {type(cause).__name__}: {message}", err=True)
+            typer.echo(f"crmsync: {_what_failed(cause)}{type(cause).__name__}: {message}", err=True)
             raise SystemExit(1) from None
         except CommandError as exc:  # Alembic: most likely a database a newer crmsync migrated
             typer.echo(
@@ -64,7 +77,7 @@ class _App(typer.Typer):
             raise SystemExit(1) from None
 
 
-app = _App(no_args_is_help=True, add_completion=False, help="crmsync server")
+app = _App(no_args_is_help=True, add_completion=False, help="crmsync server", rich_markup_mode="markdown")
 
 
 def _settings() -> Settings:
