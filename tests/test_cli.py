@@ -482,7 +482,8 @@ def test_a_database_that_refuses_us_is_one_line_naming_the_cause(
         result = run_cli(*args, env=env, cwd=tmp_path)
         assert result.returncode == 1, result.stderr
         assert result.stderr == (
-            f'crmsync: InvalidCatalogNameError: database "crmsync_no_such_db_{os.getpid()}"'
+            "crmsync: the database refused the connection (CRMSYNC_DATABASE_URL): "
+            f'InvalidCatalogNameError: database "crmsync_no_such_db_{os.getpid()}"'
             " does not exist\n"
         ), args
 
@@ -508,7 +509,9 @@ def test_a_failed_migration_names_its_own_error_not_the_aborted_transaction(
         result = run_cli("migrate", env=clean_env(CRMSYNC_DATABASE_URL=as_role), cwd=tmp_path)
         assert result.returncode == 1, result.stderr
         last = result.stderr.splitlines()[-1]
-        assert last.startswith("crmsync: InsufficientPrivilegeError: permission denied"), last
+        assert last.startswith(
+            "crmsync: database error: InsufficientPrivilegeError: permission denied"
+        ), last
         assert "current transaction is aborted" not in result.stderr
         assert "Traceback" not in result.stderr
     finally:

@@ -46,7 +46,9 @@ def _what_failed(cause: BaseException) -> str:
     (a file's error names its path itself)."""
     if isinstance(cause, ConnectionError | socket.gaierror | TimeoutError):
         return "cannot reach the database (CRMSYNC_DATABASE_URL): "
-    if isinstance(cause, asyncpg.InvalidAuthorizationSpecificationError):
+    if isinstance(
+        cause, asyncpg.InvalidAuthorizationSpecificationError | asyncpg.InvalidCatalogNameError
+    ):
         return "the database refused the connection (CRMSYNC_DATABASE_URL): "
     if isinstance(cause, asyncpg.PostgresError | asyncpg.InterfaceError):
         return "database error: "
@@ -77,7 +79,9 @@ class _App(typer.Typer):
             raise SystemExit(1) from None
 
 
-app = _App(no_args_is_help=True, add_completion=False, help="crmsync server", rich_markup_mode="markdown")
+app = _App(
+    no_args_is_help=True, add_completion=False, help="crmsync server", rich_markup_mode="markdown"
+)
 
 
 def _settings() -> Settings:
