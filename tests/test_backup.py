@@ -188,9 +188,24 @@ def test_backup_restore_round_trip(
     garbage.write_bytes(os.urandom(2000))
     cut.write_bytes(files[0].read_bytes()[: files[0].stat().st_size // 2])
     for bad in (garbage, cut):
-        failed = run_cli("restore", "--force", str(bad), env=restore_env, cwd=tmp_path)
-        assert failed.returncode == 1 and "not a whole backup" in failed.stderr, failed.stderr
+        for force in (["--force"], []):  # the file is read first, with or without --force
+            failed = run_cli("restore", *force, str(bad), env=restore_env, cwd=tmp_path)
+            assert failed.returncode == 1 and "not a whole backup" in failed.stderr, failed.stderr
         assert asyncio.run(snapshot(target)) == expected
+
+
+def test_restore_of_a_wrong_path_says_what_it_is_and_makes_no_database(tmp_path: Path) -> None:
+    env = clean_env(CRMSYNC_DATA_DIR=str(tmp_path / "data"))  # the embedded database
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("not a backup")
+    for path, said in (
+        (tmp_path, "a directory, not a backup file"),
+        (tmp_path / "missing.dump", "no such backup file"),
+        (garbage, "is not a whole backup"),
+    ):
+        refused = run_cli("restore", str(path), env=env, cwd=tmp_path)
+        assert refused.returncode == 1 and said in refused.stderr, refused.stderr
+    assert not (tmp_path / "data").exists()
 
 
 def test_restore_moves_transaction_ids_past_the_changes_feed(source: str) -> None:
@@ -528,9 +543,10 @@ def test_restore_refuses_another_databases_dump_and_one_from_a_newer_postgresql(
     ours = backup.backup(source, tmp_path / "ours", keep=1, tool=backup.newest_tool("pg_dump"))
     major = asyncio.run(backup.server_major(source))
     tool = backup.newest_tool("pg_restore")
-    backup.check_archive(ours, tool=tool, server_major=major)
+    assert backup.check_archive(ours, tool=tool) == major
+    backup.check_server(ours, major, server_major=major)
     with pytest.raises(backup.BackupError, match=f"comes from PostgreSQL {major}; restore it"):
-        backup.check_archive(ours, tool=tool, server_major=major - 1)
+        backup.check_server(ours, major, server_major=major - 1)
 
 
 def test_restore_refuses_while_a_server_is_connected_to_the_database(

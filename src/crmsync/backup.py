@@ -165,15 +165,18 @@ TOC_TABLE = re.compile(r"^\d+; \d+ \d+ TABLE public (\S+) ", re.MULTILINE)
 DUMPED_FROM = re.compile(r"^;\s+Dumped from database version: (\d+)", re.MULTILINE)
 
 
-def check_archive(file: Path, *, tool: Path, server_major: int) -> None:
-    """Read the whole dump, touching no database, before `restore --force` drops anything:
-    garbage, a cut-short file, another database's dump, or one that only a newer
-    PostgreSQL than this server can load fails here."""
+def check_archive(file: Path, *, tool: Path) -> int | None:
+    """Read the whole dump before `restore` looks at the database, let alone drops anything:
+    garbage, a cut-short file or another database's dump fails here. The major version of
+    the PostgreSQL it was dumped from (None if it does not say), for check_server."""
     result = subprocess.run(  # noqa: S603 - our own tool path and arguments
         [str(tool), "--file=/dev/null", str(file)], capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
-        raise BackupError(f"{file} is not a whole backup: {result.stderr.strip()}")
+        raise BackupError(
+            f"{file} is not a whole backup (not a file `crmsync backup` wrote, or one cut"
+            f" short): {result.stderr.strip()}"
+        )
     contents = _run([str(tool), "--list", str(file)])
     missing = set(CRMSYNC_TABLES) - set(TOC_TABLE.findall(contents))
     if missing:
@@ -181,11 +184,16 @@ def check_archive(file: Path, *, tool: Path, server_major: int) -> None:
             f"{file} is no crmsync backup: it has no table {', '.join(sorted(missing))}"
         )
     dumped_from = DUMPED_FROM.search(contents)
-    if dumped_from is not None and int(dumped_from[1]) > server_major:
-        # Its SQL is that server's (e.g. 18's uuidv7() for new ids), which an older one lacks.
+    return None if dumped_from is None else int(dumped_from[1])
+
+
+def check_server(file: Path, dumped_from: int | None, *, server_major: int) -> None:
+    """A dump loads into its own PostgreSQL or a later one: its SQL is that server's (e.g.
+    18's uuidv7() for new ids), which an older one lacks."""
+    if dumped_from is not None and dumped_from > server_major:
         raise BackupError(
-            f"{file} comes from PostgreSQL {dumped_from[1]}; restore it into PostgreSQL"
-            f" {dumped_from[1]} or later (this server is {server_major})"
+            f"{file} comes from PostgreSQL {dumped_from}; restore it into PostgreSQL"
+            f" {dumped_from} or later (this server is {server_major})"
         )
 
 

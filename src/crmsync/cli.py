@@ -375,8 +375,15 @@ def restore_command(
 
     settings = _settings()
     if not file.is_file():
-        typer.echo(f"no such backup file: {file}", err=True)
+        what = "a directory, not a backup file" if file.is_dir() else "no such backup file"
+        typer.echo(f"{what}: {file}", err=True)
         raise typer.Exit(1)
+    tool = backup.newest_tool("pg_restore")
+    try:  # before anything else: a wrong file is the likeliest mistake, and touches nothing
+        dumped_from = backup.check_archive(file, tool=tool)
+    except backup.BackupError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
     url = db.database_url(settings)
     serving = asyncio.run(backup.serving_connections(url))
     if serving:
@@ -398,9 +405,8 @@ def restore_command(
         )
         raise typer.Exit(1)
     major = asyncio.run(backup.server_major(url))
-    tool = backup.newest_tool("pg_restore")
     try:
-        backup.check_archive(file, tool=tool, server_major=major)
+        backup.check_server(file, dumped_from, server_major=major)
         backup.restore(url, file, tool=tool, server_major=major, replace=bool(existing))
     except backup.BackupError as exc:
         typer.echo(str(exc), err=True)
