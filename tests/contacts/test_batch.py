@@ -37,20 +37,23 @@ async def test_batch_answers_results_in_request_order_and_stores_valid_items(
         contact("Typo", "abc"),
         {"name": "No phone"},
         "not an object",
+        contact("\u200b\u200e", "+1 415 555 0178"),  # a name that shows nothing
     ]
     r = await upload(client, user, batch, **{"X-Device-Id": "pixel-8"})
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {"sync_id", "results"}
     results = body["results"]
-    assert [x["index"] for x in results] == [0, 1, 2, 3, 4]
+    assert [x["index"] for x in results] == [0, 1, 2, 3, 4, 5]
     assert [x["result"] for x in results] == [
         "created",
         "created",
         "rejected",
         "rejected",
         "rejected",
+        "rejected",
     ]
+    assert results[5]["errors"][0]["loc"] == ["body", 5, "name"]
     assert results[0]["contact"]["name"] == "Carla Dias"
     assert results[1]["contact"]["phone_normalized"] == "+14155550177"
     assert results[2]["errors"] == [
