@@ -13,6 +13,7 @@ from crmsync.db import NO_NUL
 # direction marks, the byte order mark), separators, and the Hangul fillers, letters that
 # render as blanks. A name made of them alone would be an empty line in every list.
 _INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+MAX_NAME_LENGTH = 200
 _HANGUL_FILLERS = frozenset("\u115f\u1160\u3164\uffa0")
 
 
@@ -30,7 +31,10 @@ def name_text(value: object) -> object:
     refuses a name of spaces. Invisible characters among visible ones are kept as sent."""
     if not isinstance(value, str):
         return value
-    if _shows_nothing(value):
+    # Only a name the length check could pass is looked at character by character: a
+    # batch of megabyte-long names costs no more than before.
+    text = value.strip()
+    if len(text) <= MAX_NAME_LENGTH and _shows_nothing(text):
         return ""
     if not unicodedata.is_normalized("NFC", value):
         return unicodedata.normalize("NFC", value)
@@ -41,6 +45,8 @@ def name_text(value: object) -> object:
 # made pydantic drop them in the contact batch's TypedDict: a 201-character name passed.
 Name = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=NO_NUL),
+    StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=MAX_NAME_LENGTH, pattern=NO_NUL
+    ),
     BeforeValidator(name_text),
 ]
