@@ -455,3 +455,44 @@ async def test_a_backlog_is_deleted_in_batches_each_committed(conn: asyncpg.Conn
         conn.remove_query_logger(logged)
     assert len(statements) == 3  # 3 + 3 + 1: the short batch is the last
     assert await conn.fetchval("SELECT count(*) FROM revoked_tokens") == 1
+
+
+async def test_every_prune_reads_its_rows_through_an_index(
+    user: Account, conn: asyncpg.Connection
+) -> None:
+    """Each batch of the hourly prune finds its rows in an index: a sequential scan would
+    read the whole table again per batch, and a spray of made-up emails at the login grows
+    login_throttle by a row per attempt (migration 0016 gave it the index it lacked)."""
+    await conn.execute(
+        """INSERT INTO revoked_tokens
+             SELECT gen_random_uuid(), now() + make_interval(mins => i) FROM generate_series(1, 20000) i;
+           INSERT INTO login_throttle
+             SELECT 'spray' || i || '@example.com', 1, now() - make_interval(secs => i), NULL
+             FROM generate_series(1, 20000) i;
+           INSERT INTO login_throttle VALUES ('old@example.com', 1, now() - interval '2 days', NULL)"""
+    )
+    await conn.execute(
+        """INSERT INTO idempotency_keys (user_id, key, request_hash, created_at)
+             SELECT $1, 'k' || i, '\\x00', now() - make_interval(secs => i)
+             FROM generate_series(1, 20000) i;
+           INSERT INTO sync_audit (user_id, kind, synced_contacts, synced_calls, details, created_at)
+             SELECT $1, 'calls', 0, 0, '{}', now() - make_interval(secs => i)
+             FROM generate_series(0, 20000) i""".replace("$1", f"'{user.id}'")
+    )
+    await conn.execute("ANALYZE revoked_tokens, login_throttle, idempotency_keys, sync_audit")
+    statements: list[asyncpg.connection.LoggedQuery] = []
+    conn.add_query_logger(statements.append)
+    try:
+        assert await maintain(
+            conn, prune=True, idempotency_ttl_days=8, sync_record_retention_days=8
+        )
+    finally:
+        await asyncio.sleep(0)
+        conn.remove_query_logger(statements.append)
+    deletes = [s for s in statements if s.query.startswith("DELETE")]
+    tables = {s.query.split()[2] for s in deletes}
+    assert tables == {"revoked_tokens", "login_throttle", "idempotency_keys", "sync_audit"}
+    assert await conn.fetchval("SELECT count(*) FROM login_throttle") == 20000  # old@ went
+    for s in deletes:
+        plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + s.query, *s.args))
+        assert "Seq Scan" not in plan, plan

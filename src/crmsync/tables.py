@@ -91,6 +91,8 @@ login_throttle = Table(
     Column("failures", Integer, nullable=False),
     Column("window_started_at", TZ, nullable=False),
     Column("locked_until", TZ),
+    # What the hourly prune bounds (auth.service.prune), read oldest first (migration 0016).
+    Index("ix_login_throttle_idle_since", text("coalesce(locked_until, window_started_at)")),
 )
 
 contacts = Table(

@@ -262,4 +262,5 @@ async def prune(conn: Connection) -> None:
         conn,
         "login_throttle",
         "coalesce(t.locked_until, t.window_started_at) < now() - interval '1 day'",
+        oldest_first="coalesce(t.locked_until, t.window_started_at)",
     )
