@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 import phonenumbers
 
 MAX_PHONE_LENGTH = 64
 _POSSIBLE = phonenumbers.ValidationResult.IS_POSSIBLE  # not IS_POSSIBLE_LOCAL_ONLY
+_DIALLED = re.compile(r"[0-9\s().\-/]+")  # digits and the spacing people write between them
 
 
 @lru_cache(maxsize=65_536)
@@ -32,6 +34,34 @@ def _region_of(e164: str) -> str | None:
     return phonenumbers.region_code_for_number(phonenumbers.parse(e164))
 
 
+@lru_cache(maxsize=1)
+def _international_prefixes() -> re.Pattern[str]:
+    """Any country's prefix for dialling out of it: "00" in most, "011" in North America,
+    "0011" in Australia, "810" in Russia (libphonenumber's metadata of every region)."""
+    prefixes = {
+        meta.international_prefix
+        for region in phonenumbers.SUPPORTED_REGIONS
+        if (meta := phonenumbers.PhoneMetadata.metadata_for_region(region))
+        and meta.international_prefix
+    }
+    return re.compile("|".join(f"(?:{p})" for p in sorted(prefixes)))
+
+
+def _dialled_from_abroad(raw: str, e164: str) -> bool:
+    """Whether `raw` is `e164` dialled out of some country: an international prefix of two
+    digits or more, then the number with its country code ("001 212 208 0059" from Europe
+    for +12122080059), digits and spacing only."""
+    if not _DIALLED.fullmatch(raw):
+        return False
+    digits, number = re.sub(r"\D", "", raw), e164[1:]
+    prefix = digits[: -len(number)]
+    return (
+        digits.endswith(number)
+        and len(prefix) >= 2
+        and _international_prefixes().fullmatch(prefix) is not None
+    )
+
+
 def raw_or_hint(raw: str | None, hint: str | None) -> str | None:
     """The spelling kept as phone_raw: the hint stands in for a missing or blank one, the
     spelling from which normalize_with_hint then reads the number."""
@@ -42,7 +72,10 @@ def normalize_with_hint(raw: str | None, hint: str | None, region: str) -> str |
     """The number as the server reads it. The raw spelling decides; the client's E.164 hint
     is never taken on its word: it stands alone only when there is no raw spelling, and
     otherwise counts only when the raw spelling, read in the hint's own country, is that
-    same number (a national spelling from abroad: "020 7946 0958" with "+442079460958").
+    same number (a national spelling from abroad: "020 7946 0958" with "+442079460958"), or,
+    where the server's region reads no number in it, is that number dialled out of some
+    country ("001 212 208 0059" with "+12122080059" from a phone in Europe: a US server,
+    whose own prefix is 011, reads nothing in it alone).
     A raw spelling that is no possible number (a short code, junk) is no number, hint or not.
     """
     hinted = normalize(hint, region) if hint else None
@@ -52,4 +85,7 @@ def normalize_with_hint(raw: str | None, hint: str | None, region: str) -> str |
         hint_region = _region_of(hinted)
         if hint_region not in (None, region) and normalize(raw, hint_region) == hinted:
             return hinted
-    return normalize(raw, region)
+    read = normalize(raw, region)
+    if read is None and hinted is not None and _dialled_from_abroad(raw, hinted):
+        return hinted
+    return read

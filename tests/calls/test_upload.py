@@ -252,6 +252,16 @@ async def test_a_hint_does_not_give_a_short_code_a_number_or_a_contact(
     assert (body["inserted"], body["duplicates"]) == (0, 1), body
 
 
+async def test_a_hint_reads_a_number_dialled_out_of_another_country_and_links_its_contact(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    contact_id = await add_contact(conn, "+14155550191", name="Abroad")
+    dialled = call(0, phone_raw="001 415 555 0191", phone_normalized="+14155550191")
+    assert (await upload(client, user, [dialled])).json()["inserted"] == 1
+    row = await conn.fetchrow("SELECT phone_raw, phone_normalized, contact_id::text FROM call_logs")
+    assert tuple(row) == ("001 415 555 0191", "+14155550191", contact_id)
+
+
 async def test_an_empty_phone_raw_is_kept_as_sent(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:

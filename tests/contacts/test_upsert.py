@@ -247,6 +247,35 @@ async def test_phone_hint_reads_a_national_spelling_in_the_hints_country(
     assert r.json()["contact"]["phone_normalized"] == "+14155550123", r.text
 
 
+async def test_phone_hint_reads_a_number_dialled_out_of_another_country(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    """A phone in Europe keeps a US number as "001 ...": the US server (whose own prefix is
+    011) cannot read that alone, but it is the hint's digits behind a country's dialling-out
+    prefix. Found by a mobile developer's walkthrough: the item was rejected."""
+    abroad = [
+        ("001 212 208 0059", "+12122080059"),  # "00": most of the world
+        ("0011 44 20 7946 0958", "+442079460958"),  # Australia
+        ("810 49 30 1234 5678", "+493012345678"),  # Russia
+    ]
+    for raw, hint in abroad:
+        r = await post(client, user, contact(name=raw, phone=raw, phone_normalized=hint))
+        assert r.status_code == 201, r.text
+        assert r.json()["contact"]["phone_normalized"] == hint, r.text
+        assert r.json()["contact"]["phone_raw"] == raw
+    # No such number without the hint, or with one whose digits are not the ones dialled,
+    # or behind a single "0" (a trunk prefix, no way of dialling out of a country).
+    for raw, hint in (
+        ("001 415 555 0191", None),
+        ("001 415 555 0191", "+14155550192"),
+        ("0 1 415 555 0191", "+14155550191"),
+        ("call 001 415 555 0191", "+14155550191"),
+    ):
+        r = await post(client, user, contact(phone=raw, phone_normalized=hint))
+        assert_problem(r, 422, "validation_error")
+    assert await conn.fetchval("SELECT count(*) FROM contacts") == len(abroad)
+
+
 async def test_bad_names_and_times_are_422_and_nothing_is_written(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
