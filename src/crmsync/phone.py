@@ -29,6 +29,43 @@ def normalize(raw: str, region: str) -> str | None:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
+_WHY = "Not a possible phone number: "
+_REASONS = {
+    phonenumbers.ValidationResult.IS_POSSIBLE_LOCAL_ONLY: "dialable only locally, add its area code",
+    phonenumbers.ValidationResult.TOO_SHORT: "too few digits",
+    phonenumbers.ValidationResult.TOO_LONG: "too many digits",
+    phonenumbers.ValidationResult.INVALID_LENGTH: "no number of its country has that many digits",
+    phonenumbers.ValidationResult.INVALID_COUNTRY_CODE: "unknown country code",
+}
+_PARSE_REASONS = {
+    phonenumbers.NumberParseException.INVALID_COUNTRY_CODE: "unknown country code",
+    phonenumbers.NumberParseException.TOO_SHORT_AFTER_IDD: "too few digits",
+    phonenumbers.NumberParseException.TOO_SHORT_NSN: "too few digits",
+    phonenumbers.NumberParseException.TOO_LONG: "too many digits",
+}
+
+
+def why_not(raw: str | None, region: str) -> str:
+    """Why `normalize(raw, region)` is None, in words a phone can show its user (the `msg`
+    of a validation error of type "phone")."""
+    text = (raw or "").strip()
+    if not text:
+        return _WHY + "empty"
+    if len(text) > MAX_PHONE_LENGTH:
+        return _WHY + f"longer than {MAX_PHONE_LENGTH} characters"
+    digits = re.sub(r"\D", "", text)
+    if _DIALLED.fullmatch(text) and any(
+        _international_prefixes().fullmatch(digits[:n]) and normalize("+" + digits[n:], region)
+        for n in range(2, 5)
+    ):
+        return _WHY + "written for calling out of another country; send it with its E.164 hint"
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException as exc:
+        return _WHY + _PARSE_REASONS.get(exc.error_type, "no number in it")
+    return _WHY + _REASONS.get(phonenumbers.is_possible_number_with_reason(number), "unknown")
+
+
 @lru_cache(maxsize=4_096)
 def _region_of(e164: str) -> str | None:
     return phonenumbers.region_code_for_number(phonenumbers.parse(e164))

@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 import httpx
 import orjson
+import pytest
 
 from crmsync.contacts import upsert
 from tests.conftest import Account, MakeUser, assert_problem, make_app
@@ -201,6 +202,41 @@ async def test_phone_hint_does_not_make_a_number_of_what_phone_raw_is_not(
     )
     assert r.json()["results"][0]["result"] == "rejected", r.text
     assert await conn.fetchval("SELECT count(*) FROM contacts") == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        ("abc", "no number in it"),
+        ("*123#", "no number in it"),
+        ("911", "too few digits"),
+        ("12345", "too few digits"),
+        ("555-0150", "dialable only locally, add its area code"),
+        ("+999 123456", "unknown country code"),
+        ("+1 415 555 01234567", "too many digits"),
+        (
+            "001 212 208 0059",
+            "written for calling out of another country; send it with its E.164 hint",
+        ),
+    ],
+)
+async def test_a_number_that_is_none_says_why(
+    client: httpx.AsyncClient, user: Account, raw: str, why: str
+) -> None:
+    """The msg a phone can show its user (one for every number, until a walkthrough found
+    "a local one needs its area code" answered for "abc" and "911" alike), at each place a
+    number is read: a create, a batch item, an edit, a caller-ID lookup."""
+    msg = "Not a possible phone number: " + why
+    r = await post(client, user, contact(phone=raw))
+    assert assert_problem(r, 422, "validation_error")["errors"][0]["msg"] == msg
+    r = await client.post("/contacts/batch", json=[contact(phone=raw)], headers=user.headers)
+    assert r.json()["results"][0]["errors"][0]["msg"] == msg
+    r = await post(client, user, contact(phone="+1 415 555 0123"))
+    path = f"/contacts/{r.json()['contact']['id']}"
+    r = await client.put(path, json={"phone_raw": raw}, headers=user.headers)
+    assert assert_problem(r, 422, "validation_error")["errors"][0]["msg"] == msg
+    r = await client.get("/contacts/lookup", params={"phone": raw}, headers=user.headers)
+    assert assert_problem(r, 422, "validation_error")["errors"][0]["msg"] == msg
 
 
 async def test_a_blank_phone_raw_leaves_the_number_and_the_spelling_to_the_hint(

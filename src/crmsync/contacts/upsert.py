@@ -15,12 +15,12 @@ import orjson
 from pydantic import ValidationError
 
 from crmsync.contacts.schemas import BATCH_ADAPTER, CONTACT_ADAPTER, ContactIn, Result
-from crmsync.contacts.service import CONTACT_JSON, NOT_A_PHONE
+from crmsync.contacts.service import CONTACT_JSON
 from crmsync.db import Connection
 from crmsync.errors import Loc, ValidationFailed, item_problems
 from crmsync.observability import CONTACT_RESULTS
 from crmsync.pagination import json_object_sql
-from crmsync.phone import normalize_with_hint, raw_or_hint
+from crmsync.phone import normalize_with_hint, raw_or_hint, why_not
 from crmsync.times import as_utc
 
 # The older-wins rule, in two statements of the caller's transaction. Never read then
@@ -165,7 +165,10 @@ def _validate(
             region=region,
         )
         if row is None:
-            error = {"loc": [*loc, index, "phone_raw"], "msg": NOT_A_PHONE, "type": "phone"}
+            why = why_not(
+                raw_or_hint(contact["phone_raw"], contact.get("phone_normalized")), region
+            )
+            error = {"loc": [*loc, index, "phone_raw"], "msg": why, "type": "phone"}
             rejected.append({"index": index, "result": "rejected", "errors": [error]})
         else:
             rows.append(row)
@@ -240,7 +243,8 @@ async def contact_upsert(
     transaction."""
     row = _row(0, name=name, raw=phone_raw, hint=phone_hint, created_at=created_at, region=region)
     if row is None:
-        raise ValidationFailed.one(["body", "phone_raw"], NOT_A_PHONE, "phone")
+        why = why_not(raw_or_hint(phone_raw, phone_hint), region)
+        raise ValidationFailed.one(["body", "phone_raw"], why, "phone")
     results, counts = await _upsert(conn, [row], [], user_id=user_id, indexed=False)
     result: Result = next(r for r in ("created", "replaced", "existing") if counts[r])
     return ContactUpsert(result=result, json=results[1:-1])
