@@ -58,7 +58,7 @@ async def idempotent(
         if stored["request_hash"] != request_hash:
             raise ValidationFailed.one(
                 ["header", "Idempotency-Key"],
-                "this key was already used with another request body",
+                "this key was already used with another request (another body or endpoint)",
                 "idempotency_key_reused",
             )
         return stored["status_code"], stored["response"]

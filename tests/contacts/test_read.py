@@ -302,6 +302,27 @@ async def test_get_answers_the_contact_with_an_etag_and_404_for_deleted_unknown_
     assert_problem(r, 404, "not_found")
 
 
+async def test_if_none_match_with_the_current_etag_is_304_with_no_body(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    created = (await post(client, user, contact())).json()["contact"]
+    path = f"/contacts/{created['id']}"
+    tag = (await client.get(path, headers=user.headers)).headers["etag"]
+    for current in (tag, f"W/{tag}", f'"0", {tag}', "*"):
+        r = await client.get(path, headers={**user.headers, "If-None-Match": current})
+        assert (r.status_code, r.content, r.headers["etag"]) == (304, b"", tag), current
+    for stale in ('"0"', "junk", '""'):
+        r = await client.get(path, headers={**user.headers, "If-None-Match": stale})
+        assert r.status_code == 200 and r.json() == created, stale
+    await client.put(path, json={"name": "Renamed"}, headers=user.headers)
+    r = await client.get(path, headers={**user.headers, "If-None-Match": tag})
+    assert r.status_code == 200 and r.json()["name"] == "Renamed"
+    assert r.headers["etag"] != tag
+    await client.delete(path, headers=user.headers)
+    r = await client.get(path, headers={**user.headers, "If-None-Match": "*"})
+    assert_problem(r, 404, "not_found")
+
+
 async def test_contacts_need_a_token(client: httpx.AsyncClient) -> None:
     for path in ("/contacts", "/contacts/search?q=a", "/contacts/changes"):
         assert_problem(await client.get(path), 401, "unauthenticated")

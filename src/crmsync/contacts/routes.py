@@ -42,6 +42,10 @@ IfMatch = Annotated[
     str | None,
     Header(description="The contact's ETag: a stale one is 412 and nothing changes"),
 ]
+IfNoneMatch = Annotated[
+    str | None,
+    Header(description="An ETag the phone holds: 304 with no body while it is current"),
+]
 
 
 ETAG_ANSWER = {
@@ -156,12 +160,22 @@ async def contact_changes(
     response_model=ContactOut,
     summary="One contact",
     description="With an `ETag` header, for `If-Match` on PUT and DELETE. A deleted "
-    "contact is 404.",
-    responses={200: ETAG_ANSWER},
+    "contact is 404. `If-None-Match` with the current ETag (or `*`) is 304 with no body.",
+    responses={
+        200: ETAG_ANSWER,
+        304: {"description": "The ETag sent in If-None-Match is the current one"},
+    },
 )
-async def get_contact(contact_id: uuid.UUID, user: CurrentUser, conn: Conn) -> Response:
+async def get_contact(
+    contact_id: uuid.UUID, user: CurrentUser, conn: Conn, if_none_match: IfNoneMatch = None
+) -> Response:
     contact = await service.contact_get(conn, contact_id)
-    return JSONBytes(contact.json, headers={"ETag": etag(contact.version)})
+    headers = {"ETag": etag(contact.version)}
+    # RFC 9110 13.1.2: any tag naming the current version matches, weak or strong.
+    versions = if_match_versions(if_none_match)
+    if if_none_match is not None and (versions is None or contact.version in versions):
+        return Response(status_code=304, headers=headers)
+    return JSONBytes(contact.json, headers=headers)
 
 
 @router.post(
