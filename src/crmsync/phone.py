@@ -58,7 +58,7 @@ def why_not(raw: str | None, region: str) -> str:
         _international_prefixes().fullmatch(digits[:n]) and normalize("+" + digits[n:], region)
         for n in range(2, 5)
     ):
-        return _WHY + "written for calling out of another country; send it with its E.164 hint"
+        return _WHY + "written for calling out of another country, give it with its +country code"
     try:
         number = phonenumbers.parse(text, region)
     except phonenumbers.NumberParseException as exc:

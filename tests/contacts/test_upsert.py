@@ -216,7 +216,7 @@ async def test_phone_hint_does_not_make_a_number_of_what_phone_raw_is_not(
         ("+1 415 555 01234567", "too many digits"),
         (
             "001 212 208 0059",
-            "written for calling out of another country; send it with its E.164 hint",
+            "written for calling out of another country, give it with its +country code",
         ),
     ],
 )
