@@ -53,11 +53,7 @@ def why_not(raw: str | None, region: str) -> str:
         return _WHY + "empty"
     if len(text) > MAX_PHONE_LENGTH:
         return _WHY + f"longer than {MAX_PHONE_LENGTH} characters"
-    digits = re.sub(r"\D", "", text)
-    if _DIALLED.fullmatch(text) and any(
-        _international_prefixes().fullmatch(digits[:n]) and normalize("+" + digits[n:], region)
-        for n in range(2, 5)
-    ):
+    if _dialled_from_abroad(text, region):
         return _WHY + "written for calling out of another country, give it with its +country code"
     try:
         number = phonenumbers.parse(text, region)
@@ -84,19 +80,20 @@ def _international_prefixes() -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{p})" for p in sorted(prefixes)))
 
 
-def _dialled_from_abroad(raw: str, e164: str) -> bool:
-    """Whether `raw` is `e164` dialled out of some country: an international prefix of two
-    digits or more, then the number with its country code ("001 212 208 0059" from Europe
-    for +12122080059), digits and spacing only."""
+def _dialled_from_abroad(raw: str, region: str) -> list[str]:
+    """The numbers `raw` can be as dialled out of some country: an international prefix of
+    two digits or more (not a trunk "0"), then a number with its country code, in digits and
+    spacing only. "001 212 208 0059" is +12122080059 dialled from Europe; "0049 30 1234567"
+    is "00" and +49..., or "004" and +9..., which only a hint can tell apart."""
     if not _DIALLED.fullmatch(raw):
-        return False
-    digits, number = re.sub(r"\D", "", raw), e164[1:]
-    prefix = digits[: -len(number)]
-    return (
-        digits.endswith(number)
-        and len(prefix) >= 2
-        and _international_prefixes().fullmatch(prefix) is not None
-    )
+        return []
+    digits = re.sub(r"\D", "", raw)
+    prefixes = _international_prefixes()
+    return [
+        number
+        for n in range(2, min(len(digits), 9))
+        if prefixes.fullmatch(digits[:n]) and (number := normalize("+" + digits[n:], region))
+    ]
 
 
 def raw_or_hint(raw: str | None, hint: str | None) -> str | None:
@@ -123,6 +120,6 @@ def normalize_with_hint(raw: str | None, hint: str | None, region: str) -> str |
         if hint_region not in (None, region) and normalize(raw, hint_region) == hinted:
             return hinted
     read = normalize(raw, region)
-    if read is None and hinted is not None and _dialled_from_abroad(raw, hinted):
+    if read is None and hinted is not None and hinted in _dialled_from_abroad(raw, region):
         return hinted
     return read
