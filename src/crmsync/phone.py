@@ -53,7 +53,7 @@ def why_not(raw: str | None, region: str) -> str:
         return _WHY + "empty"
     if len(text) > MAX_PHONE_LENGTH:
         return _WHY + f"longer than {MAX_PHONE_LENGTH} characters"
-    if _dialled_from_abroad(text, region):
+    if _could_be_dialled_from_abroad(text, region):
         return _WHY + "written for calling out of another country, give it with its +country code"
     try:
         number = phonenumbers.parse(text, region)
@@ -80,20 +80,36 @@ def _international_prefixes() -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{p})" for p in sorted(prefixes)))
 
 
-def _dialled_from_abroad(raw: str, region: str) -> list[str]:
-    """The numbers `raw` can be as dialled out of some country: an international prefix of
-    two digits or more (not a trunk "0"), then a number with its country code, in digits and
-    spacing only. "001 212 208 0059" is +12122080059 dialled from Europe; "0049 30 1234567"
-    is "00" and +49..., or "004" and +9..., which only a hint can tell apart."""
-    if not _DIALLED.fullmatch(raw):
-        return []
-    digits = re.sub(r"\D", "", raw)
-    prefixes = _international_prefixes()
-    return [
-        number
+def _international_prefix(digits: str) -> bool:
+    """Whether `digits` dial out of some country: two digits or more (not a trunk "0")."""
+    return len(digits) >= 2 and _international_prefixes().fullmatch(digits) is not None
+
+
+def _digits(raw: str) -> str | None:
+    """The digits of a spelling of digits and spacing only, else None."""
+    return re.sub(r"\D", "", raw) if _DIALLED.fullmatch(raw) else None
+
+
+def _dialled_from_abroad(raw: str, e164: str) -> bool:
+    """Whether `raw` is `e164` dialled out of some country: an international prefix, then
+    the number with its country code ("001 212 208 0059" from Europe for +12122080059)."""
+    digits, number = _digits(raw), e164[1:]
+    return (
+        digits is not None
+        and digits.endswith(number)
+        and _international_prefix(digits[: len(digits) - len(number)])
+    )
+
+
+def _could_be_dialled_from_abroad(raw: str, region: str) -> bool:
+    """Whether `raw` is some number dialled out of some country. Only an error's reason asks
+    (each prefix tried is a parse): "0049 30 1234567" is "00" and +49... or "004" and +9...,
+    which only a hint tells apart."""
+    digits = _digits(raw) or ""
+    return any(
+        _international_prefix(digits[:n]) and normalize("+" + digits[n:], region)
         for n in range(2, min(len(digits), 9))
-        if prefixes.fullmatch(digits[:n]) and (number := normalize("+" + digits[n:], region))
-    ]
+    )
 
 
 def raw_or_hint(raw: str | None, hint: str | None) -> str | None:
@@ -120,6 +136,6 @@ def normalize_with_hint(raw: str | None, hint: str | None, region: str) -> str |
         if hint_region not in (None, region) and normalize(raw, hint_region) == hinted:
             return hinted
     read = normalize(raw, region)
-    if read is None and hinted is not None and hinted in _dialled_from_abroad(raw, region):
+    if read is None and hinted is not None and _dialled_from_abroad(raw, hinted):
         return hinted
     return read
