@@ -9,7 +9,7 @@ import phonenumbers
 
 MAX_PHONE_LENGTH = 64
 _POSSIBLE = phonenumbers.ValidationResult.IS_POSSIBLE  # not IS_POSSIBLE_LOCAL_ONLY
-_DIALLED = re.compile(r"[0-9\s().\-/]+")  # digits and the spacing people write between them
+_DIALLED = re.compile(r"[\d\s().\-/]+")  # digits (any script's) and the spacing between them
 
 
 @lru_cache(maxsize=65_536)
@@ -86,18 +86,32 @@ def _international_prefix(digits: str) -> bool:
 
 
 def _digits(raw: str) -> str | None:
-    """The digits of a spelling of digits and spacing only, else None."""
-    return re.sub(r"\D", "", raw) if _DIALLED.fullmatch(raw) else None
+    """The digits, as ASCII, of a spelling of digits and spacing only, else None."""
+    text = raw.strip()
+    if len(text) > MAX_PHONE_LENGTH or not _DIALLED.fullmatch(text):
+        return None
+    return str(phonenumbers.normalize_digits_only(text))
+
+
+@lru_cache(maxsize=4_096)
+def _valid(e164: str) -> bool:
+    """Whether a number is in a range its country has given out, not only of a possible
+    length (libphonenumber's metadata)."""
+    return bool(phonenumbers.is_valid_number(phonenumbers.parse(e164)))
 
 
 def _dialled_from_abroad(raw: str, e164: str) -> bool:
     """Whether `raw` is `e164` dialled out of some country: an international prefix, then
-    the number with its country code ("001 212 208 0059" from Europe for +12122080059)."""
+    the number with its country code ("001 212 208 0059" from Europe for +12122080059). The
+    number must be a valid one: the prefixes of all countries together take many lengths
+    ("003" is one too), so "0034 912 345 678" is +34 912 345 678 or +49 1234 5678, and only
+    the first is a number anyone has."""
     digits, number = _digits(raw), e164[1:]
     return (
         digits is not None
         and digits.endswith(number)
         and _international_prefix(digits[: len(digits) - len(number)])
+        and _valid(e164)
     )
 
 
@@ -107,7 +121,9 @@ def _could_be_dialled_from_abroad(raw: str, region: str) -> bool:
     which only a hint tells apart."""
     digits = _digits(raw) or ""
     return any(
-        _international_prefix(digits[:n]) and normalize("+" + digits[n:], region)
+        _international_prefix(digits[:n])
+        and (number := normalize("+" + digits[n:], region)) is not None
+        and _valid(number)
         for n in range(2, min(len(digits), 9))
     )
 

@@ -293,6 +293,11 @@ async def test_phone_hint_reads_a_number_dialled_out_of_another_country(
         ("001 212 208 0059", "+12122080059"),  # "00": most of the world
         ("0011 44 20 7946 0958", "+442079460958"),  # Australia
         ("810 49 30 1234 5678", "+493012345678"),  # Russia
+        # Arabic-Indic digits, which phonenumbers reads as everywhere else
+        (
+            "\u0660\u0660\u0661 \u0662\u0661\u0662 \u0662\u0660\u0668 \u0660\u0660\u0665\u0668",
+            "+12122080058",
+        ),
     ]
     for raw, hint in abroad:
         r = await post(client, user, contact(name=raw, phone=raw, phone_normalized=hint))
@@ -300,12 +305,16 @@ async def test_phone_hint_reads_a_number_dialled_out_of_another_country(
         assert r.json()["contact"]["phone_normalized"] == hint, r.text
         assert r.json()["contact"]["phone_raw"] == raw
     # No such number without the hint, or with one whose digits are not the ones dialled,
-    # or behind a single "0" (a trunk prefix, no way of dialling out of a country).
+    # or behind a single "0" (a trunk prefix, no way of dialling out of a country), or one
+    # no country has given out: "003" is a prefix too, but +49 1234 5678 is no number, and
+    # the spelling is the Madrid number +34 912 345 678 dialled with "00".
     for raw, hint in (
         ("001 415 555 0191", None),
         ("001 415 555 0191", "+14155550192"),
         ("0 1 415 555 0191", "+14155550191"),
         ("call 001 415 555 0191", "+14155550191"),
+        ("0034 912 345 678", "+4912345678"),
+        ("0091 22 1234 5678", "+12212345678"),
     ):
         r = await post(client, user, contact(phone=raw, phone_normalized=hint))
         assert_problem(r, 422, "validation_error")
