@@ -45,10 +45,10 @@ _PARSE_REASONS = {
 }
 
 
-def why_not(raw: str | None, region: str) -> str:
-    """Why `normalize(raw, region)` is None, in words a phone can show its user (the `msg`
-    of a validation error of type "phone")."""
-    text = (raw or "").strip()
+def why_not(raw: str | None, hint: str | None, region: str) -> str:
+    """Why `normalize_with_hint(raw, hint, region)` is None, in words a phone can show its
+    user (the `msg` of a validation error of type "phone")."""
+    text = (raw_or_hint(raw, hint) or "").strip()
     if not text:
         return _WHY + "empty"
     if len(text) > MAX_PHONE_LENGTH:

@@ -34,7 +34,7 @@ from crmsync.pagination import (
     kept_total,
     paginate,
 )
-from crmsync.phone import normalize, normalize_with_hint, raw_or_hint, why_not
+from crmsync.phone import normalize, normalize_with_hint, why_not
 
 CONTACT = Shape(
     (
@@ -128,7 +128,7 @@ async def contact_lookup(conn: Connection, *, phone: str, region: str) -> str:
     """The live contact with this number in any spelling (caller ID)."""
     normalized = normalize(phone, region)
     if normalized is None:
-        raise ValidationFailed.one(["query", "phone"], why_not(phone, region), "phone")
+        raise ValidationFailed.one(["query", "phone"], why_not(phone, None, region), "phone")
     json: str | None = await conn.fetchval(
         f"SELECT {CONTACT_JSON}::text FROM contacts c"
         " WHERE c.phone_normalized = $1 AND NOT c.deleted",
@@ -253,7 +253,7 @@ async def contact_update(
         else:
             phone = normalize_with_hint(phone_raw, phone_hint, region)
             if phone is None:
-                why = why_not(raw_or_hint(phone_raw, phone_hint), region)
+                why = why_not(phone_raw, phone_hint, region)
                 raise ValidationFailed.one(["body", "phone_raw"], why, "phone")
     versions = None if if_match is None else list(if_match)
     try:

@@ -165,9 +165,7 @@ def _validate(
             region=region,
         )
         if row is None:
-            why = why_not(
-                raw_or_hint(contact["phone_raw"], contact.get("phone_normalized")), region
-            )
+            why = why_not(contact["phone_raw"], contact.get("phone_normalized"), region)
             error = {"loc": [*loc, index, "phone_raw"], "msg": why, "type": "phone"}
             rejected.append({"index": index, "result": "rejected", "errors": [error]})
         else:
@@ -243,7 +241,7 @@ async def contact_upsert(
     transaction."""
     row = _row(0, name=name, raw=phone_raw, hint=phone_hint, created_at=created_at, region=region)
     if row is None:
-        why = why_not(raw_or_hint(phone_raw, phone_hint), region)
+        why = why_not(phone_raw, phone_hint, region)
         raise ValidationFailed.one(["body", "phone_raw"], why, "phone")
     results, counts = await _upsert(conn, [row], [], user_id=user_id, indexed=False)
     result: Result = next(r for r in ("created", "replaced", "existing") if counts[r])
