@@ -46,7 +46,8 @@ async def test_one_json_access_line_per_request(
     client: httpx.AsyncClient, user: Account, log: JsonLog
 ) -> None:
     r = await client.get(
-        "/auth/me", headers={**user.headers, "X-Request-ID": "req-42", "X-Device-ID": "pixel-7"}
+        "/auth/me",
+        headers={**user.headers, "X-Request-ID": "req-42", "X-Device-ID": "Zoë's pixel".encode()},
     )
     assert r.status_code == 200 and r.headers["x-request-id"] == "req-42"
     access = [json.loads(line) for line in log.lines() if '"crmsync.access"' in line]
@@ -55,7 +56,7 @@ async def test_one_json_access_line_per_request(
     assert entry["time"].endswith("Z") and entry["level"] == "info"
     assert entry["request_id"] == "req-42"
     assert (entry["method"], entry["route"], entry["status"]) == ("GET", "/auth/me", 200)
-    assert entry["user_id"] == user.id and entry["device_id"] == "pixel-7"
+    assert entry["user_id"] == user.id and entry["device_id"] == "Zoë's pixel"
     assert isinstance(entry["duration_ms"], float)
 
 

@@ -21,6 +21,7 @@ from crmsync.auth.service import AuthedUser, authenticate, signed_claims
 from crmsync.config import Settings
 from crmsync.db import Connection, request_connection, request_transaction
 from crmsync.errors import BadRequest, Forbidden, Unauthenticated
+from crmsync.observability import header_text
 from crmsync.pagination import DEFAULT_LIMIT, MAX_LIMIT, MAX_PAGE, PageRequest
 
 # Statements on Conn commit one by one: reads, single-statement writes, and sign-in,
@@ -59,9 +60,17 @@ IdempotencyKey = Annotated[
         json_schema_extra={"minLength": 1, "maxLength": 200},
     ),
 ]
-DeviceId = Annotated[
-    str | None, Header(description="Stable per-install id, kept on the sync record")
-]
+
+
+async def device_id(
+    x_device_id: Annotated[
+        str | None, Header(description="Stable per-install id, kept on the sync record")
+    ] = None,
+) -> str | None:
+    return header_text(x_device_id.encode("latin-1")) if x_device_id else None
+
+
+DeviceId = Annotated[str | None, Depends(device_id)]
 
 
 def bearer_token(request: Request) -> str | None:

@@ -282,6 +282,16 @@ def _route_of(scope: Scope) -> str | None:
     return None
 
 
+def header_text(raw: bytes) -> str:
+    """A header's text as the phone wrote it. HTTP hands over header bytes as Latin-1, but a
+    phone that names itself "Zoë's Pixel" sends UTF-8, which read as Latin-1 would be kept
+    as "ZoÃ«'s Pixel". Bytes that are no UTF-8 are read as Latin-1, as before."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 class RequestContext:
     """Pure ASGI: request id (kept from X-Request-ID when sane), one JSON access line, and
     the last word on anything unexpected: logged with the request id, a plain 500
@@ -300,7 +310,7 @@ class RequestContext:
             if name == b"x-request-id":
                 incoming = value.decode("latin-1")
             elif name == b"x-device-id":
-                device = value.decode("latin-1")[:200]
+                device = header_text(value)[:200]
         request_id = (
             incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
         )

@@ -84,6 +84,21 @@ async def test_the_sync_record_keeps_the_first_200_characters_of_the_device_id(
     assert kept == device[:200]
 
 
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        ("Zoë's Pixel 8 · Ж".encode(), "Zoë's Pixel 8 · Ж"),  # UTF-8, as a phone sends it
+        (b"Zo\xeb", "Zoë"),  # no UTF-8: read as Latin-1, as HTTP defines header bytes
+    ],
+)
+async def test_the_sync_record_keeps_a_device_id_as_the_phone_wrote_it(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, sent: bytes, kept: str
+) -> None:
+    r = await client.post("/calls", json=[call(0)], headers={**user.headers, "X-Device-Id": sent})
+    assert r.status_code == 200, r.text
+    assert await conn.fetchval("SELECT device_id FROM sync_audit") == kept
+
+
 async def test_call_and_sync_record_ids_are_time_ordered_uuid_v7(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:

@@ -226,8 +226,8 @@ async def upload_contacts(
     user: CurrentUser,
     conn: Tx,
     settings: AppSettings,
+    device_id: DeviceId,
     idempotency_key: IdempotencyKey = None,
-    x_device_id: DeviceId = None,
 ) -> Response:
     async def work() -> Upload:
         items = batch_items(
@@ -252,7 +252,7 @@ async def upload_contacts(
         user_id=user.id,
         kind="contacts",
         key=idempotency_key,
-        device_id=x_device_id,
+        device_id=device_id,
         request=("POST", request.url.path, body),
         work=work,
     )

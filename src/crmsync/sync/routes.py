@@ -99,8 +99,8 @@ async def sync(
     user: CurrentUser,
     conn: Tx,
     settings: AppSettings,
+    device_id: DeviceId,
     idempotency_key: IdempotencyKey = None,
-    x_device_id: DeviceId = None,
 ) -> Response:
     async def work() -> service.Upload:
         payload = service.parse_json(body, max_items=MAX_BATCH + MAX_CALLS)
@@ -174,7 +174,7 @@ async def sync(
         user_id=user.id,
         kind="sync",
         key=idempotency_key,
-        device_id=x_device_id,
+        device_id=device_id,
         request=("POST", request.url.path, body),
         work=work,
     )
