@@ -99,7 +99,8 @@ class UnsupportedEncoding(ApiError):
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
-        self.headers["Accept-Encoding"] = "gzip"  # RFC 9110 15.5.16: the ones that are
+        # RFC 9110 15.5.16: a 415 for a Content-Encoding names the encodings that are accepted.
+        self.headers["Accept-Encoding"] = "gzip"
 
 
 class ValidationFailed(ApiError):

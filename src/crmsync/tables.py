@@ -41,8 +41,9 @@ def _id(default: str = "gen_random_uuid()") -> Column[object]:
     return Column("id", UUID(as_uuid=True), primary_key=True, server_default=text(default))
 
 
-# Ids of the tables that only grow: time-ordered (UUID v7, migration 0003), so an insert
-# writes the rightmost page of the primary key instead of a random one.
+# The sync records' ids: time-ordered (UUID v7, migration 0003), so an insert writes the
+# rightmost page of the primary key instead of a random one. (Calls' ids are time-ordered
+# too, but their primary key is ("timestamp", id), migration 0010.)
 def _ordered_id() -> Column[object]:
     return _id("time_ordered_uuid()")
 

@@ -144,6 +144,5 @@ class ContactChangesOut(BaseModel):
         default=False,
         description="True when the cursor is from before the server was restored from a "
         "backup: this pull starts again from the beginning, and what was written after the "
-        "backup is gone (see the sync algorithm in the API docs). Absent (false) in the "
-        "replay of an upload answered before servers sent it.",
+        "backup is gone (see the sync algorithm in the API docs).",
     )

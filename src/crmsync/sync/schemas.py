@@ -52,7 +52,11 @@ class SyncChangesOut(BaseModel):
     items: list[ContactOut] = Field(description="Contacts, as GET /contacts/changes")
     next_cursor: str
     has_more: bool
-    restarted: bool = Field(default=False, description="As in GET /contacts/changes")
+    restarted: bool = Field(
+        default=False,
+        description="As in GET /contacts/changes. Absent (false) in the replay of an answer "
+        "given before servers sent it.",
+    )
 
 
 class SyncOut(BaseModel):
