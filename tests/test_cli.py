@@ -30,6 +30,7 @@ import httpx
 import psutil
 import pytest
 import trustme
+import typer
 from alembic.script import ScriptDirectory
 from pydantic import ValidationError
 
@@ -162,12 +163,22 @@ def check_create_admin_and_login(env: dict[str, str], cwd: Path, base: str) -> s
     return token
 
 
+def test_serve_defaults_to_loopback_port_8000() -> None:
+    """Contract: `crmsync serve [--host 127.0.0.1] [--port 8000] [--workers N]`."""
+    serve = typer.main.get_command(cli.app).commands["serve"]  # type: ignore[attr-defined]
+    defaults = {param.name: param.default for param in serve.params}
+    assert (defaults["host"], defaults["port"], defaults["workers"]) == ("127.0.0.1", 8000, 1)
+
+
 def test_serve_embedded_create_admin_login_and_sigterm(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     # Slow hashes, so the sign-in below is still running when SIGTERM arrives. In the "C"
     # locale, as where no LANG is set: initdb's default, which the database must not take.
     env = clean_env(CRMSYNC_DATA_DIR=str(data_dir), CRMSYNC_BCRYPT_ROUNDS="13", LC_ALL="C")
     with serving(env=env, cwd=tmp_path) as (process, base):
+        # No --host: loopback only (the contract's default), not every interface.
+        listening = psutil.Process(process.pid).net_connections("inet")
+        assert {c.laddr.ip for c in listening if c.status == psutil.CONN_LISTEN} == {"127.0.0.1"}
         check_create_admin_and_login(env, tmp_path, base)
         pgdata = (data_dir / "pgdata").resolve()
         assert postgres_processes(pgdata)

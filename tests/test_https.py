@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import trustme
 import uvicorn
 from fastapi import FastAPI
 
-from tests.conftest import assert_problem, free_port, make_app, serving
+from tests.conftest import api_routes, assert_problem, free_port, make_app, serving
 
 TRUSTED = "10.0.0.0/8, 192.168.1.7, fd00::/8"
 
@@ -48,6 +49,32 @@ async def test_plain_http_is_refused(guarded: FastAPI, peer: str, headers: dict[
     r = await call(guarded, "/auth/me", peer, headers)
     assert_problem(r, 403, "https_required")
     assert "strict-transport-security" not in r.headers
+
+
+async def test_plain_http_is_refused_on_every_route_but_healthz(guarded: FastAPI) -> None:
+    """Every route the app has, the sign-in (a password sent in the clear) and the uploads
+    included, and whatever the body: 403 before anything is read or checked."""
+    transport = httpx.ASGITransport(app=guarded, client=("203.0.113.9", 4321))
+    routes = [
+        (
+            method,
+            route.path_format.replace("{user_id}", str(uuid.uuid4())).replace(
+                "{contact_id}", str(uuid.uuid4())
+            ),
+        )
+        for route in api_routes(guarded)
+        for method in route.methods - {"HEAD"}
+    ]
+    routes += [("GET", "/metrics"), ("GET", "/docs"), ("GET", "/openapi.json")]
+    async with httpx.AsyncClient(transport=transport, base_url="http://api.example") as client:
+        for method, path in routes:
+            body = '{"email": "admin@example.com", "password": "secret-password"}'
+            r = await client.request(method, path, content=body)
+            if path == "/healthz":
+                assert r.status_code == 200, path
+            else:
+                assert_problem(r, 403, "https_required")
+    assert ("POST", "/auth/login") in routes and ("POST", "/calls") in routes
 
 
 @pytest.mark.parametrize(

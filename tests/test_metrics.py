@@ -255,6 +255,8 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
             assert time.monotonic() - started < 2
             assert_problem(r, 503, "unavailable")
             assert r.headers["Retry-After"] == "5"
+            r = await get(app, "/healthz")  # the process runs: a load balancer keeps it
+            assert (r.status_code, r.json()) == (200, {"status": "ok"})
             transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 4321))
             async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
                 login = {"email": "a@example.com", "password": "whatever-123"}

@@ -10,7 +10,7 @@ import httpx
 
 from crmsync.contacts.service import contact_search, phone_digits
 from crmsync.pagination import PageRequest
-from tests.conftest import Account, assert_problem
+from tests.conftest import Account, MakeUser, assert_problem
 from tests.contacts.test_upsert import contact, post
 
 
@@ -218,8 +218,15 @@ async def test_search_by_mostly_digits_matches_e164_digits_ordered_by_name(
         ("Room 555", "+12125559999"),
         ("Other", "+14085550000"),
     )
+    # Stored spellings that are not E.164: the digits searched are the E.164 ones.
+    await conn.execute(
+        "UPDATE contacts SET phone_raw = '(' || substr(phone_normalized, 3, 3) || ') '"
+        " || substr(phone_normalized, 6, 3) || '-' || substr(phone_normalized, 9)"
+    )
     items = await walk(client, user, "/contacts/search", q="(415) 555-012")
     assert [c["name"] for c in items] == ["Amy", "Zed"]
+    items = await walk(client, user, "/contacts/search", q="+1 415 555 0124")  # country code too
+    assert [c["name"] for c in items] == ["Amy"]
     items = await walk(client, user, "/contacts/search", q="555")
     assert [c["name"] for c in items] == ["Amy", "Other", "Room 555", "Zed"]
     # Digits of other scripts, as lookup and POST /contacts read them: full-width, Arabic-Indic.
@@ -282,6 +289,22 @@ async def test_lookup_finds_the_live_contact_in_any_spelling(
     await client.delete(f"/contacts/{created['id']}", headers=user.headers)
     r = await client.get("/contacts/lookup", params={"phone": "4155550150"}, headers=user.headers)
     assert_problem(r, 404, "not_found")
+
+
+async def test_every_member_reads_every_contact_by_id_and_by_number(
+    client: httpx.AsyncClient, user: Account, make_user: MakeUser
+) -> None:
+    """Contract: every signed-in user reads all (not only the contacts they own)."""
+    created = (await post(client, user, contact("Carla", "(415) 555-0150"))).json()["contact"]
+    colleague = await make_user(name="Colleague")
+    r = await client.get(f"/contacts/{created['id']}", headers=colleague.headers)
+    assert r.status_code == 200 and r.json() == created
+    r = await client.get(
+        "/contacts/lookup", params={"phone": "+14155550150"}, headers=colleague.headers
+    )
+    assert r.status_code == 200 and r.json() == created
+    assert await walk(client, colleague, "/contacts") == [created]
+    assert await walk(client, colleague, "/contacts/search", q="Carl") == [created]
 
 
 async def test_get_answers_the_contact_with_an_etag_and_404_for_deleted_unknown_malformed(

@@ -90,6 +90,19 @@ async def test_strictly_older_created_at_replaces_and_keeps_the_id(
     )
 
 
+async def test_created_at_keeps_its_microseconds_in_the_comparison_and_the_answer(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    """Contract: answers in UTC, microsecond precision kept; strictly older replaces."""
+    first = await post(client, user, contact("Bruno", created_at="2026-10-01T08:00:00.500001Z"))
+    assert first.json()["contact"]["created_at"] == "2026-10-01T08:00:00.500001Z"
+    r = await post(client, user, contact("Bruno C.", created_at="2026-10-01T10:00:00.4+02:00"))
+    assert r.json()["result"] == "replaced"
+    assert r.json()["contact"]["created_at"] == "2026-10-01T08:00:00.400000Z"
+    r = await post(client, user, contact("Bruno D.", created_at="2026-10-01T08:00:00.400001Z"))
+    assert r.json()["result"] == "existing"  # a microsecond newer
+
+
 async def test_equal_newer_or_missing_created_at_answers_the_server_version(
     client: httpx.AsyncClient, user: Account, make_user: MakeUser
 ) -> None:
