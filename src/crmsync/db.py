@@ -31,9 +31,6 @@ warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 EMBEDDED_DATABASE = "crmsync"
-# PostgreSQL text cannot hold NUL: every string field refuses it (a 422) by this pattern,
-# rather than failing in the database.
-NO_NUL = r"^[^\x00]*$"
 
 # Every advisory lock crmsync takes, in one place so that no two share a key. The one-key
 # form (bigint) and the two-key form (int, int) are separate key spaces in PostgreSQL.

@@ -1,4 +1,4 @@
-"""The name of a contact or a user: one rule for what a name may be."""
+"""What text the API takes: no NUL in any string, and one rule for what a name may be."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Annotated
 
 from pydantic import BeforeValidator, StringConstraints
 
-from crmsync.db import NO_NUL
+# PostgreSQL text cannot hold NUL: every string field refuses it (a 422) by this pattern,
+# rather than failing in the database.
+NO_NUL = r"^[^\x00]*$"
 
 # Characters that show nothing: controls, format characters (zero-width space and joiners,
 # direction marks, the byte order mark), separators, and the Hangul fillers, letters that

@@ -6,7 +6,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from crmsync.db import NO_NUL
+from crmsync.text import NO_NUL
 
 
 class UserOut(BaseModel):

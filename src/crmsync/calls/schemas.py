@@ -15,8 +15,8 @@ from pydantic import (
 from pydantic_core import core_schema
 from typing_extensions import TypedDict
 
-from crmsync.db import NO_NUL
 from crmsync.errors import ItemProblem
+from crmsync.text import NO_NUL
 from crmsync.times import RFC3339, PastRfc3339, UtcDatetime
 
 MAX_CALLS = 5000

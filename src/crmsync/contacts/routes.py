@@ -18,7 +18,6 @@ from crmsync.contacts.schemas import (
     ContactUpsertOut,
     contacts_body_schema,
 )
-from crmsync.db import NO_NUL
 from crmsync.deps import (
     AppSettings,
     Conn,
@@ -34,6 +33,7 @@ from crmsync.deps import (
 from crmsync.openapi import problem_answer
 from crmsync.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from crmsync.sync.service import Upload, batch_items, parse_json, upload
+from crmsync.text import NO_NUL
 
 router = APIRouter(prefix="/contacts", tags=["contacts"], route_class=Route)
 

@@ -13,10 +13,9 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
-from crmsync.db import NO_NUL
 from crmsync.errors import ItemProblem
 from crmsync.phone import MAX_PHONE_LENGTH
-from crmsync.text import Name
+from crmsync.text import NO_NUL, Name
 from crmsync.times import PastRfc3339
 
 MAX_BATCH = 1000
