@@ -27,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import bcrypt
 import httpx
+import orjson
 import psutil
 import pytest
 import trustme
@@ -170,6 +171,12 @@ def test_serve_defaults_to_loopback_port_8000() -> None:
     assert (defaults["host"], defaults["port"], defaults["workers"]) == ("127.0.0.1", 8000, 1)
 
 
+def test_backup_keeps_the_newest_14_by_default() -> None:
+    """As README and operations.md say: two weeks of nightly backups."""
+    command = typer.main.get_command(cli.app).commands["backup"]  # type: ignore[attr-defined]
+    assert {param.name: param.default for param in command.params}["keep"] == 14
+
+
 def test_serve_embedded_create_admin_login_and_sigterm(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     # Slow hashes, so the sign-in below is still running when SIGTERM arrives. In the "C"
@@ -184,14 +191,17 @@ def test_serve_embedded_create_admin_login_and_sigterm(tmp_path: Path) -> None:
         assert postgres_processes(pgdata)
         assert asyncio.run(folds_case(pgdata)) == (True, "C.UTF-8")
 
+        # A phone on a slow network: its sign-in's body arrives over 4 s, past a short
+        # grace but well within uvicorn's 20 s.
+        def trickled() -> Iterator[bytes]:
+            yield b'{"email": "boss@example.com", '
+            time.sleep(4)
+            yield orjson.dumps({"password": PASSWORD})[1:]
+
         in_flight: list[httpx.Response] = []
         login = threading.Thread(
             target=lambda: in_flight.append(
-                httpx.post(
-                    base + "/auth/login",
-                    json={"email": "boss@example.com", "password": PASSWORD},
-                    timeout=30,
-                )
+                httpx.post(base + "/auth/login", content=trickled(), timeout=30)
             )
         )
         login.start()

@@ -58,6 +58,18 @@ async def test_one_json_access_line_per_request(
     assert (entry["method"], entry["route"], entry["status"]) == ("GET", "/auth/me", 200)
     assert entry["user_id"] == user.id and entry["device_id"] == "Zoë's pixel"
     assert isinstance(entry["duration_ms"], float)
+    assert entry["path"] == "/auth/me"
+    # The path without its query string (a search's q may be a customer's name or number).
+    r = await client.get(f"/contacts/{user.id}", headers=user.headers)  # no such contact
+    assert r.status_code == 404
+    await client.get("/contacts/search?q=Ana%20Lima", headers=user.headers)
+    access = [json.loads(line) for line in log.lines() if '"crmsync.access"' in line]
+    assert [(e["path"], e["route"]) for e in access[1:]] == [
+        (f"/contacts/{user.id}", "/contacts/{contact_id}"),
+        ("/contacts/search", "/contacts/search"),
+    ]
+    server = [json.loads(line) for line in log.lines()]
+    assert [e for e in server if "Ana" in str(e) and e["logger"] != "httpx"] == []  # test client
 
 
 async def test_errors_are_logged_as_json_with_the_request_id(
@@ -123,6 +135,30 @@ async def test_no_password_token_or_hash_in_any_log_line(
     for line in logged:
         for secret in secrets:
             assert secret not in line, line
+
+
+async def test_the_log_formatter_redacts_messages_and_tracebacks(
+    client: httpx.AsyncClient, user: Account, log: JsonLog
+) -> None:
+    """The safety net is wired into every line: a token or a hash in a message or in an
+    exception's text (a bug that formats one into an error) is written as [redacted]."""
+    app = client.app  # type: ignore[attr-defined]
+    bcrypt = "$2b$12$" + "b" * 53
+
+    @app.get("/_log_secret_for_test")
+    async def leak() -> None:
+        logging.getLogger("crmsync.test").warning("hash %s", bcrypt)
+        raise RuntimeError(f"token {user.token}")
+
+    try:
+        assert (await client.get("/_log_secret_for_test")).status_code == 500
+    finally:
+        app.router.routes.pop()
+    written = log.stream.getvalue()
+    assert user.token not in written and bcrypt not in written
+    entries = [json.loads(line) for line in log.lines()]
+    assert any(e["msg"] == "hash [redacted]" for e in entries)
+    assert any("RuntimeError: token [redacted]" in e.get("exc", "") for e in entries)
 
 
 def test_redaction_net_catches_tokens_and_hashes_in_messages() -> None:

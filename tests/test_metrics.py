@@ -92,7 +92,10 @@ async def test_requests_are_counted_by_route_template_method_and_status(
     assert "/no/such/" not in text  # raw paths never become labels
     assert sample(text, "crmsync_db_pool_connections") >= 1
     assert sample(text, "crmsync_db_pool_max_connections") == 20
-    assert "crmsync_db_pool_connections_in_use " in text
+    pool = monitored.state.pool
+    async with pool.acquire(), pool.acquire():  # two requests' connections, say
+        held = sample((await get(monitored, "/metrics")).text, "crmsync_db_pool_connections_in_use")
+    assert held >= 2
 
 
 async def test_domain_counters_and_failed_logins(
@@ -103,6 +106,12 @@ async def test_domain_counters_and_failed_logins(
     assert r.status_code == 401
     text = (await get(monitored, "/metrics")).text
     assert sample(text, "crmsync_login_failures_total") == before + 1
+    for _ in range(4):  # the account locks at the fifth failure; a sign-in then is one too
+        await client.post("/auth/login", json={"email": user.email, "password": "wrong-one!"})
+    r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    assert_problem(r, 429, "too_many_attempts")
+    text = (await get(monitored, "/metrics")).text
+    assert sample(text, "crmsync_login_failures_total") == before + 6
     assert "# TYPE crmsync_contacts_uploaded_total counter" in text
     assert "# TYPE crmsync_calls_uploaded_total counter" in text
 

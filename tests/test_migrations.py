@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 import warnings
@@ -13,10 +14,12 @@ import orjson
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 
 from crmsync import db
 from crmsync.tables import metadata
+from tests.test_cli import CRMSYNC, clean_env
 
 
 def _diff(connection: Connection) -> list[object]:
@@ -42,6 +45,32 @@ async def test_downgrade_and_upgrade_again(make_database: Callable[[str], Awaita
     db.migrate(url)
     db.migrate(url, "base")
     db.migrate(url)
+
+
+async def test_servers_started_together_on_a_new_database_migrate_it_once(
+    make_database: Callable[[str], Awaitable[str]],
+) -> None:
+    """Several `crmsync serve` (machines behind a load balancer) started at once: one applies
+    the migrations under an advisory lock, the others wait for it and find nothing to do."""
+    url = await make_database("crmsync_migration_race")
+    env = clean_env(CRMSYNC_DATABASE_URL=url)
+    starting = [
+        await asyncio.create_subprocess_exec(
+            CRMSYNC, "migrate", env=env, stderr=asyncio.subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    for process in starting:
+        _, stderr = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode == 0, stderr.decode()
+    conn = await asyncpg.connect(url)
+    try:
+        versions = await conn.fetch("SELECT version_num FROM alembic_version")
+    finally:
+        await conn.close()
+    assert [v["version_num"] for v in versions] == [
+        ScriptDirectory(str(db.MIGRATIONS_DIR)).get_current_head()
+    ]
 
 
 async def test_time_ordered_ids_are_native_uuidv7_where_postgresql_has_it(

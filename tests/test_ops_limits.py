@@ -36,6 +36,8 @@ async def test_statement_timeout_cancels_a_long_query(database_url: str) -> None
     try:
         async with pool.acquire() as conn:
             assert await conn.fetchval("SHOW statement_timeout") == "200ms"
+            # A transaction left open (a stuck request) ends after a minute, its locks freed.
+            assert await conn.fetchval("SHOW idle_in_transaction_session_timeout") == "1min"
             started = time.monotonic()
             with pytest.raises(asyncpg.QueryCanceledError, match="statement timeout"):
                 await conn.fetchval("SELECT pg_sleep(5)")
