@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -110,6 +111,13 @@ async def test_a_gzip_body_inflating_past_the_limit_is_a_413(
                 assert_problem(
                     await client.post(path, content=bomb, headers=headers), 413, "payload_too_large"
                 )
+
+            async def streamed() -> AsyncIterator[bytes]:  # as a phone's body arrives
+                for start in range(0, len(bomb), 64):
+                    yield bomb[start : start + 64]
+
+            r = await client.post("/calls", content=streamed(), headers=headers)
+            assert_problem(r, 413, "payload_too_large")
             r = await client.post("/auth/login", content=fits, headers=headers)
             assert_problem(r, 401, "invalid_credentials")
 
@@ -144,7 +152,7 @@ async def test_answers_of_a_kilobyte_and_more_are_gzipped_for_clients_that_ask(
     assert "content-encoding" not in small.headers  # under 1 KiB: not worth it
     error = await client.get("/contacts", headers={"Accept-Encoding": "gzip"})
     assert_problem(error, 401, "unauthenticated")
-    for refusing in ("gzip;q=0", "br, gzip; q=0.0", "deflate", "identity, *;q=0"):
+    for refusing in ("gzip;q=0", "br, gzip; q=0.0", "deflate", "identity, *;q=0", "gzip;q=abc"):
         r = await client.get("/contacts", headers={**user.headers, "Accept-Encoding": refusing})
         assert "content-encoding" not in r.headers, refusing
     for asking in ("br;q=1.0, gzip;q=0.5", "x-gzip", "deflate, gzip;q=1", "GZIP", "Gzip;Q=1"):

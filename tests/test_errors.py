@@ -78,6 +78,7 @@ async def test_body_over_limit_is_413_before_reading_it(
     big = b"[" + b"1," * (9 * 1024 * 1024) + b"1]"
     r = await client.post("/auth/login", content=big, headers={"content-type": "application/json"})
     assert_problem(r, 413, "payload_too_large")
+    assert r.headers["connection"] == "close"  # the rest of the body is not read
     # Answered before routing, and still counted under its route, not "unmatched"
     counted = REGISTRY.get_sample_value(
         "crmsync_http_requests_total", {"method": "POST", "route": "/auth/login", "status": "413"}
@@ -85,6 +86,7 @@ async def test_body_over_limit_is_413_before_reading_it(
     assert counted is not None and counted >= 1
     r = await client.post("/contacts", content=b"{}", headers={"content-encoding": "br"})
     assert_problem(r, 415, "unsupported_media_type")
+    assert r.headers["connection"] == "close"
     counted = REGISTRY.get_sample_value(
         "crmsync_http_requests_total", {"method": "POST", "route": "/contacts", "status": "415"}
     )
@@ -307,6 +309,21 @@ def test_heads_under_the_limit_pass_also_with_a_body_or_one_after_another(
     # Pipelined: together more than the limit, each under it.
     answer = _exchange(served_protocol, post + body + get * 3, answers=4)
     assert answer.count(b"HTTP/1.1 200 OK") == 4, answer[:300]
+    # One after another on a kept-alive connection, each sent once the last is answered.
+    with socket.create_connection(("127.0.0.1", served_protocol), timeout=10) as conn:
+        for n in range(4):
+            conn.sendall(get)
+            answer = b""
+            # Until the end of its chunked body, or the server closes.
+            while not answer.endswith(b"\r\n0\r\n\r\n") and (chunk := conn.recv(65536)):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 OK"), (n, answer[:200])
+    # The limit itself: one byte over it, sent in one write, is refused.
+    head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: \r\n\r\n"
+    exact = head.replace(b"X-Pad: ", b"X-Pad: " + b"a" * (MAX_HEAD_BYTES - len(head)))
+    assert _exchange(served_protocol, exact).startswith(b"HTTP/1.1 200 OK")
+    over = exact.replace(b"X-Pad: ", b"X-Pad: a")
+    assert _exchange(served_protocol, over).startswith(b"HTTP/1.1 400 ")
 
 
 # Run at COMMIT: a deferred constraint trigger ends the backend as the request commits.

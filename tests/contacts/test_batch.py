@@ -168,6 +168,14 @@ async def test_of_two_items_with_the_oldest_equal_time_the_first_wins(
         ("existing", "First"),
     ]
     assert await conn.fetchval("SELECT name FROM contacts") == "First"
+    # 25 items tied at the oldest time among 25 newer ones: still the first of them (a sort
+    # without the request order as its last key would pick any).
+    await conn.execute("TRUNCATE contacts CASCADE")
+    many = [contact(f"N{i}", created_at=at(5 + i % 2)) for i in range(50)]
+    results = (await upload(client, user, many)).json()["results"]
+    assert [x["result"] for x in results] == ["created"] + ["existing"] * 49
+    assert {x["contact"]["name"] for x in results} == {"N0"}
+    assert await conn.fetchval("SELECT name FROM contacts") == "N0"
 
 
 async def test_first_item_without_created_at_creates_with_server_time_later_older_replaces(

@@ -301,6 +301,9 @@ async def test_put_and_delete_of_unknown_deleted_or_malformed_ids_are_404(
     for contact_id in (UNKNOWN, c["id"], "nope"):
         assert_problem(await put(client, user, contact_id, {"name": "X"}), 404, "not_found")
         assert_problem(await delete(client, user, contact_id), 404, "not_found")
+    # An edit that would change nothing is no way to read a tombstone either.
+    for unchanged in ({}, {"name": c["name"]}, {"phone_raw": c["phone_raw"]}):
+        assert_problem(await put(client, user, c["id"], unchanged), 404, "not_found")
 
 
 async def test_delete_is_soft_the_tombstone_keeps_its_calls(
@@ -371,6 +374,19 @@ async def test_a_deleted_contact_is_404_to_a_non_owner_and_to_an_admin_with_an_e
         await delete(client, admin, c["id"], **{"If-Match": tag}),
     ):
         assert_problem(r, 404, "not_found")
+
+
+async def test_a_stranger_with_a_stale_if_match_gets_403_not_412(
+    client: httpx.AsyncClient, user: Account, make_user: MakeUser
+) -> None:
+    """Not allowed at all comes first: a 412 would tell the app to pull and retry."""
+    c = await create(client, user)
+    stale = await etag_of(client, user, c["id"])
+    assert (await put(client, user, c["id"], {"name": "Changed"})).status_code == 200
+    stranger = await make_user()
+    r = await put(client, stranger, c["id"], {"name": "Mine"}, **{"If-Match": stale})
+    assert_problem(r, 403, "forbidden")
+    assert_problem(await delete(client, stranger, c["id"], **{"If-Match": stale}), 403, "forbidden")
 
 
 async def test_admin_with_a_stale_if_match_gets_412_not_403(
