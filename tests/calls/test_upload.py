@@ -451,6 +451,20 @@ async def test_quick_rounds_link_a_race_of_the_last_seconds_and_leave_the_rest_t
     assert await linked(conn, "+14155550151") == old
 
 
+async def test_a_round_relinks_contacts_written_by_the_transaction_that_is_its_marks_xmin(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, database_url: str
+) -> None:
+    """A mark's xmin is the oldest transaction running when the mark was taken, which may
+    commit after it: that transaction's contacts are in the round's window too (>=)."""
+    contact_id = await race(client, user, database_url, "+14155550153")
+    await conn.execute(
+        "INSERT INTO relink_marks SELECT now() - s * interval '1 second', (SELECT change_xid"
+        " FROM contacts WHERE phone_normalized = '+14155550153') FROM unnest('{15, 5}'::int[]) s"
+    )
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8, full_relink=False)
+    assert await linked(conn, "+14155550153") == contact_id
+
+
 @pytest.mark.parametrize("full", [True, False])
 async def test_a_relink_round_keeps_its_mark_and_prunes_marks_older_than_the_one_it_used(
     conn: asyncpg.Connection, full: bool
