@@ -823,7 +823,12 @@ async def test_an_idempotency_key_reused_on_another_upload_endpoint_is_422(
     r = await client.post(
         "/contacts/batch", json=body, headers={**user.headers, "Idempotency-Key": "k"}
     )
-    assert_problem(r, 422, "validation_error")  # not the answer of POST /calls
+    reused = {"loc": ["header", "Idempotency-Key"], "type": "idempotency_key_reused"}
+    problem = assert_problem(r, 422, "validation_error")  # not the answer of POST /calls
+    assert [{k: e[k] for k in reused} for e in problem["errors"]] == [reused]
+    r = await upload(client, user, [call(1)], **{"Idempotency-Key": "k"})  # another body
+    problem = assert_problem(r, 422, "validation_error")
+    assert [{k: e[k] for k in reused} for e in problem["errors"]] == [reused]
     assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 1
 
 

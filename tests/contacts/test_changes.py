@@ -66,6 +66,26 @@ async def add_contacts(client: httpx.AsyncClient, user: Account, n: int) -> list
     ]
 
 
+async def test_page_is_ignored_on_the_changes_feed_and_a_repeated_parameter_counts_last(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    """mobile.md, Conventions: the feed has no page mode (`page` is ignored, with a cursor
+    too), and a parameter given twice counts as its last value."""
+    await add_contacts(client, user, 3)
+    first = await pull(client, user, limit=2)
+    for params in (
+        [("limit", "2"), ("page", "2")],
+        [("limit", "200"), ("limit", "2")],
+        [("page", "3"), ("limit", "2")],
+    ):
+        r = await client.get("/contacts/changes", params=params, headers=user.headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["items"] == first["items"] and r.json()["limit"] == 2, params
+    params = [("limit", "2"), ("page", "2"), ("cursor", first["next_cursor"])]
+    r = await client.get("/contacts/changes", params=params, headers=user.headers)
+    assert r.json() == await pull(client, user, first["next_cursor"], limit=2)
+
+
 async def test_empty_feed_answers_a_cursor_meaning_the_beginning(
     client: httpx.AsyncClient, user: Account
 ) -> None:
