@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -120,6 +121,59 @@ async def test_a_gzip_body_inflating_past_the_limit_is_a_413(
             assert_problem(r, 413, "payload_too_large")
             r = await client.post("/auth/login", content=fits, headers=headers)
             assert_problem(r, 401, "invalid_credentials")
+
+
+async def test_the_inflated_limit_is_exact_to_the_byte_however_the_body_arrives(
+    database_url: str,
+) -> None:
+    """A gzip body inflating to the limit is read; one byte more is a 413, whether the body
+    arrives in one piece, a byte at a time or in chunks."""
+    app = make_app(database_url, max_body_bytes=1024)
+    login = b'{"email": "a@b.c", "password": "x"}'
+    fits, over = gzip.compress(login.ljust(1024)), gzip.compress(login.ljust(1025))
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            for size in (len(over), 1, 7, 64):
+                r = await client.post("/auth/login", content=_pieces(fits, size), headers=headers)
+                assert_problem(r, 401, "invalid_credentials")
+                r = await client.post("/auth/login", content=_pieces(over, size), headers=headers)
+                assert_problem(r, 413, "payload_too_large")
+
+
+async def test_a_gzip_bomb_is_never_inflated_past_the_limit(
+    database_url: str, user: Account
+) -> None:
+    """64 KiB that inflate to 64 MiB, under a limit of 1 MiB: refused with at most the limit
+    inflated, sent in one piece or in chunks (a bound of 0 bytes, which zlib reads as "no
+    bound", must never be asked for once the limit is reached)."""
+    app = make_app(database_url, max_body_bytes=1024 * 1024)
+    bomb = gzip.compress(b"[" + b" " * (64 * 1024 * 1024) + b"]")
+    assert len(bomb) < 1024 * 1024
+    headers = {**user.headers, "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            for content in (bomb, _pieces(bomb, 16 * 1024)):
+                tracemalloc.start()
+                try:
+                    r = await client.post("/calls", content=content, headers=headers)
+                    peak = tracemalloc.get_traced_memory()[1]
+                finally:
+                    tracemalloc.stop()
+                assert_problem(r, 413, "payload_too_large")
+                assert peak < 8 * 1024 * 1024, peak
+
+
+def _pieces(body: bytes, size: int) -> AsyncIterator[bytes]:
+    """`body` as a phone's upload arrives: in chunks of `size` bytes."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), size):
+            yield body[start : start + size]
+
+    return chunks()
 
 
 async def test_another_content_encoding_is_a_415_naming_gzip(

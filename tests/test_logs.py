@@ -70,6 +70,12 @@ async def test_one_json_access_line_per_request(
     ]
     server = [json.loads(line) for line in log.lines()]
     assert [e for e in server if "Ana" in str(e) and e["logger"] != "httpx"] == []  # test client
+    # A request id in UTF-8 is logged as its text and echoed as the very bytes sent.
+    sent = "réq-43 ✓".encode()
+    r = await client.get("/healthz", headers={"X-Request-ID": sent})
+    assert dict(r.headers.raw)[b"x-request-id"] == sent
+    last = [json.loads(line) for line in log.lines() if '"crmsync.access"' in line][-1]
+    assert (last["path"], last["request_id"]) == ("/healthz", "réq-43 ✓")
 
 
 async def test_errors_are_logged_as_json_with_the_request_id(

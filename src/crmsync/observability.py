@@ -304,16 +304,19 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = ""
+        sent = b""
         device = None
         for name, value in scope["headers"]:
             if name == b"x-request-id":
-                incoming = value.decode("latin-1")
+                sent = value
             elif name == b"x-device-id":
                 device = header_text(value)[:200]
-        request_id = (
-            incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
-        )
+        incoming = header_text(sent)
+        if 0 < len(incoming) <= 128 and incoming.isprintable():
+            request_id, echoed = incoming, sent  # echoed as the very bytes sent
+        else:
+            request_id = uuid.uuid4().hex
+            echoed = request_id.encode()
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
@@ -326,7 +329,7 @@ class RequestContext:
                 status = message["status"]
                 started_response = True
                 headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                headers.append((b"x-request-id", echoed))
                 headers.append((b"x-content-type-options", b"nosniff"))
                 if not any(name == b"cache-control" for name, _ in headers):
                     # Contacts and calls are people's data: kept in no HTTP cache.
