@@ -8,13 +8,20 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+from pydantic import BaseModel
 
+from crmsync.auth.schemas import UserOut
 from crmsync.auth.service import USER
+from crmsync.calls.schemas import CallOut, CallPage
 from crmsync.calls.service import CALL
+from crmsync.contacts.schemas import ContactOut, ContactPage
 from crmsync.contacts.service import CONTACT
 from crmsync.errors import BadRequest
 from crmsync.pagination import Shape, decode_cursor, encode_cursor
+from crmsync.sync.schemas import SyncPage, SyncRecordOut
 from crmsync.sync.service import SYNC
+from crmsync.users.schemas import UserPage
+from tests.calls.test_upload import call
 from tests.conftest import Account, MakeUser, assert_problem
 
 
@@ -189,6 +196,50 @@ async def test_page_with_cursor_is_400_on_every_list(
     path = path.format(contact=contact.json()["contact"]["id"])
     r = await client.get(path, params={"page": 1, "cursor": "abc"}, headers=admin.headers)
     assert_problem(r, 400, "bad_request")
+
+
+@pytest.mark.parametrize(
+    ("path", "model", "item"),
+    [
+        ("/users", UserPage, UserOut),
+        ("/contacts", ContactPage, ContactOut),
+        ("/contacts/search", ContactPage, ContactOut),
+        ("/calls", CallPage, CallOut),
+        ("/calls/{contact}", CallPage, CallOut),
+        ("/sync", SyncPage, SyncRecordOut),
+    ],
+)
+async def test_every_list_answers_what_the_openapi_document_describes(
+    client: httpx.AsyncClient,
+    admin: Account,
+    make_user: MakeUser,
+    path: str,
+    model: type[BaseModel],
+    item: type[BaseModel],
+) -> None:
+    """paginate writes the bytes itself: each key of a page and of its items, in both
+    modes, is the one the list's response model documents, and validates against it."""
+    await make_user()
+    h = admin.headers
+    contact = await client.post(
+        "/contacts", json={"name": "Phil", "phone_raw": "+14155550100"}, headers=h
+    )
+    calls = [call(0, phone_raw="+14155550100"), call(1, phone_raw="+14155550100")]
+    assert (await client.post("/calls", json=calls, headers=h)).status_code == 200
+    await client.post(
+        "/contacts", json={"name": "Philippa", "phone_raw": "+14155550101"}, headers=h
+    )
+    await client.post("/calls", json=[call(2)], headers=h)
+    path = path.format(contact=contact.json()["contact"]["id"])
+    for mode in ({"page": 1}, {}):
+        query = {**mode, "limit": 1, **({"q": "phi"} if path.endswith("search") else {})}
+        r = await client.get(path, params=query, headers=h)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert set(answer) == set(model.model_fields)
+        assert len(answer["items"]) == 1 and set(answer["items"][0]) == set(item.model_fields)
+        assert answer["next_cursor"]
+        model.model_validate(answer, strict=False)
 
 
 async def test_page_with_cursor_and_garbage_cursors_are_400(

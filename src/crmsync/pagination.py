@@ -20,10 +20,11 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Generic, TypeAlias, TypeVar
 
 import asyncpg
 import orjson
+from pydantic import BaseModel, Field
 
 from crmsync.errors import BadRequest
 
@@ -85,6 +86,22 @@ class Shape:
                 if obj[key] is not None:
                     obj[key] = orjson.Fragment(obj[key])
         return orjson.dumps(objects)
+
+
+Item = TypeVar("Item", bound=BaseModel)
+
+
+class PageOut(BaseModel, Generic[Item]):
+    """The answer of every list, as paginate writes it; for the OpenAPI document (each list
+    names it with its item, e.g. `class CallPage(PageOut[CallOut])`)."""
+
+    items: list[Item]
+    page: int | None = Field(description="The page asked for; null in cursor mode")
+    limit: int
+    total: int | None = Field(description="Exact number of matching rows; null in cursor mode")
+    next_cursor: str | None = Field(
+        description="Set whenever more rows follow, in both modes; null on the last page"
+    )
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pydantic_core import core_schema
 from typing_extensions import TypedDict
 
 from crmsync.errors import ItemProblem
+from crmsync.pagination import PageOut
 from crmsync.text import NO_NUL
 from crmsync.times import RFC3339, PastRfc3339, UtcDatetime
 
@@ -101,9 +102,5 @@ class CallOut(BaseModel):
     timestamp: datetime
 
 
-class CallPage(BaseModel):
-    items: list[CallOut]
-    page: int | None
-    limit: int
-    total: int | None
-    next_cursor: str | None
+class CallPage(PageOut[CallOut]):
+    pass

@@ -14,6 +14,7 @@ from pydantic import (
 from typing_extensions import TypedDict
 
 from crmsync.errors import ItemProblem
+from crmsync.pagination import PageOut
 from crmsync.phone import MAX_PHONE_LENGTH
 from crmsync.text import NO_NUL, Name
 from crmsync.times import PastRfc3339
@@ -109,12 +110,8 @@ class ContactOut(BaseModel):
     )
 
 
-class ContactPage(BaseModel):
-    items: list[ContactOut]
-    page: int | None
-    limit: int
-    total: int | None
-    next_cursor: str | None
+class ContactPage(PageOut[ContactOut]):
+    pass
 
 
 class ContactUpsertOut(BaseModel):

@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 
 from crmsync.calls.schemas import RejectedItem
 from crmsync.contacts.schemas import ContactOut, ContactResultOut
+from crmsync.pagination import PageOut
 
 
 class SyncRecordOut(BaseModel):
@@ -25,12 +26,8 @@ class SyncRecordOut(BaseModel):
     elapsed_ms: float | None = Field(description="How long the upload's work took")
 
 
-class SyncPage(BaseModel):
-    items: list[SyncRecordOut]
-    page: int | None
-    limit: int
-    total: int | None
-    next_cursor: str | None
+class SyncPage(PageOut[SyncRecordOut]):
+    pass
 
 
 class SyncStateOut(BaseModel):

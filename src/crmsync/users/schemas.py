@@ -13,6 +13,7 @@ from pydantic import (
 
 from crmsync.auth.schemas import UserOut
 from crmsync.auth.service import BCRYPT_MAX_BYTES
+from crmsync.pagination import PageOut
 from crmsync.text import Name
 
 
@@ -53,9 +54,5 @@ class UserUpdate(BaseModel):
     is_admin: StrictBool | None = None
 
 
-class UserPage(BaseModel):
-    items: list[UserOut]
-    page: int | None
-    limit: int
-    total: int | None
-    next_cursor: str | None
+class UserPage(PageOut[UserOut]):
+    pass
