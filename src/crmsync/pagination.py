@@ -199,86 +199,14 @@ def _cursor_values(listing: Listing, row: asyncpg.Record) -> list[str]:
 
 async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> bytes:
     """The JSON answer `{items, page, limit, total, next_cursor}` for one page of a listing."""
-    where = list(listing.where)
-    args: list[object] = list(listing.params)
-    offset = 0
-    if page.cursor is not None:
-        values = decode_cursor(page.key, listing.scope, page.cursor, len(listing.keys))
-        lhs = ", ".join(k.expr for k in listing.keys)
-        placeholders = []
-        for key, value in zip(listing.keys, values, strict=True):
-            args.append(value)
-            placeholders.append(f"${len(args)}::text::{key.pg_type}")
-        op = "<" if listing.descending else ">"
-        where.append(f"({lhs}) {op} ({', '.join(placeholders)})")
-    elif page.page is not None:
-        offset = (page.page - 1) * page.limit
-    where_sql = f"WHERE {' AND '.join(where)}" if where else ""
-    # Only the last row's sort keys make the cursor: those the shape shows are read from
-    # its fields; the others are selected in their own types, after the shape's columns
-    # (PostgreSQL's text output of a timestamptz costs it more than its binary form costs
-    # asyncpg, bench/NOTES.md). str() of either value casts back exactly.
-    own_keys = [k.expr for k in listing.keys if k.field is None]
-    pick_from = listing.pick_from_sql or listing.from_sql
-    count_sql = listing.total_sql or f"SELECT count(*) {pick_from} {where_sql}"
-    # Page mode: the exact total comes from the same statement (run once, as an InitPlan).
-    total_column = f"({count_sql})" if page.page is not None else "NULL::bigint"
-    with_sql = ""
-    args.append(page.limit + 1)
-    lim = f"${len(args)}"
-    order_sql = _order_sql(listing)
-    limit_sql = f"ORDER BY {order_sql} LIMIT {lim}"
-    if offset or listing.sorted_after_match:
-        # OFFSET would compute the values of every row it skips, a sort those of every row
-        # it sorts: pick the page's rows by their unique last key first (from the index
-        # alone where it can), then compute the values of those alone.
-        unique = ", ".join(listing.row_key or [listing.keys[-1].expr])
-        pick_sql = f"SELECT {unique} {pick_from} {where_sql} {limit_sql}"
-        if offset:
-            args.append(offset)
-            off = f"${len(args)}::bigint"
-            pick_sql += f" OFFSET {off}"
-        if offset and listing.total_sql:
-            # The kept total counts exactly the listing's rows, in the same snapshot: a
-            # page in the second half is walked to from the far end, in reverse order, so
-            # no OFFSET skips more than half the rows (PostgreSQL, generic plans: page 350
-            # of 20,000 contacts 2.1-2.8 -> 0.6 ms, page 80,000 of 4.6M calls 0.82-0.96 s
-            # -> 0.10-0.12 s). The branch not taken has LIMIT 0 and reads nothing; a WHERE
-            # condition instead would keep PostgreSQL from dropping the calls' unused LEFT
-            # JOIN of contacts.
-            with_sql = f"WITH t(n) AS MATERIALIZED ({listing.total_sql}) "
-            total_column = "(SELECT n FROM t)"
-            back = f"(SELECT n FROM t) - {off}"  # rows from the page's first to the end
-            pick_sql = (
-                f"(SELECT {unique} {pick_from} {where_sql} ORDER BY {order_sql} "
-                f"LIMIT CASE WHEN {off} * 2 <= (SELECT n FROM t) THEN {lim} ELSE 0 END "
-                f"OFFSET {off}) UNION ALL "
-                f"(SELECT {unique} {pick_from} {where_sql} "
-                f"ORDER BY {_order_sql(listing, reverse=True)} "
-                f"LIMIT CASE WHEN {off} * 2 > (SELECT n FROM t) "
-                f"THEN greatest(least({lim}, {back}), 0) ELSE 0 END "
-                f"OFFSET greatest({back} - {lim}, 0))"
-            )
-        if listing.row_key:
-            # Rows are found by several columns with a semi-join (an array holds one); the
-            # constant LIMIT, which cuts nothing, caps the planner's estimate of the pick
-            # (a tenth of the table for a parameter's), so the rows are looked up by index.
-            picked = f"SELECT * FROM ({pick_sql}) picked LIMIT {MAX_LIMIT + 1}"
-            where_sql = f"WHERE ({unique}) IN ({picked})"
-        else:
-            where_sql = f"WHERE {unique} = ANY(ARRAY({pick_sql}))"
-        limit_sql = f"ORDER BY {order_sql}"
-    sql = (
-        f"{with_sql}SELECT {', '.join([listing.shape.columns_sql, *own_keys, total_column])} "
-        f"{listing.from_sql} {where_sql} {limit_sql}"
-    )
+    sql, args = _page_sql(listing, page)
     rows = await conn.fetch(sql, *args)
     total: int | None = None
     if page.page is not None:
         if rows:
             total = rows[0][-1]
         else:  # past the end: no row carried the count
-            total = await conn.fetchval(count_sql, *listing.params)
+            total = await conn.fetchval(_count_sql(listing), *listing.params)
     more = len(rows) > page.limit
     items = rows[: page.limit]
     next_cursor = (
@@ -288,6 +216,100 @@ async def paginate(conn: Connection, listing: Listing, page: PageRequest) -> byt
         {"page": page.page, "limit": page.limit, "total": total, "next_cursor": next_cursor}
     )
     return b'{"items":' + listing.shape.dumps(items) + b"," + head[1:]
+
+
+def _where_sql(where: Sequence[str]) -> str:
+    return f"WHERE {' AND '.join(where)}" if where else ""
+
+
+def _count_sql(listing: Listing) -> str:
+    """The exact number of the listing's rows: the kept total, else a count."""
+    pick_from = listing.pick_from_sql or listing.from_sql
+    return listing.total_sql or f"SELECT count(*) {pick_from} {_where_sql(listing.where)}"
+
+
+def _page_sql(listing: Listing, page: PageRequest) -> tuple[str, list[object]]:
+    """The statement of one page, limit + 1 rows (the last one says more follow), and its
+    arguments. Each row: the shape's columns, the sort keys the shape does not show, and
+    the exact total in page mode (run once, as an InitPlan; NULL in cursor mode)."""
+    where = list(listing.where)
+    args: list[object] = list(listing.params)
+    if page.cursor is not None:
+        values = decode_cursor(page.key, listing.scope, page.cursor, len(listing.keys))
+        lhs = ", ".join(k.expr for k in listing.keys)
+        placeholders = []
+        for key, value in zip(listing.keys, values, strict=True):
+            args.append(value)
+            placeholders.append(f"${len(args)}::text::{key.pg_type}")
+        op = "<" if listing.descending else ">"
+        where.append(f"({lhs}) {op} ({', '.join(placeholders)})")
+    # Only the last row's sort keys make the cursor: those the shape shows are read from
+    # its fields; the others are selected in their own types, after the shape's columns
+    # (PostgreSQL's text output of a timestamptz costs it more than its binary form costs
+    # asyncpg, bench/NOTES.md). str() of either value casts back exactly.
+    own_keys = [k.expr for k in listing.keys if k.field is None]
+    total_column = f"({_count_sql(listing)})" if page.page is not None else "NULL::bigint"
+    args.append(page.limit + 1)
+    with_sql, where_sql = "", _where_sql(where)
+    limit_sql = f"ORDER BY {_order_sql(listing)} LIMIT ${len(args)}"
+    offset = (page.page - 1) * page.limit if page.page is not None else 0
+    if offset or listing.sorted_after_match:
+        with_sql, where_sql, total_column = _picked_first(
+            listing, where_sql, args, offset, total_column
+        )
+        limit_sql = f"ORDER BY {_order_sql(listing)}"
+    sql = (
+        f"{with_sql}SELECT {', '.join([listing.shape.columns_sql, *own_keys, total_column])} "
+        f"{listing.from_sql} {where_sql} {limit_sql}"
+    )
+    return sql, args
+
+
+def _picked_first(
+    listing: Listing, where_sql: str, args: list[object], offset: int, total_column: str
+) -> tuple[str, str, str]:
+    """A page whose rows are picked by their unique key first (from the index alone where
+    it can), so that only the page's rows have their values computed: OFFSET would compute
+    those of every row it skips, a sort those of every row it sorts. The statement's WITH,
+    its WHERE, and its total column. `args` ends with the limit; the offset is added."""
+    order_sql = _order_sql(listing)
+    pick_from = listing.pick_from_sql or listing.from_sql
+    unique = ", ".join(listing.row_key or [listing.keys[-1].expr])
+    lim = f"${len(args)}"
+    pick_sql = f"SELECT {unique} {pick_from} {where_sql} ORDER BY {order_sql} LIMIT {lim}"
+    with_sql = ""
+    if offset:
+        args.append(offset)
+        off = f"${len(args)}::bigint"
+        pick_sql += f" OFFSET {off}"
+    if offset and listing.total_sql:
+        # The kept total counts exactly the listing's rows, in the same snapshot: a page
+        # in the second half is walked to from the far end, in reverse order, so no OFFSET
+        # skips more than half the rows (PostgreSQL, generic plans: page 350 of 20,000
+        # contacts 2.1-2.8 -> 0.6 ms, page 80,000 of 4.6M calls 0.82-0.96 s -> 0.10-0.12
+        # s). The branch not taken has LIMIT 0 and reads nothing; a WHERE condition
+        # instead would keep PostgreSQL from dropping the calls' unused LEFT JOIN of
+        # contacts.
+        with_sql = f"WITH t(n) AS MATERIALIZED ({listing.total_sql}) "
+        total_column = "(SELECT n FROM t)"
+        back = f"(SELECT n FROM t) - {off}"  # rows from the page's first to the end
+        pick_sql = (
+            f"(SELECT {unique} {pick_from} {where_sql} ORDER BY {order_sql} "
+            f"LIMIT CASE WHEN {off} * 2 <= (SELECT n FROM t) THEN {lim} ELSE 0 END "
+            f"OFFSET {off}) UNION ALL "
+            f"(SELECT {unique} {pick_from} {where_sql} "
+            f"ORDER BY {_order_sql(listing, reverse=True)} "
+            f"LIMIT CASE WHEN {off} * 2 > (SELECT n FROM t) "
+            f"THEN greatest(least({lim}, {back}), 0) ELSE 0 END "
+            f"OFFSET greatest({back} - {lim}, 0))"
+        )
+    if listing.row_key:
+        # Rows are found by several columns with a semi-join (an array holds one); the
+        # constant LIMIT, which cuts nothing, caps the planner's estimate of the pick (a
+        # tenth of the table for a parameter's), so the rows are looked up by index.
+        picked = f"SELECT * FROM ({pick_sql}) picked LIMIT {MAX_LIMIT + 1}"
+        return with_sql, f"WHERE ({unique}) IN ({picked})", total_column
+    return with_sql, f"WHERE {unique} = ANY(ARRAY({pick_sql}))", total_column
 
 
 def is_empty_page(answer: bytes) -> bool:
