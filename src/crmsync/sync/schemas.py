@@ -2,13 +2,25 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from crmsync.calls.schemas import RejectedItem
-from crmsync.contacts.schemas import ContactOut, ContactResultOut
+from crmsync.calls.schemas import RejectedItem, calls_body_schema
+from crmsync.contacts.schemas import ContactOut, ContactResultOut, contacts_body_schema
 from crmsync.pagination import PageOut
+
+SYNC_BODY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "contacts": {**contacts_body_schema(), "minItems": 0},
+        "calls": {**calls_body_schema(), "minItems": 0},
+        "cursor": {
+            "type": ["string", "null"],
+            "description": "next_cursor of the last changes applied; none = from the beginning",
+        },
+    },
+}
 
 
 class SyncRecordOut(BaseModel):

@@ -12,6 +12,11 @@ from typing import Any, Literal
 
 import orjson
 
+from crmsync.calls.schemas import MAX_CALLS
+from crmsync.calls.service import CallBatch, call_count_metrics, call_insert_many
+from crmsync.contacts.schemas import MAX_BATCH
+from crmsync.contacts.service import Feed, contact_changes_page
+from crmsync.contacts.upsert import ContactBatch, contact_count_metrics, contact_upsert_many
 from crmsync.db import Connection, delete_in_batches
 from crmsync.errors import BadRequest, Loc, PayloadTooLarge, ValidationFailed
 from crmsync.idempotency import Answer, idempotent
@@ -152,6 +157,87 @@ async def upload(
     for result in done:  # none when the answer was a stored one
         result.count_metrics()
     return Uploaded(status, body, replayed=not done)
+
+
+CHANGES_LIMIT = 200  # contact changes in one POST /sync answer
+
+
+async def sync_work(
+    conn: Connection,
+    body: bytes,
+    *,
+    user_id: uuid.UUID,
+    is_admin: bool,
+    region: str,
+    feed: Feed,
+) -> Upload:
+    """POST /sync's work: its contacts stored as by POST /contacts/batch, its calls as by
+    POST /calls, then the contact changes after its cursor (which see those writes)."""
+    payload = parse_json(body, max_items=MAX_BATCH + MAX_CALLS)
+    if not isinstance(payload, dict):
+        raise ValidationFailed.one(["body"], "Input should be a valid object", "dict_type")
+    cursor = payload.get("cursor")
+    if cursor is not None and not isinstance(cursor, str):
+        raise ValidationFailed.one(
+            ["body", "cursor"], "Input should be a valid string", "string_type"
+        )
+    contact_items = _optional_batch(payload, "contacts", MAX_BATCH)
+    call_items = _optional_batch(payload, "calls", MAX_CALLS)
+    contacts = (
+        await contact_upsert_many(
+            conn, contact_items, user_id=user_id, region=region, loc=("body", "contacts")
+        )
+        if contact_items
+        else ContactBatch(
+            results_json="[]", counts={"created": 0, "replaced": 0, "existing": 0, "rejected": 0}
+        )
+    )
+    calls = (
+        await call_insert_many(
+            conn,
+            call_items,
+            user_id=user_id,
+            is_admin=is_admin,
+            region=region,
+            loc=("body", "calls"),
+        )
+        if call_items
+        else CallBatch(inserted=0, duplicates=0, rejected=0, rejected_json="[]")
+    )
+    changes = await contact_changes_page(conn, cursor=cursor, limit=CHANGES_LIMIT, feed=feed)
+    counts = contacts.counts
+
+    def answer(sync_id: uuid.UUID) -> bytes:
+        head = (
+            f'{{"sync_id":"{sync_id}","contacts":{contacts.results_json},'
+            f'"calls":{{"inserted":{calls.inserted},"duplicates":{calls.duplicates},'
+            f'"rejected":{calls.rejected_json}}},"changes":'
+        )
+        return head.encode() + changes.json() + b"}"
+
+    def count_metrics() -> None:
+        contact_count_metrics(counts)
+        call_count_metrics(calls)
+
+    return Upload(
+        synced_contacts=counts["created"] + counts["replaced"],
+        synced_calls=calls.inserted,
+        details={
+            **counts,
+            "inserted": calls.inserted,
+            "duplicates": calls.duplicates,
+            "rejected_calls": calls.rejected,
+        },
+        answer=answer,
+        count_metrics=count_metrics,
+    )
+
+
+def _optional_batch(payload: dict[str, Any], field: str, max_items: int) -> list[object]:
+    value = payload.get(field)
+    if value is None:
+        return []
+    return batch_items(value, loc=("body", field), max_items=max_items, allow_empty=True)
 
 
 async def _sync_record_create(
