@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from crmsync import backup, db
-from crmsync.contacts.service import Feed, feed
+from crmsync.contacts.service import Feed, contact_feed
 from tests.conftest import execute
 from tests.test_cli import clean_env, run_cli
 
@@ -480,7 +480,7 @@ def test_a_restore_in_place_gives_the_feed_a_new_origin_and_hands_out_no_etag_tw
     async def state() -> tuple[Feed, int]:
         conn = await asyncpg.connect(source)
         try:
-            return await feed(conn, b"k" * 32), await conn.fetchval(
+            return await contact_feed(conn, b"k" * 32), await conn.fetchval(
                 "SELECT nextval('contacts_change_seq')"
             )
         finally:

@@ -289,7 +289,7 @@ async def before_load(url: str, trgm: str | None, *, replace: bool) -> str:
 ADVANCE_CHANGE_SEQ = """SELECT setval('public.contacts_change_seq', greatest(
     (SELECT last_value FROM public.contacts_change_seq),
     (extract(epoch FROM clock_timestamp()) * 1000000)::bigint))"""
-# And the mark that the contacts were restored (contacts.service.feed): changes
+# And the mark that the contacts were restored (contacts.service.contact_feed): changes
 # cursors made before they named the contacts table are honoured only where none was.
 MARK_RESTORED = f"COMMENT ON TABLE public.contacts IS '{RESTORED_MARK}'"
 # pg_restore 17 and later write this setting, which PostgreSQL 15 and 16 reject.

@@ -206,11 +206,11 @@ async def maintain(
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", db.MAINTENANCE_LOCK_ID):
             return False
         await conn.execute(COMPACT_ROW_COUNTS)
-        linked = await calls_service.relink(conn, full=full_relink)
+        linked = await calls_service.call_relink(conn, full=full_relink)
         if linked:
             log.info("maintenance linked %d calls to contacts created while they uploaded", linked)
     if prune:
-        await auth_service.prune(conn)
+        await auth_service.auth_prune(conn)
         await db.delete_in_batches(
             conn,
             "idempotency_keys",
@@ -219,7 +219,7 @@ async def maintain(
             oldest_first="t.created_at",
         )
         if sync_record_retention_days is not None:
-            await sync_service.prune_records(conn, retention_days=sync_record_retention_days)
+            await sync_service.sync_record_prune(conn, retention_days=sync_record_retention_days)
     return True
 
 
@@ -281,7 +281,7 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         app.state.pool_gate = asyncio.Semaphore(settings.pool_max_size)
         app.state.login_gate = asyncio.Semaphore(db.LOGIN_SLOTS)
         async with app.state.pool.acquire() as conn:
-            app.state.changes_feed = await contacts_service.feed(conn, app.state.cursor_key)
+            app.state.changes_feed = await contacts_service.contact_feed(conn, app.state.cursor_key)
         background = [asyncio.create_task(sample_pool(app.state.pool))]
         if maintenance:
             background.append(asyncio.create_task(_maintenance(app.state.pool, settings)))

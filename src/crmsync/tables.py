@@ -92,7 +92,7 @@ login_throttle = Table(
     Column("failures", Integer, nullable=False),
     Column("window_started_at", TZ, nullable=False),
     Column("locked_until", TZ),
-    # What the hourly prune bounds (auth.service.prune), read oldest first (migration 0016).
+    # What the hourly prune bounds (auth.service.auth_prune), read oldest first (migration 0016).
     Index("ix_login_throttle_idle_since", text("coalesce(locked_until, window_started_at)")),
 )
 
@@ -190,7 +190,7 @@ row_counts = Table(
     CheckConstraint("name IN ('contacts', 'calls', 'sync')", name="name"),
 )
 
-# The relink rounds' marks (migration 0008, crmsync.calls.service.relink).
+# The relink rounds' marks (migration 0008, crmsync.calls.service.call_relink).
 relink_marks = Table(
     "relink_marks",
     metadata,

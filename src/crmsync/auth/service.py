@@ -252,7 +252,7 @@ async def logout(conn: Connection, user: AuthedUser) -> None:
     )
 
 
-async def prune(conn: Connection) -> None:
+async def auth_prune(conn: Connection) -> None:
     """Forget what can no longer matter: expired revocations, stale throttle rows. Outside a
     transaction: each batch commits."""
     await delete_in_batches(

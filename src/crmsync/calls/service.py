@@ -151,7 +151,7 @@ WHERE c.change_xid >= $1 AND NOT c.deleted
   AND l.phone_normalized = c.phone_normalized"""
 
 
-async def relink(conn: Connection, *, full: bool) -> int:
+async def call_relink(conn: Connection, *, full: bool) -> int:
     """One relink round, inside the maintenance transaction; the number of calls linked. A
     quick round (not `full`) with no mark to start from leaves the work to a full one."""
     window = RELINK_WINDOW if full else QUICK_RELINK_WINDOW

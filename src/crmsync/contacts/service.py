@@ -347,7 +347,7 @@ class Feed:
     restored: bool = False
 
 
-async def feed(conn: Connection, key: bytes) -> Feed:
+async def contact_feed(conn: Connection, key: bytes) -> Feed:
     """The origin is `<cluster>/<contacts table>`: the cluster's identity, made by initdb
     ("0" where a managed service hides it: cursors then cannot tell clusters apart), and
     the oid of the contacts table, which every restore creates anew."""

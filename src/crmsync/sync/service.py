@@ -266,7 +266,7 @@ async def _sync_record_create(
     return sync_id
 
 
-async def prune_records(conn: Connection, *, retention_days: int) -> int:
+async def sync_record_prune(conn: Connection, *, retention_days: int) -> int:
     """Delete the sync records older than `retention_days` (CRMSYNC_SYNC_RECORD_RETENTION_DAYS)
     but each user's newest, which GET /sync/state answers as last_sync_at. Outside a
     transaction: each batch commits. How many were deleted."""

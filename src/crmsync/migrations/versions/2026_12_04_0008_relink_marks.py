@@ -15,7 +15,7 @@ depends_on = None
 # One row per relink round: when it ran (clock time, read after its snapshot was taken)
 # and that snapshot's xmin, below which every transaction had finished. A round relinks
 # only contacts written by transactions at or above the xmin of a mark an hour older than
-# the previous round (crmsync.calls.service.relink); about sixty rows, a round a minute.
+# the previous round (crmsync.calls.service.call_relink); about sixty rows, a round a minute.
 UPGRADE = """
 CREATE TABLE relink_marks (
     taken_at timestamptz NOT NULL,
