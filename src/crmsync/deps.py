@@ -21,7 +21,6 @@ from crmsync.auth.service import AuthedUser, authenticate, signed_claims
 from crmsync.config import Settings
 from crmsync.db import Connection, request_connection, request_transaction
 from crmsync.errors import BadRequest, Forbidden, Unauthenticated
-from crmsync.observability import header_text
 from crmsync.pagination import DEFAULT_LIMIT, MAX_LIMIT, MAX_PAGE, PageRequest
 
 # Statements on Conn commit one by one: reads, single-statement writes, and sign-in,
@@ -63,11 +62,14 @@ IdempotencyKey = Annotated[
 
 
 async def device_id(
-    x_device_id: Annotated[
+    request: Request,
+    x_device_id: Annotated[  # read here for the OpenAPI document only
         str | None, Header(description="Stable per-install id, kept on the sync record")
     ] = None,
 ) -> str | None:
-    return header_text(x_device_id.encode("latin-1")) if x_device_id else None
+    """As RequestContext read it for the access log: UTF-8, the first 200 characters."""
+    device: str | None = request.state.device_id
+    return device
 
 
 DeviceId = Annotated[str | None, Depends(device_id)]

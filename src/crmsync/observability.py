@@ -318,7 +318,7 @@ class RequestContext:
             request_id = uuid.uuid4().hex
             echoed = request_id.encode()
         token = request_id_var.set(request_id)
-        scope.setdefault("state", {})["request_id"] = request_id
+        scope.setdefault("state", {}).update(request_id=request_id, device_id=device)
         started = time.perf_counter()
         status = 500
         started_response = False

@@ -89,10 +89,15 @@ async def test_the_sync_record_keeps_the_first_200_characters_of_the_device_id(
     [
         ("Zoë's Pixel 8 · Ж".encode(), "Zoë's Pixel 8 · Ж"),  # UTF-8, as a phone sends it
         (b"Zo\xeb", "Zoë"),  # no UTF-8: read as Latin-1, as HTTP defines header bytes
+        (b"", None),  # an empty header names no device
     ],
 )
 async def test_the_sync_record_keeps_a_device_id_as_the_phone_wrote_it(
-    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, sent: bytes, kept: str
+    client: httpx.AsyncClient,
+    user: Account,
+    conn: asyncpg.Connection,
+    sent: bytes,
+    kept: str | None,
 ) -> None:
     r = await client.post("/calls", json=[call(0)], headers={**user.headers, "X-Device-Id": sent})
     assert r.status_code == 200, r.text

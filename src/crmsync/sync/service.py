@@ -145,7 +145,7 @@ async def upload(
             synced_contacts=result.synced_contacts,
             synced_calls=result.synced_calls,
             details=result.details,
-            device_id=device_id[:200] if device_id else None,
+            device_id=device_id or None,  # an empty X-Device-Id is none
             elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         done.append(result)
