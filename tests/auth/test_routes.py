@@ -91,6 +91,62 @@ async def test_parallel_failures_are_throttled_like_sequential_ones(
     assert_problem(r, 429, "too_many_attempts")
 
 
+async def test_two_attempts_racing_at_the_last_allowed_failure_check_one_password(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    # Four failures counted, then two attempts in flight together (both held at the count
+    # of their failure by this test's lock on the account's throttle row): they are taken
+    # one after another, so the fifth failure locks the account before the other attempt
+    # has its password checked. Raced past the lockout check, both would be checked:
+    # six guesses, not five.
+    for _ in range(4):
+        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    async with conn.transaction():
+        await conn.execute("SELECT 1 FROM login_throttle FOR UPDATE")
+        attempts = [
+            asyncio.create_task(
+                client.post("/auth/login", json={"email": user.email, "password": f"bad-{i}"})
+            )
+            for i in range(2)
+        ]
+        waiting = 0
+        for _ in range(500):  # both attempts waiting on a lock in the database
+            waiting = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            if waiting == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting == 2
+    answers = await asyncio.gather(*attempts)
+    assert sorted(a.status_code for a in answers) == [401, 429]
+
+
+async def test_an_email_that_is_no_address_is_wrong_credentials_and_throttled_too(
+    client: httpx.AsyncClient,
+) -> None:
+    # Taken as it is (it matches no user), not refused nor failing: five attempts lock it.
+    attempt = {"email": " not an address ", "password": "whatever1"}
+    for _ in range(5):
+        r = await client.post("/auth/login", json=attempt)
+        assert_problem(r, 401, "invalid_credentials")
+    assert_problem(await client.post("/auth/login", json=attempt), 429, "too_many_attempts")
+
+
+async def test_a_lockout_with_under_a_second_left_says_retry_after_1(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    await conn.execute(
+        "INSERT INTO login_throttle (email_key, failures, window_started_at, locked_until)"
+        " VALUES (lower($1), 5, now(), now() + interval '900 milliseconds')",
+        user.email,
+    )
+    r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    assert_problem(r, 429, "too_many_attempts")
+    assert r.headers["Retry-After"] == "1"  # rounded up, and no later
+
+
 async def test_throttle_is_shared_by_server_processes(
     client: httpx.AsyncClient, user: Account, database_url: str
 ) -> None:

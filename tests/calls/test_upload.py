@@ -820,6 +820,22 @@ async def test_idempotency_keys_are_per_user(
     assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 2
 
 
+async def test_another_users_upload_under_the_same_idempotency_key_leaves_the_first_answer(
+    client: httpx.AsyncClient, user: Account, make_user: MakeUser, conn: asyncpg.Connection
+) -> None:
+    # Storing the second user's answer must not overwrite the first user's: a retry of the
+    # first upload gets its own answer back, not another user's sync_id and counts.
+    other = await make_user()
+    mine = await upload(client, user, [call(0)], **{"Idempotency-Key": "shared"})
+    theirs = await upload(client, other, [call(1), call(2)], **{"Idempotency-Key": "shared"})
+    assert (mine.json()["inserted"], theirs.json()["inserted"]) == (1, 2)
+    again = await upload(client, user, [call(0)], **{"Idempotency-Key": "shared"})
+    assert again.status_code == 200
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again.json() == mine.json()
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 2
+
+
 async def test_an_idempotency_key_reused_on_another_upload_endpoint_is_422(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:

@@ -207,6 +207,26 @@ async def test_batch_of_only_rejected_items_stores_nothing_and_still_records_the
     assert await conn.fetchval("SELECT synced_contacts FROM sync_audit") == 0
 
 
+async def test_a_batch_of_only_rejected_items_answers_in_request_order_and_counts_none_stored(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    # A number that is none is found after the items' own validation: its rejection is
+    # still answered at its index when no item is left to store, and the sync record
+    # counts nothing but the rejections.
+    batch = [contact(phone="abc"), contact(name=""), contact("Short", phone="12")]
+    r = await upload(client, user, batch)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [(x["index"], x["result"], x["errors"][0]["loc"]) for x in results] == [
+        (0, "rejected", ["body", 0, "phone_raw"]),
+        (1, "rejected", ["body", 1, "name"]),
+        (2, "rejected", ["body", 2, "phone_raw"]),
+    ]
+    [record] = (await client.get("/sync", headers=user.headers)).json()["items"]
+    assert record["synced_contacts"] == 0
+    assert record["details"] == {"created": 0, "replaced": 0, "existing": 0, "rejected": 3}
+
+
 async def test_batch_over_1000_items_is_413_and_empty_batch_is_422(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:

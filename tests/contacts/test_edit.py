@@ -403,6 +403,21 @@ async def test_admin_with_a_stale_if_match_gets_412_not_403(
     assert (row["name"], row["deleted"]) == ("Changed", False)
 
 
+async def test_a_stale_if_match_with_a_number_another_contact_has_is_412_not_409(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    """The changed contact comes first: the app pulls it and redoes its edit on it, rather
+    than ask its user about a number on a version that is gone."""
+    carla = await create(client, user, name="Carla", phone="(415) 555-0150")
+    await create(client, user, name="Bruno", phone="(415) 555-0123")
+    stale = await etag_of(client, user, carla["id"])
+    assert (await put(client, user, carla["id"], {"name": "Carla Dias"})).status_code == 200
+    r = await put(client, user, carla["id"], {"phone_raw": "415-555-0123"}, **{"If-Match": stale})
+    assert_problem(r, 412, "precondition_failed")
+    row = await conn.fetchrow("SELECT name, phone_normalized FROM contacts WHERE name <> 'Bruno'")
+    assert (row["name"], row["phone_normalized"]) == ("Carla Dias", "+14155550150")
+
+
 async def test_if_match_accepts_the_etag_weakened_by_a_compressing_proxy(
     client: httpx.AsyncClient, user: Account
 ) -> None:

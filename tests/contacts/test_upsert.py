@@ -252,6 +252,45 @@ async def test_a_number_that_is_none_says_why(
     assert assert_problem(r, 422, "validation_error")["errors"][0]["msg"] == msg
 
 
+@pytest.mark.parametrize(
+    ("phone", "why"),
+    [
+        ("   ", "empty"),
+        ("+1" + " " * 53 + "4155550123", "longer than 64 characters"),
+        ("+1" + " " * 53 + "415555012", "too few digits"),  # 64: its digits decide
+    ],
+)
+async def test_a_caller_id_lookup_of_a_blank_or_overlong_spelling_says_why(
+    client: httpx.AsyncClient, user: Account, phone: str, why: str
+) -> None:
+    # A lookup takes up to 200 characters (a create or an edit, 64): past 64 the spelling
+    # is no number, and the msg says so, not what its digits would be.
+    r = await client.get("/contacts/lookup", params={"phone": phone}, headers=user.headers)
+    body = assert_problem(r, 422, "validation_error")
+    assert body["errors"][0]["msg"] == "Not a possible phone number: " + why
+
+
+async def test_a_blank_phone_raw_without_a_hint_says_the_number_is_empty(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    msg = "Not a possible phone number: empty"
+    r = await post(client, user, contact(phone=" \t"))
+    assert assert_problem(r, 422, "validation_error")["errors"][0]["msg"] == msg
+    r = await client.post("/contacts/batch", json=[contact(phone=" ")], headers=user.headers)
+    assert r.json()["results"][0]["errors"][0]["msg"] == msg, r.text
+    assert await conn.fetchval("SELECT count(*) FROM contacts") == 0
+
+
+async def test_a_number_dialled_from_abroad_is_read_with_its_hint_up_to_64_characters(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    raw = "001" + " " * 49 + "212 208 0057"
+    assert len(raw) == 64
+    r = await post(client, user, contact(phone=raw, phone_normalized="+12122080057"))
+    assert r.status_code == 201, r.text
+    assert r.json()["contact"]["phone_normalized"] == "+12122080057"
+
+
 async def test_a_blank_phone_raw_leaves_the_number_and_the_spelling_to_the_hint(
     client: httpx.AsyncClient, user: Account
 ) -> None:
