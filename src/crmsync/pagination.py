@@ -141,6 +141,11 @@ class Listing:
     # page 9,000 150 -> 38 ms, one user's total 230 -> 45 ms).
     pick_from_sql: str | None = None
 
+    @property
+    def pick_from(self) -> str:
+        """What page mode counts and picks rows from."""
+        return self.pick_from_sql or self.from_sql
+
 
 def kept_total(name: str, where: Sequence[str] = ()) -> str:
     """The total the row_counts triggers keep: live contacts or calls (migration 0002), the
@@ -224,8 +229,7 @@ def _where_sql(where: Sequence[str]) -> str:
 
 def _count_sql(listing: Listing) -> str:
     """The exact number of the listing's rows: the kept total, else a count."""
-    pick_from = listing.pick_from_sql or listing.from_sql
-    return listing.total_sql or f"SELECT count(*) {pick_from} {_where_sql(listing.where)}"
+    return listing.total_sql or f"SELECT count(*) {listing.pick_from} {_where_sql(listing.where)}"
 
 
 def _page_sql(listing: Listing, page: PageRequest) -> tuple[str, list[object]]:
@@ -273,7 +277,7 @@ def _picked_first(
     those of every row it skips, a sort those of every row it sorts. The statement's WITH,
     its WHERE, and its total column. `args` ends with the limit; the offset is added."""
     order_sql = _order_sql(listing)
-    pick_from = listing.pick_from_sql or listing.from_sql
+    pick_from = listing.pick_from
     unique = ", ".join(listing.row_key or [listing.keys[-1].expr])
     lim = f"${len(args)}"
     pick_sql = f"SELECT {unique} {pick_from} {where_sql} ORDER BY {order_sql} LIMIT {lim}"
