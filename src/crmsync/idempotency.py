@@ -40,21 +40,23 @@ async def idempotent(
             ["header", "Idempotency-Key"], f"must be 1..{MAX_KEY_LENGTH} characters"
         )
     request_hash = fingerprint(*request)
-    claimed = await conn.fetchval(
+    while not await conn.fetchval(
         """INSERT INTO idempotency_keys (user_id, key, request_hash) VALUES ($1, $2, $3)
            ON CONFLICT (user_id, key) DO NOTHING RETURNING true""",
         user_id,
         key,
         request_hash,
-    )
-    if not claimed:
+    ):
         stored = await conn.fetchrow(
             "SELECT request_hash, status_code, response FROM idempotency_keys"
             " WHERE user_id = $1 AND key = $2",
             user_id,
             key,
         )
-        assert stored is not None  # the row that conflicted is committed and kept 7+ days
+        if stored is None:
+            # The row it conflicted with was committed, and then pruned (older than the
+            # TTL) before this read: the key has expired, so claim it again.
+            continue
         if stored["request_hash"] != request_hash:
             raise ValidationFailed.one(
                 ["header", "Idempotency-Key"],

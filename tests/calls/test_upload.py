@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from crmsync.calls.service import INSERT_SQL
+from crmsync.idempotency import Answer, fingerprint, idempotent
 from crmsync.main import maintain
 from tests.conftest import Account, MakeUser, assert_problem, insert_sort_keys
 
@@ -834,6 +835,61 @@ async def test_another_users_upload_under_the_same_idempotency_key_leaves_the_fi
     assert again.headers.get("idempotent-replayed") == "true"
     assert again.json() == mine.json()
     assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 2
+
+
+async def test_a_key_pruned_between_its_conflict_and_its_read_is_claimed_again(
+    user: Account, conn: asyncpg.Connection, database_url: str
+) -> None:
+    # The hourly prune deletes an expired key's row: if it commits after a retry's INSERT
+    # conflicted with that row and before the retry reads it, the retry finds no row. The
+    # key has expired, so the request runs as a new one (it was a 500 before).
+    user_id = uuid.UUID(user.id)
+    await conn.execute(
+        """INSERT INTO idempotency_keys (user_id, key, request_hash, status_code, response,
+                                         created_at)
+           VALUES ($1, 'old', '\\x00', 200, '{"old":true}', now() - interval '9 days')""",
+        user_id,
+    )
+
+    class PrunedBeforeTheRead:
+        """The request's connection, with the real prune run (and committed) on another
+        connection just before the request reads the key's row."""
+
+        def __init__(self, inner: asyncpg.Connection) -> None:
+            self.inner = inner
+            self.pruned = False
+
+        async def fetchval(self, *args: Any) -> Any:
+            return await self.inner.fetchval(*args)
+
+        async def fetchrow(self, *args: Any) -> Any:
+            if not self.pruned:
+                self.pruned = True
+                pruner = await asyncpg.connect(database_url)
+                try:
+                    assert await maintain(pruner, prune=True, idempotency_ttl_days=7)
+                finally:
+                    await pruner.close()
+            return await self.inner.fetchrow(*args)
+
+        async def execute(self, *args: Any) -> Any:
+            return await self.inner.execute(*args)
+
+    async def produce() -> Answer:
+        return 200, b'{"new":true}'
+
+    request = ("POST", "/calls", b"[]")
+    wrapped = PrunedBeforeTheRead(conn)
+    answer = await idempotent(wrapped, user_id=user_id, key="old", request=request, produce=produce)  # type: ignore[arg-type]
+    assert wrapped.pruned
+    assert answer == (200, b'{"new":true}')
+    stored = await conn.fetchrow(
+        "SELECT request_hash, response FROM idempotency_keys WHERE key = 'old'"
+    )
+    assert (bytes(stored["request_hash"]), bytes(stored["response"])) == (
+        fingerprint(*request),
+        b'{"new":true}',
+    )
 
 
 async def test_an_idempotency_key_reused_on_another_upload_endpoint_is_422(
