@@ -10,6 +10,7 @@ import logging
 import re
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 import uvicorn
 from prometheus_client import REGISTRY
 
+from crmsync import middleware
 from crmsync.deps import Tx, raw_body
 from crmsync.middleware import MAX_HEAD_BYTES, SMALL_BODY_BYTES, UPLOADS, ProblemHttpProtocol
 from tests.conftest import Account, api_routes, assert_problem, free_port, make_app, serving
@@ -324,6 +326,112 @@ def test_heads_under_the_limit_pass_also_with_a_body_or_one_after_another(
     assert _exchange(served_protocol, exact).startswith(b"HTTP/1.1 200 OK")
     over = exact.replace(b"X-Pad: ", b"X-Pad: a")
     assert _exchange(served_protocol, over).startswith(b"HTTP/1.1 400 ")
+
+
+def _read_until_closed(conn: socket.socket) -> bytes:
+    answer = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_request_head_not_complete_in_time_is_408_and_an_idle_connection_is_closed(
+    served_protocol: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without a bound, a client trickling its headers (or sending nothing) holds a
+    # connection, and the memory and file descriptor behind it, for as long as it likes.
+    monkeypatch.setattr(middleware, "HEAD_TIMEOUT", 0.5)
+    with socket.create_connection(("127.0.0.1", served_protocol), timeout=10) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        started = time.monotonic()
+        answer = _read_until_closed(conn)  # ends when the server closes
+    assert 0.4 < time.monotonic() - started < 5
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer[:200]
+    assert b"\r\ncontent-type: application/problem+json\r\n" in head
+    assert b"\r\nconnection: close\r\n" in head
+    assert json.loads(body)["code"] == "request_timeout"
+    with socket.create_connection(("127.0.0.1", served_protocol), timeout=10) as conn:
+        started = time.monotonic()
+        assert _read_until_closed(conn) == b""  # nothing sent: closed, nothing answered
+    assert 0.4 < time.monotonic() - started < 5
+
+
+def test_a_slow_head_in_time_and_later_requests_on_the_connection_are_answered(
+    served_protocol: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(middleware, "HEAD_TIMEOUT", 0.8)
+    get = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", served_protocol), timeout=10) as conn:
+        for piece in (get[:10], get[10:20], get[20:]):  # 0.4 s in all: within the bound
+            conn.sendall(piece)
+            time.sleep(0.2)
+        # Each head has its own time, counted from its first byte, not from the connection
+        # opening or the first request: well after 0.8 s, the next ones still pass.
+        for _ in range(3):
+            answer = b""
+            while not answer.endswith(b"\r\n0\r\n\r\n") and (chunk := conn.recv(65536)):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:200]
+            time.sleep(0.5)
+            conn.sendall(get)
+        # And a later head that stalls gets its 408 as the first did.
+        conn.recv(65536)
+        conn.sendall(get[:10])
+        assert _read_until_closed(conn).startswith(b"HTTP/1.1 408 ")
+
+
+@pytest.fixture(scope="module")
+def served_app(database_url: str) -> Iterator[int]:
+    """The whole app in a real uvicorn with crmsync's protocol, as `crmsync serve` runs it."""
+    port = free_port()
+    config = uvicorn.Config(
+        make_app(database_url),
+        host="127.0.0.1",
+        port=port,
+        http=ProblemHttpProtocol,
+        log_config=None,
+        lifespan="on",
+    )
+    with serving(config):
+        yield port
+
+
+def _post_head(user: Account, length: int) -> bytes:
+    return (
+        f"POST /calls HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {user.token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def test_a_body_that_stops_arriving_is_408_and_the_connection_is_closed(
+    served_app: int, user: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(middleware, "BODY_IDLE_TIMEOUT", 0.5)
+    body = json.dumps(
+        [{"direction": "missed", "duration_seconds": 0, "timestamp": "2026-11-04T14:00:00Z"}]
+    ).encode()
+    with socket.create_connection(("127.0.0.1", served_app), timeout=10) as conn:
+        conn.sendall(_post_head(user, len(body)) + body[:10])
+        started = time.monotonic()
+        answer = _read_until_closed(conn)
+    assert 0.4 < time.monotonic() - started < 5
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer[:300]
+    assert b"\r\ncontent-type: application/problem+json\r\n" in head
+    assert b"\r\nconnection: close\r\n" in head
+    assert json.loads(rest)["code"] == "request_timeout"
+    # A body that keeps coming, however slowly, is read to its end: each pause is bounded,
+    # not the whole body.
+    with socket.create_connection(("127.0.0.1", served_app), timeout=10) as conn:
+        conn.sendall(_post_head(user, len(body)))
+        for i in range(0, len(body), 20):
+            time.sleep(0.2)
+            conn.sendall(body[i : i + 20])
+        answer = conn.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:300]
+    assert b'"inserted":1' in answer
 
 
 # Run at COMMIT: a deferred constraint trigger ends the backend as the request commits.

@@ -86,6 +86,10 @@ class LastAdmin(Conflict):
     code = "last_admin"
 
 
+class RequestTimeout(ApiError):
+    status, code, title = 408, "request_timeout", "Request Timeout"
+
+
 class PreconditionFailed(ApiError):
     status, code, title = 412, "precondition_failed", "Precondition Failed"
 

@@ -3,6 +3,7 @@ gzip answers, HEAD, and the answer to a request too malformed for HTTP parsing."
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import uuid
@@ -16,9 +17,11 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from crmsync.config import IPNetwork
 from crmsync.errors import (
+    ApiError,
     BadRequest,
     HttpsRequired,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedEncoding,
     send_problem,
 )
@@ -171,10 +174,10 @@ class BodyLimit:
             elif name == b"content-encoding" and scope["method"] in _WITH_BODY:
                 encoding = value.strip().lower()
         if encoding == b"identity":
-            await self.app(scope, _limited(receive, limit), send)
+            await self.app(scope, _limited(_patient(receive), limit), send)
         elif encoding in (b"gzip", b"x-gzip"):
             scope["headers"] = [h for h in scope["headers"] if h[0] not in _INFLATED_AWAY]
-            await self.app(scope, _inflating(receive, limit), send)
+            await self.app(scope, _inflating(_patient(receive), limit), send)
         else:
             detail = f"Content-Encoding {encoding.decode('latin-1')!r} is not supported; use gzip"
             await send_problem(send, UnsupportedEncoding(detail), close=True)
@@ -182,6 +185,33 @@ class BodyLimit:
 
 def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"Request body over {limit} bytes")
+
+
+# How long a body may pause: a client that stops sending in the middle of its body gets a
+# 408 and the connection closes (uvicorn would wait for ever). A phone on a poor network
+# still sends something every few seconds.
+BODY_IDLE_TIMEOUT = 30.0
+
+
+def _patient(receive: Receive) -> Receive:
+    """receive, bounded by BODY_IDLE_TIMEOUT while the body is still coming."""
+    ended = False
+
+    async def patient_receive() -> Message:
+        nonlocal ended
+        if ended:  # after the body: waiting for a disconnect is not the client's delay
+            return await receive()
+        try:
+            async with asyncio.timeout(BODY_IDLE_TIMEOUT):
+                message = await receive()
+        except TimeoutError:
+            error = RequestTimeout(f"No byte of the request body for {BODY_IDLE_TIMEOUT:g} s")
+            error.headers["Connection"] = "close"
+            raise error from None
+        ended = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    return patient_receive
 
 
 def _limited(receive: Receive, limit: int) -> Receive:
@@ -293,21 +323,58 @@ class HeadAsGet:
 
 # The longest request line and headers taken (nginx's default allows 4 x 8 KiB lines).
 MAX_HEAD_BYTES = 64 * 1024
+# How long a request head (request line and headers) may take to arrive whole, from the
+# connection opening or from its first byte: a client that opens connections and sends
+# nothing, or trickles its headers, would otherwise hold them open for ever (Node's
+# headersTimeout is 60 s). Between requests, uvicorn's keep-alive timeout (5 s) applies.
+HEAD_TIMEOUT = 30.0
 
 
 class ProblemHttpProtocol(HttpToolsProtocol):
     """uvicorn's HTTP protocol, whose 400 for what it cannot parse (an unknown method, a
     control byte in a header, a bad Content-Length) is a problem, not plain text.
 
-    It also refuses a request head (request line and headers) over MAX_HEAD_BYTES:
-    httptools sets no bound and buffers all of it, so one client sending endless headers
-    grew the process by as much as it sent (200 MiB of headers: +200 MiB)."""
+    It also refuses a request head over MAX_HEAD_BYTES (httptools sets no bound and
+    buffers all of it: 200 MiB of headers grew the process by 200 MiB), and one that takes
+    longer than HEAD_TIMEOUT (408; a connection that sent nothing is just closed)."""
 
     _in_head = True  # between requests or inside one's head: bytes are counted
     _head_bytes = 0
     _requests = 0  # requests parsed to their end on this connection
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _start_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or not self._in_head:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._start_head_timer()  # the next head came early: its time starts with it
+            return
+        if self._head_bytes == 0:
+            self.transport.close()  # nothing sent: an idle connection, closed unanswered
+            return
+        self._refuse(RequestTimeout(f"Request head not complete within {HEAD_TIMEOUT:g} s"))
 
     def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._start_head_timer()
         while self._in_head and len(data) > MAX_HEAD_BYTES - self._head_bytes:
             # What fits may end the head (then the rest is its body or the next request).
             room = MAX_HEAD_BYTES - self._head_bytes
@@ -326,6 +393,7 @@ class ProblemHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._stop_head_timer()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -334,13 +402,19 @@ class ProblemHttpProtocol(HttpToolsProtocol):
         self._requests += 1
 
     def send_400_response(self, msg: str) -> None:
+        self._refuse(BadRequest(msg))
+
+    def _refuse(self, error: ApiError) -> None:
         # Refused before any application code runs, so before RequestContext gives the
         # request its id: it gets one here, and the log line names it.
         request_id = uuid.uuid4().hex
-        logging.getLogger("crmsync.errors").warning("request %s refused: %s", request_id, msg)
-        body = orjson.dumps(BadRequest(msg).body())
+        logging.getLogger("crmsync.errors").warning(
+            "request %s refused: %s", request_id, error.detail
+        )
+        body = orjson.dumps(error.body())
         head = (
-            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/problem+json\r\n"
+            f"HTTP/1.1 {error.status} {error.title}\r\n".encode()
+            + b"content-type: application/problem+json\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n"
             b"cache-control: no-store\r\nx-content-type-options: nosniff\r\n"
             b"x-request-id: " + request_id.encode() + b"\r\n\r\n"

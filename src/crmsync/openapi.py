@@ -57,6 +57,10 @@ ERRORS: dict[str, tuple[str, str]] = {
     ),
     "403": ("forbidden", "Signed in but not allowed; or https_required for plain HTTP"),
     "404": ("not_found", "Unknown id (a malformed id counts as unknown)"),
+    "408": (
+        "request_timeout",
+        "The body stopped arriving for 30 s; the connection is closed. Resend the request",
+    ),
     "413": ("payload_too_large", "Body over the size limit, or a batch over its item limit"),
     "415": ("unsupported_media_type", "A Content-Encoding other than gzip (or none)"),
     "422": ("validation_error", "Body or query fails validation; `errors` says where"),
@@ -128,7 +132,7 @@ def _statuses(method: str, path: str, operation: dict[str, Any]) -> list[str]:
     if "requestBody" in operation or any(p.get("in") == "query" for p in params):
         statuses += ["400", "422"]
     if "requestBody" in operation:
-        statuses += ["413", "415"]
+        statuses += ["408", "413", "415"]
     if (method, path) == ("post", "/auth/login"):
         statuses += ["401", "429"]
     return statuses
