@@ -20,7 +20,7 @@ import pytest
 import uvicorn
 from prometheus_client import REGISTRY
 
-from crmsync import middleware
+from crmsync import db, middleware
 from crmsync.deps import Tx, raw_body
 from crmsync.middleware import MAX_HEAD_BYTES, SMALL_BODY_BYTES, UPLOADS, ProblemHttpProtocol
 from tests.conftest import Account, api_routes, assert_problem, free_port, make_app, serving
@@ -396,6 +396,43 @@ def served_app(database_url: str) -> Iterator[int]:
     )
     with serving(config):
         yield port
+
+
+async def test_a_head_begun_while_the_last_answer_is_awaited_is_not_timed_out(
+    served_app: int, user: Account, conn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pipelining client may begin its next request before the last one is answered;
+    # that answer can take a while (here a sign-in held on its account's lock). Its head's
+    # time runs from the answer on, and a 408 never cuts into an answer in progress.
+    monkeypatch.setattr(middleware, "HEAD_TIMEOUT", 0.3)
+    lock = "SELECT pg_advisory_{}($1, hashtext(lower($2)))"
+    await conn.execute(lock.format("lock"), db.LOGIN_LOCK_CLASS, user.email)
+    body = json.dumps({"email": user.email, "password": user.password}).encode()
+    login = (
+        b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+    get = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", served_app), timeout=10) as sock:
+        sock.sendall(login)
+        await asyncio.sleep(0.1)
+        sock.sendall(get[:12])  # the next head begun, in a write of its own
+        await asyncio.sleep(1.0)  # three head timeouts, the sign-in still waiting
+        sock.settimeout(0.05)
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)  # nothing answered, nothing closed
+        await conn.execute(lock.format("unlock"), db.LOGIN_LOCK_CLASS, user.email)
+        sock.settimeout(10)
+        await asyncio.sleep(0.1)
+        sock.sendall(get[12:])
+        answer = b""
+        while answer.count(b"HTTP/1.1 ") < 2 or not answer.endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:300]
+    assert b'"token"' in answer
+    assert answer.count(b"HTTP/1.1 200 OK") == 2, answer[-300:]
 
 
 def _post_head(user: Account, length: int) -> bytes:

@@ -365,7 +365,7 @@ class ProblemHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing() or not self._in_head:
             return
         if self.cycle is not None and not self.cycle.response_complete:
-            self._start_head_timer()  # the next head came early: its time starts with it
+            self._start_head_timer()  # the last request not yet answered: wait for that
             return
         if self._head_bytes == 0:
             self.transport.close()  # nothing sent: an idle connection, closed unanswered
