@@ -346,6 +346,20 @@ async def test_if_none_match_with_the_current_etag_is_304_with_no_body(
     assert_problem(r, 404, "not_found")
 
 
+async def test_a_304_says_what_its_answer_varies_by_as_the_200_does(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    # A contact whose JSON passes 1 KiB is gzipped for a client that asks, with Vary:
+    # Accept-Encoding; the 304 that confirms a cached copy of it must carry that Vary too.
+    created = (await post(client, user, contact(name="😀" * 200))).json()["contact"]
+    path = f"/contacts/{created['id']}"
+    asks = {**user.headers, "Accept-Encoding": "gzip"}
+    full = await client.get(path, headers=asks)
+    assert (full.headers["content-encoding"], full.headers["vary"]) == ("gzip", "Accept-Encoding")
+    r = await client.get(path, headers={**asks, "If-None-Match": full.headers["etag"]})
+    assert (r.status_code, r.headers["vary"]) == (304, "Accept-Encoding")
+
+
 async def test_contacts_need_a_token(client: httpx.AsyncClient) -> None:
     for path in ("/contacts", "/contacts/search?q=a", "/contacts/changes"):
         assert_problem(await client.get(path), 401, "unauthenticated")

@@ -174,7 +174,8 @@ async def get_contact(
     # RFC 9110 13.1.2: any tag naming the current version matches, weak or strong.
     versions = if_match_versions(if_none_match)
     if if_none_match is not None and (versions is None or contact.version in versions):
-        return Response(status_code=304, headers=headers)
+        # RFC 9110 15.4.5: a 304 carries the Vary its 200 would (gzip; harmless when not).
+        return Response(status_code=304, headers={**headers, "Vary": "Accept-Encoding"})
     return JSONBytes(contact.json, headers=headers)
 
 
