@@ -13,6 +13,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from crmsync.middleware import BODY_IDLE_TIMEOUT
+
 PUBLIC = {("post", "/auth/login"), ("get", "/healthz"), ("get", "/readyz")}
 
 PROBLEM_SCHEMA: dict[str, Any] = {
@@ -59,7 +61,8 @@ ERRORS: dict[str, tuple[str, str]] = {
     "404": ("not_found", "Unknown id (a malformed id counts as unknown)"),
     "408": (
         "request_timeout",
-        "The body stopped arriving for 30 s; the connection is closed. Resend the request",
+        f"The body stopped arriving for {BODY_IDLE_TIMEOUT:g} s; the connection is closed."
+        " Resend the request",
     ),
     "413": ("payload_too_large", "Body over the size limit, or a batch over its item limit"),
     "415": ("unsupported_media_type", "A Content-Encoding other than gzip (or none)"),
