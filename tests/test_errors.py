@@ -336,22 +336,28 @@ def _read_until_closed(conn: socket.socket) -> bytes:
     return answer
 
 
+def _assert_timed_out(port: int, head: bytes, body: bytes) -> None:
+    """Sends that and stops: 408 `request_timeout` after the bound (patched to 0.5 s),
+    and the connection closed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(head + body)
+        started = time.monotonic()
+        answer = _read_until_closed(conn)  # ends when the server closes
+    assert 0.4 < time.monotonic() - started < 5
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer[:300]
+    assert b"\r\ncontent-type: application/problem+json\r\n" in head
+    assert b"\r\nconnection: close\r\n" in head
+    assert json.loads(rest)["code"] == "request_timeout"
+
+
 def test_a_request_head_not_complete_in_time_is_408_and_an_idle_connection_is_closed(
     served_protocol: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Without a bound, a client trickling its headers (or sending nothing) holds a
     # connection, and the memory and file descriptor behind it, for as long as it likes.
     monkeypatch.setattr(middleware, "HEAD_TIMEOUT", 0.5)
-    with socket.create_connection(("127.0.0.1", served_protocol), timeout=10) as conn:
-        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-        started = time.monotonic()
-        answer = _read_until_closed(conn)  # ends when the server closes
-    assert 0.4 < time.monotonic() - started < 5
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer[:200]
-    assert b"\r\ncontent-type: application/problem+json\r\n" in head
-    assert b"\r\nconnection: close\r\n" in head
-    assert json.loads(body)["code"] == "request_timeout"
+    _assert_timed_out(served_protocol, b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ", b"")
     with socket.create_connection(("127.0.0.1", served_protocol), timeout=10) as conn:
         started = time.monotonic()
         assert _read_until_closed(conn) == b""  # nothing sent: closed, nothing answered
@@ -449,16 +455,7 @@ def test_a_body_that_stops_arriving_is_408_and_the_connection_is_closed(
     body = json.dumps(
         [{"direction": "missed", "duration_seconds": 0, "timestamp": "2026-11-04T14:00:00Z"}]
     ).encode()
-    with socket.create_connection(("127.0.0.1", served_app), timeout=10) as conn:
-        conn.sendall(_post_head(user, len(body)) + body[:10])
-        started = time.monotonic()
-        answer = _read_until_closed(conn)
-    assert 0.4 < time.monotonic() - started < 5
-    head, _, rest = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 408 "), answer[:300]
-    assert b"\r\ncontent-type: application/problem+json\r\n" in head
-    assert b"\r\nconnection: close\r\n" in head
-    assert json.loads(rest)["code"] == "request_timeout"
+    _assert_timed_out(served_app, _post_head(user, len(body)), body[:10])
     # A body that keeps coming, however slowly, is read to its end: each pause is bounded,
     # not the whole body.
     with socket.create_connection(("127.0.0.1", served_app), timeout=10) as conn:
