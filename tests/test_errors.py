@@ -441,10 +441,11 @@ async def test_a_head_begun_while_the_last_answer_is_awaited_is_not_timed_out(
     assert answer.count(b"HTTP/1.1 200 OK") == 2, answer[-300:]
 
 
-def _post_head(user: Account, length: int) -> bytes:
+def _post_head(user: Account, length: int, encoding: str = "identity") -> bytes:
     return (
         f"POST /calls HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {user.token}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+        f"Content-Type: application/json\r\nContent-Encoding: {encoding}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
     ).encode()
 
 
@@ -456,6 +457,8 @@ def test_a_body_that_stops_arriving_is_408_and_the_connection_is_closed(
         [{"direction": "missed", "duration_seconds": 0, "timestamp": "2026-11-04T14:00:00Z"}]
     ).encode()
     _assert_timed_out(served_app, _post_head(user, len(body)), body[:10])
+    gzipped = gzip.compress(body)  # a gzip body stalls the same way
+    _assert_timed_out(served_app, _post_head(user, len(gzipped), "gzip"), gzipped[:10])
     # A body that keeps coming, however slowly, is read to its end: each pause is bounded,
     # not the whole body.
     with socket.create_connection(("127.0.0.1", served_app), timeout=10) as conn:
