@@ -261,7 +261,7 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
             pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
             started = time.monotonic()
             r = await get(app, "/readyz")
-            assert time.monotonic() - started < 2
+            assert time.monotonic() - started < 5  # at once (room for a loaded machine)
             assert_problem(r, 503, "unavailable")
             assert r.headers["Retry-After"] == "5"
             r = await get(app, "/healthz")  # the process runs: a load balancer keeps it
@@ -303,7 +303,7 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
         server.cleanup()
 
 
-async def test_readyz_answers_within_2_s_while_the_database_is_frozen(tmp_path: Path) -> None:
+async def test_readyz_answers_in_its_1_5_s_while_the_database_is_frozen(tmp_path: Path) -> None:
     """A database that takes connections and never answers (a hung host; here every process
     of a dedicated PostgreSQL stopped by SIGSTOP): /readyz is a 503 within its 1.5 s, not
     after asyncpg has waited out the cancel of its query."""
@@ -324,7 +324,8 @@ async def test_readyz_answers_within_2_s_while_the_database_is_frozen(tmp_path: 
             for _ in range(2):  # the second on a pool whose connection the first left busy
                 started = time.monotonic()
                 r = await get(app, "/readyz")
-                assert time.monotonic() - started < 2
+                # 1.5 s, with room for a loaded machine (CI's two cores); unbounded, 36 s
+                assert time.monotonic() - started < 5
                 assert_problem(r, 503, "unavailable")
             for pid in frozen:
                 os.kill(pid, signal.SIGCONT)

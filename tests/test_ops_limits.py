@@ -41,7 +41,7 @@ async def test_statement_timeout_cancels_a_long_query(database_url: str) -> None
             started = time.monotonic()
             with pytest.raises(asyncpg.QueryCanceledError, match="statement timeout"):
                 await conn.fetchval("SELECT pg_sleep(5)")
-            assert time.monotonic() - started < 2
+            assert time.monotonic() - started < 4  # 0.2 s, not the 5 s asked for
             assert await conn.fetchval("SELECT 1") == 1  # the connection stays usable
     finally:
         await pool.close()
