@@ -10,10 +10,11 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 
 from crmsync.contacts import service as contacts_service
-from tests.conftest import Account, MakeUser, assert_problem
+from tests.conftest import Account, MakeUser, assert_problem, make_app
 from tests.contacts.test_upsert import at, contact, post
 
 UNKNOWN = "7d1c4a52-8f7e-4b0a-9a43-1f0f4b7f2d11"
@@ -119,6 +120,97 @@ async def test_a_number_read_with_its_hint_keeps_it_when_sent_again_and_a_new_on
         client, user, c["id"], {"phone_raw": "(415) 555-0177", "phone_normalized": "+442079460958"}
     )
     assert (r.status_code, r.json()["phone_normalized"]) == (200, "+14155550177"), r.text
+
+
+async def test_a_blank_phone_raw_in_a_put_leaves_the_number_and_the_spelling_to_the_hint(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    """As in POST: the hint is the number and is kept as phone_raw (it stored the blank)."""
+    c = await create(client, user, phone="(415) 555-0161")
+    for blank, hint, number in (
+        ("   ", "+1 415 555 0162", "+14155550162"),
+        ("", "+14155550163", "+14155550163"),
+    ):
+        r = await put(client, user, c["id"], {"phone_raw": blank, "phone_normalized": hint})
+        assert r.status_code == 200, r.text
+        assert (r.json()["phone_raw"], r.json()["phone_normalized"]) == (hint, number)
+    assert_problem(await put(client, user, c["id"], {"phone_raw": " "}), 422, "validation_error")
+
+
+async def test_the_contacts_own_spelling_read_under_another_region_is_no_other_contacts_number(
+    client: httpx.AsyncClient, user: Account, database_url: str
+) -> None:
+    """A contact made on a server whose default region was GB: "(415) 555-0199" is
+    +444155550199 there. Under US it reads +14155550199, another contact's number; sent
+    back unchanged with a new name, it is still no change of number, not a 409."""
+    app = make_app(database_url, default_region="GB")
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as gb:
+            nine = await create(gb, user, name="Nine", phone="(415) 555-0199")
+    assert nine["phone_normalized"] == "+444155550199"
+    await create(client, user, name="Other", phone="+1 415 555 0199")
+    r = await put(client, user, nine["id"], {"name": "Nine N", "phone_raw": "(415) 555-0199"})
+    assert r.status_code == 200, r.text
+    assert (r.json()["name"], r.json()["phone_normalized"]) == ("Nine N", "+444155550199")
+
+
+async def test_a_put_of_the_contacts_own_spelling_answers_what_it_wrote_when_another_put_races_it(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, database_url: str
+) -> None:
+    """Last write wins, without If-Match: a PUT sending the contact's spelling back, as the
+    other PUT moves the contact to another number, is ordered before or after that one, and
+    answers the spelling it wrote. It decided "no change" from a read made before the other
+    PUT committed and its write after: it answered 200 with the other's number, and a
+    colleague's phone was left with the number it had just replaced."""
+    c = await create(client, user, phone="(415) 555-0161")
+    contact_id, own, other = uuid.UUID(c["id"]), c["phone_raw"], "(415) 555-0162"
+
+    async def put_number(connection: Any, phone_raw: str) -> dict[str, Any]:
+        version = await contacts_service.contact_update(
+            connection,
+            contact_id,
+            name=None,
+            phone_raw=phone_raw,
+            user_id=uuid.UUID(user.id),
+            is_admin=False,
+            if_match=None,
+            region="US",
+        )
+        got: dict[str, Any] = orjson.loads(version.json)
+        return got
+
+    class OtherPutCommitsAfterTheFirstStatement:
+        """The PUT's connection; the other PUT runs, and commits, on another connection as
+        soon as this one's first statement is answered."""
+
+        def __init__(self, inner: asyncpg.Connection) -> None:
+            self.inner = inner
+            self.raced = False
+
+        async def _race(self, result: Any) -> Any:
+            if not self.raced:
+                self.raced = True
+                racer = await asyncpg.connect(database_url)
+                try:
+                    assert (await put_number(racer, other))["phone_raw"] == other
+                finally:
+                    await racer.close()
+            return result
+
+        async def fetchval(self, *args: Any) -> Any:
+            return await self._race(await self.inner.fetchval(*args))
+
+        async def fetchrow(self, *args: Any) -> Any:
+            return await self._race(await self.inner.fetchrow(*args))
+
+        def is_in_transaction(self) -> bool:
+            return self.inner.is_in_transaction()
+
+    answered = await put_number(OtherPutCommitsAfterTheFirstStatement(conn), own)
+    assert answered["phone_raw"] == own  # it was the first write; the other one came after
+    now = await client.get(f"/contacts/{c['id']}", headers=user.headers)
+    assert now.json()["phone_raw"] == other
 
 
 async def test_admin_may_edit_and_delete_anyones_contact_others_get_403(

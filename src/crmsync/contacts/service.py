@@ -34,7 +34,7 @@ from crmsync.pagination import (
     kept_total,
     paginate,
 )
-from crmsync.phone import normalize, normalize_with_hint, why_not
+from crmsync.phone import normalize, normalize_with_hint, raw_or_hint, why_not
 
 CONTACT = Shape(
     (
@@ -156,19 +156,30 @@ async def contact_get(conn: Connection, contact_id: uuid.UUID) -> ContactVersion
 
 # A PUT that changes nothing writes nothing: the contact keeps its ETag, updated_at and
 # place in the changes feed (`same` answers it), so other phones' tags stay good.
+# The contact's own spelling sent again (an app that sends the whole contact back) is no
+# change of number, and is not read again: read without the hint it was made with, or
+# under another default region, it could give another number ("04 72 10 30 30", made with
+# "+33472103030", read in the US) or none (a local-only number stored before migration
+# 0012). That too is decided on the row's latest version, in the UPDATE: decided from an
+# earlier read, a PUT racing another PUT of the number could answer 200 with the other's
+# number and change nothing. A new spelling that is no number ($4 null) changes nothing,
+# and the caller answers 422.
 UPDATE_SQL = f"""
 WITH cur AS (
-    SELECT c.deleted, c.created_by, c.change_seq FROM contacts c WHERE c.id = $1
+    SELECT c.deleted, c.created_by, c.change_seq, c.phone_raw FROM contacts c WHERE c.id = $1
 ), taken AS (
     SELECT {CONTACT_JSON}::text AS json FROM contacts c
     WHERE $4::text IS NOT NULL AND c.phone_normalized = $4::text AND c.id <> $1
+      AND $3::text IS DISTINCT FROM (SELECT phone_raw FROM cur)
 ), upd AS (
     UPDATE contacts c SET name = coalesce($2::text, c.name),
         phone_raw = coalesce($3::text, c.phone_raw),
-        phone_normalized = coalesce($4::text, c.phone_normalized)
+        phone_normalized = CASE WHEN c.phone_raw = coalesce($3::text, c.phone_raw)
+                                THEN c.phone_normalized ELSE $4::text END
     WHERE c.id = $1 AND NOT c.deleted AND ($5::bool OR c.created_by = $6::uuid)
       AND ($7::bigint[] IS NULL OR c.change_seq = ANY($7::bigint[]))
       AND NOT EXISTS (SELECT 1 FROM taken)
+      AND (c.phone_raw = coalesce($3::text, c.phone_raw) OR $4::text IS NOT NULL)
       AND (c.name <> coalesce($2::text, c.name) OR c.phone_raw <> coalesce($3::text, c.phone_raw))
     RETURNING c.id, c.phone_normalized, {CONTACT_JSON}::text AS json, c.change_seq
 ), same AS (
@@ -184,7 +195,7 @@ WITH cur AS (
 SELECT coalesce((SELECT json FROM upd), (SELECT json FROM same)) AS json,
        coalesce((SELECT change_seq FROM upd), (SELECT change_seq FROM same)) AS version,
        (SELECT json FROM taken LIMIT 1) AS taken, cur.deleted, cur.created_by,
-       cur.change_seq AS current_version
+       cur.change_seq AS current_version, cur.phone_raw AS current_phone_raw
 FROM (SELECT 1) one LEFT JOIN cur ON true"""
 
 DELETE_SQL = """
@@ -242,19 +253,8 @@ async def contact_update(
     phone_raw, as in POST."""
     phone = None
     if phone_raw is not None:
-        current = await conn.fetchval("SELECT phone_raw FROM contacts WHERE id = $1", contact_id)
-        if phone_raw == current:
-            # The spelling the contact has, sent again with its other fields (an app that
-            # always sends the whole contact), is no change, and is not read again: read
-            # without the hint it was made with, or under another default region, it could
-            # give another number ("04 72 10 30 30", made with "+33472103030", read in the
-            # US), or none (a local-only number stored before migration 0012).
-            phone_raw = None
-        else:
-            phone = normalize_with_hint(phone_raw, phone_hint, region)
-            if phone is None:
-                why = why_not(phone_raw, phone_hint, region)
-                raise ValidationFailed.one(["body", "phone_raw"], why, "phone")
+        phone_raw = raw_or_hint(phone_raw, phone_hint)  # a blank one: the hint, as in POST
+        phone = normalize_with_hint(phone_raw, phone_hint, region)
     versions = None if if_match is None else list(if_match)
     try:
         for attempt in range(1, ATTEMPTS + 1):
@@ -272,6 +272,9 @@ async def contact_update(
             assert row is not None
             if row["json"] is not None:
                 return ContactVersion(row["json"], row["version"])
+            if phone_raw is not None and phone is None and phone_raw != row["current_phone_raw"]:
+                why = why_not(phone_raw, phone_hint, region)
+                raise ValidationFailed.one(["body", "phone_raw"], why, "phone")
             refusal = _refusal(row, user_id=user_id, is_admin=is_admin, if_match=if_match)
             if refusal is not None:
                 raise refusal
