@@ -176,6 +176,11 @@ async def test_another_content_encoding_is_a_415_naming_gzip(
     assert r.headers["accept-encoding"] == "gzip"
     assert "'br'" in body["detail"]
     assert (await client.get("/contacts", headers=headers)).status_code == 200  # no body there
+    # identity is no encoding at all (RFC 9110 8.4.1): the body as it is
+    identity = {**user.headers, "Content-Encoding": "identity"}
+    body_json = {"name": "Plain", "phone_raw": "+14155550124"}
+    r = await client.post("/contacts", json=body_json, headers=identity)
+    assert r.status_code == 201, r.text
 
 
 async def test_answers_of_a_kilobyte_and_more_are_gzipped_for_clients_that_ask(

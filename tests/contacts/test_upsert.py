@@ -101,6 +101,9 @@ async def test_created_at_keeps_its_microseconds_in_the_comparison_and_the_answe
     assert r.json()["contact"]["created_at"] == "2026-10-01T08:00:00.400000Z"
     r = await post(client, user, contact("Bruno D.", created_at="2026-10-01T08:00:00.400001Z"))
     assert r.json()["result"] == "existing"  # a microsecond newer
+    # Nanoseconds (Instant.toString() writes them) are cut to the microsecond, not rounded.
+    r = await post(client, user, contact("Bruno E.", created_at="2026-10-01T08:00:00.3999999Z"))
+    assert r.json()["contact"]["created_at"] == "2026-10-01T08:00:00.399999Z"
 
 
 async def test_equal_newer_or_missing_created_at_answers_the_server_version(
