@@ -236,6 +236,12 @@ def test_backups_of_the_same_second_sort_by_their_number(tmp_path: Path) -> None
     for name in reversed(names):
         (tmp_path / name).touch()
     (tmp_path / ".crmsync-20261203T073946Z.dump.partial").touch()
+    # The operator's own copies: named otherwise than `backup` names its files, they are
+    # neither counted nor pruned ("before-upgrade" sorted after every stamp: it passed
+    # for the newest backup, and --keep 1 deleted the backup just written).
+    strays = ["crmsync-before-upgrade.dump", "crmsync-20261203T073947Z-copy.dump"]
+    for name in strays:
+        (tmp_path / name).touch()
     assert [f.name for f in backup.backups(tmp_path)] == names
     assert backup.newest_backup(tmp_path) == tmp_path / names[-1]
 
@@ -251,10 +257,13 @@ def test_backups_of_one_second_are_all_kept_then_pruned_to_the_newest(
     monkeypatch.setattr(backup, "datetime", SameSecond)
     major = asyncio.run(backup.server_major(source))
     tool = backup.pg_tool("pg_dump", server_major=major, embedded=False)
+    kept_by_hand = tmp_path / "crmsync-before-upgrade.dump"
+    kept_by_hand.write_bytes(b"PGDMP, the operator's")
     made = [backup.backup(source, tmp_path, keep=2, tool=tool) for _ in range(3)]
     stamp = "crmsync-20261203T073944Z"
     assert [f.name for f in made] == [f"{stamp}.dump", f"{stamp}-2.dump", f"{stamp}-3.dump"]
     assert backup.backups(tmp_path) == made[1:]
+    assert kept_by_hand.read_bytes() == b"PGDMP, the operator's"  # not the tool's to prune
     assert all(f.read_bytes()[:5] == b"PGDMP" for f in made[1:])
 
 

@@ -26,19 +26,21 @@ class BackupError(Exception):
     refused by `crmsync restore` itself, before any of this runs.)"""
 
 
-def _age(file: Path) -> tuple[str, int]:
-    """A backup's place in time: its UTC stamp, then the number of a same-second backup
-    (`crmsync-<stamp>-2.dump` is newer than `crmsync-<stamp>.dump`, though '-' sorts
-    before '.')."""
-    stamp, _, n = file.name.removeprefix(PREFIX).removesuffix(SUFFIX).partition("-")
-    return stamp, int(n) if n.isdigit() else 1
+# The names `backup` gives its files: only these are counted and pruned. A copy kept under
+# another name (`crmsync-before-upgrade.dump`) is the operator's, and sorted among them by
+# its name it would pass for the newest: the metric would take its age, and a --keep
+# would delete the backup just written in its stead.
+BACKUP_NAME = re.compile(r"crmsync-(\d{8}T\d{6}Z)(?:-(\d+))?\.dump")
 
 
 def backups(directory: Path) -> list[Path]:
-    """The backup files in directory, oldest first."""
+    """The backup files in directory, oldest first: by UTC stamp, then by the number of a
+    same-second backup (`crmsync-<stamp>-2.dump` is newer than `crmsync-<stamp>.dump`)."""
     if not directory.is_dir():
         return []
-    return sorted(directory.glob(f"{PREFIX}*{SUFFIX}"), key=_age)
+    found = [(m, file) for file in directory.iterdir() if (m := BACKUP_NAME.fullmatch(file.name))]
+    found.sort(key=lambda pair: (pair[0][1], int(pair[0][2] or 1)))
+    return [file for _, file in found]
 
 
 def newest_backup(directory: Path) -> Path | None:
