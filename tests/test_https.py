@@ -13,6 +13,7 @@ import trustme
 import uvicorn
 from fastapi import FastAPI
 
+from crmsync.middleware import ProblemHttpProtocol
 from tests.conftest import api_routes, assert_problem, free_port, make_app, serving
 
 TRUSTED = "10.0.0.0/8, 192.168.1.7, fd00::/8"
@@ -140,6 +141,7 @@ def tls_server(
         port=port,
         ssl_certfile=str(directory / "cert.pem"),
         ssl_keyfile=str(directory / "key.pem"),
+        http=ProblemHttpProtocol,  # as `crmsync serve` runs it
         log_config=None,
         lifespan="on",
     )
@@ -156,6 +158,10 @@ def test_tls_handshake_with_a_test_certificate(tls_server: str, ca: trustme.CA) 
         assert r.headers["strict-transport-security"] == "max-age=31536000"
         assert client.get("/readyz").status_code == 200
         assert r.extensions["http_version"] == b"HTTP/1.1"
+        # Refused before the app (a method uvicorn cannot parse): still an HTTPS answer.
+        r = client.request("BREW", "/healthz")
+        assert_problem(r, 400, "bad_request")
+        assert r.headers["strict-transport-security"] == "max-age=31536000"
 
 
 def test_tls_server_rejects_an_untrusted_certificate_and_plain_http(tls_server: str) -> None:

@@ -417,7 +417,12 @@ class ProblemHttpProtocol(HttpToolsProtocol):
             + b"content-type: application/problem+json\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n"
             b"cache-control: no-store\r\nx-content-type-options: nosniff\r\n"
-            b"x-request-id: " + request_id.encode() + b"\r\n\r\n"
+            b"x-request-id: "
+            + request_id.encode()
+            + b"\r\n"
+            # TLS served by crmsync itself: an HTTPS answer, HSTS as HttpsGuard adds it.
+            + (b"%s: %s\r\n" % HSTS if self.scheme == "https" else b"")
+            + b"\r\n"
         )
         self.transport.write(head + body)
         self.transport.close()
