@@ -94,8 +94,10 @@ async def test_requests_are_counted_by_route_template_method_and_status(
     assert sample(text, "crmsync_db_pool_max_connections") == 20
     pool = monitored.state.pool
     async with pool.acquire(), pool.acquire():  # two requests' connections, say
-        held = sample((await get(monitored, "/metrics")).text, "crmsync_db_pool_connections_in_use")
-    assert held >= 2
+        scrape = await get(monitored, "/metrics")
+    assert scrape.status_code == 200, scrape.text
+    held = sample(scrape.text, "crmsync_db_pool_connections_in_use")
+    assert held >= 2, [line for line in scrape.text.splitlines() if "crmsync_db_pool" in line]
 
 
 async def test_domain_counters_and_failed_logins(
