@@ -420,6 +420,7 @@ def test_bad_settings_and_an_unreachable_database_are_one_line_not_a_traceback(
         ("CRMSYNC_LOGIN_MAX_FAILURES", "3000000000"),
         ("CRMSYNC_STATEMENT_TIMEOUT_MS", "3000000000"),
         ("CRMSYNC_STATEMENT_TIMEOUT_MS", "1"),  # start-up's own queries would time out
+        ("CRMSYNC_MAX_BODY_BYTES", "1073741825"),  # over 1 GiB: held in memory whole
         ("CRMSYNC_DATABASE_URL", "not-a-url"),
         ("CRMSYNC_DATABASE_URL", "mysql://someone@127.0.0.1/none"),
         ("CRMSYNC_DATABASE_URL", "postgresql://someone@localhost:notaport/none"),

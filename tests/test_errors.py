@@ -74,13 +74,13 @@ async def test_head_answers_wherever_get_does_with_its_headers_and_no_body(
     assert counted is not None and counted >= 1  # under its route, not "unmatched"
 
 
-async def test_body_over_limit_is_413_before_reading_it(
+async def test_body_over_limit_is_413_before_it_is_parsed(
     client: httpx.AsyncClient, user: Account
 ) -> None:
     big = b"[" + b"1," * (9 * 1024 * 1024) + b"1]"
     r = await client.post("/auth/login", content=big, headers={"content-type": "application/json"})
     assert_problem(r, 413, "payload_too_large")
-    assert r.headers["connection"] == "close"  # the rest of the body is not read
+    assert r.headers["connection"] == "close"
     # Answered before routing, and still counted under its route, not "unmatched"
     counted = REGISTRY.get_sample_value(
         "crmsync_http_requests_total", {"method": "POST", "route": "/auth/login", "status": "413"}
@@ -666,3 +666,62 @@ def test_the_upload_limit_names_the_upload_routes(client: httpx.AsyncClient) -> 
         if any(d.call is raw_body for d in route.dependant.dependencies)
     }
     assert raw == set(UPLOADS)
+
+
+def _nothing_within(conn: socket.socket, seconds: float) -> bool:
+    """Whether the server sends nothing for that long (it is still reading)."""
+    conn.settimeout(seconds)
+    try:
+        return conn.recv(65536) == b""  # b"": closed, which is not "nothing" either
+    except TimeoutError:
+        return True
+    finally:
+        conn.settimeout(10)
+
+
+def _assert_413(answer: bytes) -> None:
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), answer[:300]
+    assert json.loads(rest)["code"] == "payload_too_large"
+
+
+def test_a_body_refused_for_its_size_is_read_to_its_end_before_the_413(served_app: int) -> None:
+    """Answered (and closed) as soon as its Content-Length told, the connection was reset
+    under the client still writing the body: nginx, forwarding such an upload, gave its
+    own 502 instead of the 413 (a phone would retry that for ever). So the rest is read,
+    and thrown away, first: declared by Content-Length, or found too large as it streams."""
+    over = 64 * 1024 + 1  # a sign-in's body limit, plus one
+    head = b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    with socket.create_connection(("127.0.0.1", served_app), timeout=10) as conn:
+        conn.sendall(head + b"Content-Length: %d\r\n\r\n" % over + b" " * 1000)
+        assert _nothing_within(conn, 0.3)
+        conn.sendall(b" " * (over - 1000))
+        _assert_413(_read_until_closed(conn))
+    chunk = b" " * 40_000
+    with socket.create_connection(("127.0.0.1", served_app), timeout=10) as conn:
+        conn.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2)  # 80,000 bytes
+        assert _nothing_within(conn, 0.3)
+        conn.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(chunk), chunk))
+        _assert_413(_read_until_closed(conn))
+    bomb = gzip.compress(b" " * 200_000)  # 200 kB inflated
+    with socket.create_connection(("127.0.0.1", served_app), timeout=10) as conn:
+        conn.sendall(head + b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(bomb))
+        conn.sendall(bomb[:-8])  # all but its trailer: past the limit once inflated
+        assert _nothing_within(conn, 0.3)
+        conn.sendall(bomb[-8:])
+        _assert_413(_read_until_closed(conn))
+
+
+def test_a_body_refused_for_its_size_is_not_awaited_when_unsent_or_beyond_reason(
+    served_app: int,
+) -> None:
+    """A client asking `Expect: 100-continue` has sent nothing: told at once, and nothing
+    asks it to send the body. A body declared over twice the upload limit is not read."""
+    head = b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    waiting = head + b"Content-Length: 70000\r\nExpect: 100-continue\r\n\r\n"
+    answer = _exchange(served_app, waiting)
+    assert not answer.startswith(b"HTTP/1.1 100"), answer[:100]
+    _assert_413(answer)
+    beyond = middleware.DRAIN_FACTOR * 16 * 1024 * 1024 + 1  # the app's default limit
+    _assert_413(_exchange(served_app, head + b"Content-Length: %d\r\n\r\n" % beyond))

@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     login_lockout_seconds: int = Field(default=300, ge=1, le=7 * 24 * 3600)
 
     default_region: str = "US"
-    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     # The contract keeps an Idempotency-Key at least 7 days; a day more by default.
     idempotency_ttl_days: int = Field(default=8, ge=7, le=3650)
     # Sync records are kept forever unless this is set. At least as long as an

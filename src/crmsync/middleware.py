@@ -145,10 +145,11 @@ SMALL_BODY_BYTES = 64 * 1024
 
 class BodyLimit:
     """413 for a body over the limit (max_bytes for UPLOADS, SMALL_BODY_BYTES for every
-    other route), told by Content-Length or counted while it streams, before the whole of
-    it is read. A gzip body (`Content-Encoding: gzip`, a phone saving its data plan) is
-    inflated as it streams, the limit bounding what it inflates to as well; another
-    encoding of a body is a 415."""
+    other route), told by Content-Length or counted while it streams, before any of it is
+    stored or parsed (what is left of it is read and thrown away first: see _drain). A gzip
+    body (`Content-Encoding: gzip`, a phone saving its data plan) is inflated as it
+    streams, the limit bounding what it inflates to as well; another encoding of a body is
+    a 415."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -162,22 +163,29 @@ class BodyLimit:
         if (scope["method"], scope["path"]) not in UPLOADS:
             limit = min(limit, SMALL_BODY_BYTES)
         encoding = b"identity"
+        declared = 0
+        waits_for_continue = False
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = 0
-                if declared > limit:
-                    await send_problem(send, _too_large(limit), close=True)
-                    return
             elif name == b"content-encoding" and scope["method"] in _WITH_BODY:
                 encoding = value.strip().lower()
-        if encoding == b"identity":
-            await self.app(scope, _limited(_patient(receive), limit), send)
+            elif name == b"expect":
+                waits_for_continue = value.strip().lower() == b"100-continue"
+        drain = DRAIN_FACTOR * self.max_bytes
+        if declared > limit:
+            # A client waiting for "100 Continue" has sent nothing yet, and is told at once.
+            if declared <= drain and not waits_for_continue:
+                await _drain(_patient(receive), declared)
+            await send_problem(send, _too_large(limit), close=True)
+        elif encoding == b"identity":
+            await self.app(scope, _limited(_patient(receive), limit, drain), send)
         elif encoding in (b"gzip", b"x-gzip"):
             scope["headers"] = [h for h in scope["headers"] if h[0] not in _INFLATED_AWAY]
-            await self.app(scope, _inflating(_patient(receive), limit), send)
+            await self.app(scope, _inflating(_patient(receive), limit, drain), send)
         else:
             detail = f"Content-Encoding {encoding.decode('latin-1')!r} is not supported; use gzip"
             await send_problem(send, UnsupportedEncoding(detail), close=True)
@@ -185,6 +193,30 @@ class BodyLimit:
 
 def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"Request body over {limit} bytes")
+
+
+# A body refused for its size is still read, and thrown away, up to DRAIN_FACTOR times the
+# upload limit, before the 413 is sent. Closed while the body is still coming, the
+# connection is reset under the client writing it (the kernel resets a socket closed with
+# unread bytes), which may then never read the answer: nginx, forwarding a 16.2 MB upload,
+# answered its own 502 (a 503 `unavailable` by deploy/nginx.conf), and a phone retries
+# that for ever. A body declared larger than that is answered at once.
+DRAIN_FACTOR = 2
+
+
+async def _drain(receive: Receive, budget: int) -> None:
+    """Read what is left of a refused body, up to `budget` bytes (a pause of
+    BODY_IDLE_TIMEOUT ends it too: receive is _patient's)."""
+    try:
+        while budget >= 0:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            budget -= len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+    except RequestTimeout:
+        return
 
 
 # How long a body may pause: a client that stops sending in the middle of its body gets a
@@ -214,7 +246,7 @@ def _patient(receive: Receive) -> Receive:
     return patient_receive
 
 
-def _limited(receive: Receive, limit: int) -> Receive:
+def _limited(receive: Receive, limit: int, drain: int) -> Receive:
     seen = 0
 
     async def limited_receive() -> Message:
@@ -223,24 +255,29 @@ def _limited(receive: Receive, limit: int) -> Receive:
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
+                if message.get("more_body", False):
+                    await _drain(receive, drain - seen)
                 raise _too_large(limit)
         return message
 
     return limited_receive
 
 
-def _inflating(receive: Receive, limit: int) -> Receive:
+def _inflating(receive: Receive, limit: int, drain: int) -> Receive:
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip's header and trailer
     seen = 0
+    arrived = 0  # bytes as sent, for _drain
     compressed = False  # any byte arrived: an empty body stays empty
 
     async def inflating_receive() -> Message:
-        nonlocal seen, compressed
+        nonlocal seen, arrived, compressed
         message = await receive()
         if message["type"] != "http.request":
             return message
         chunk = message.get("body", b"")
+        arrived += len(chunk)
         compressed = compressed or bool(chunk)
+        ended = not message.get("more_body", False)
         try:
             # One byte over the room left is enough to know the body is too large.
             body = inflater.decompress(chunk, limit - seen + 1)
@@ -248,8 +285,9 @@ def _inflating(receive: Receive, limit: int) -> Receive:
             raise BadRequest("Malformed gzip body") from None
         seen += len(body)
         if seen > limit:
+            if not ended:
+                await _drain(receive, drain - arrived)
             raise _too_large(limit)
-        ended = not message.get("more_body", False)
         if ended and compressed and (not inflater.eof or inflater.unused_data):
             raise BadRequest("Malformed gzip body")  # cut short, or bytes after its end
         return {**message, "body": body}
