@@ -294,6 +294,11 @@ ADVANCE_CHANGE_SEQ = """SELECT setval('public.contacts_change_seq', greatest(
 # And the mark that the contacts were restored (contacts.service.contact_feed): changes
 # cursors made before they named the contacts table are honoured only where none was.
 MARK_RESTORED = f"COMMENT ON TABLE public.contacts IS '{RESTORED_MARK}'"
+# And every session signed out: a token names its user's token_generation, which a sign-out
+# everywhere moves on. A logout, a password change or a user's deletion made after the
+# backup was taken is undone by the restore (the revoked token's row, the new hash, the
+# deleted_at are not in it); the tokens they had refused would be good again.
+SIGN_OUT_ALL = "UPDATE public.users SET token_generation = token_generation + 1"
 # pg_restore 17 and later write this setting, which PostgreSQL 15 and 16 reject.
 TRANSACTION_TIMEOUT = b"\nSET transaction_timeout = 0;\n"
 
@@ -309,9 +314,18 @@ def _drop_transaction_timeout(sql: Path) -> None:
             script.write(b"--")
 
 
-def restore(url: str, file: Path, *, tool: Path, server_major: int, replace: bool = False) -> None:
+def restore(
+    url: str,
+    file: Path,
+    *,
+    tool: Path,
+    server_major: int,
+    replace: bool = False,
+    keep_sessions: bool = False,
+) -> None:
     """Load a dump's schema public into the database at url, all in one transaction: with
     replace, the drop of the old schema public too, so a failure anywhere changes nothing.
+    Every user is signed out (SIGN_OUT_ALL) unless keep_sessions.
 
     pg_restore writes the SQL to a private temporary file (it holds password hashes) and
     must finish, whole, before psql (the one of pg_restore's installation) runs it."""
@@ -343,6 +357,8 @@ def restore(url: str, file: Path, *, tool: Path, server_major: int, replace: boo
         command = [str(psql), "--no-psqlrc", "--quiet", "--single-transaction"]
         command += ["--set=ON_ERROR_STOP=1", f"--command={first}", f"--file={sql}"]
         command += [f"--command={ADVANCE_CHANGE_SEQ}", f"--command={MARK_RESTORED}"]
+        if not keep_sessions:
+            command.append(f"--command={SIGN_OUT_ALL}")
         try:
             _run(command, url)
         except BackupError as exc:

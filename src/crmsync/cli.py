@@ -368,9 +368,19 @@ def restore_command(
         bool,
         typer.Option("--force", help="Replace what schema public holds (in the same transaction)"),
     ] = False,
+    keep_sessions: Annotated[
+        bool,
+        typer.Option(
+            "--keep-sessions",
+            help="Leave users signed in: only for a backup taken with every server stopped"
+            " (moving the data to another database), after which nothing was undone",
+        ),
+    ] = False,
 ) -> None:
     """Restore a backup into the database, whose schema public must be empty unless --force
-    is given. All or nothing: a failed restore changes nothing. Stop the server first."""
+    is given. All or nothing: a failed restore changes nothing. Stop the server first.
+    Every user is signed out (a logout, password change or deletion made after the backup
+    would otherwise be undone with the rest): phones sign in again."""
     from crmsync import backup
 
     settings = _settings()
@@ -407,11 +417,19 @@ def restore_command(
     major = asyncio.run(backup.server_major(url))
     try:
         backup.check_server(file, dumped_from, server_major=major)
-        backup.restore(url, file, tool=tool, server_major=major, replace=bool(existing))
+        backup.restore(
+            url,
+            file,
+            tool=tool,
+            server_major=major,
+            replace=bool(existing),
+            keep_sessions=keep_sessions,
+        )
     except backup.BackupError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
     used = asyncio.run(backup.advance_transaction_ids(url))
     if used:
         typer.echo(f"advanced the transaction counter by {used} for the contacts changes feed")
-    typer.echo(f"restored {file}")
+    signed_out = "" if keep_sessions else "; every user is signed out and signs in again"
+    typer.echo(f"restored {file}{signed_out}")
