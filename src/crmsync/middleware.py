@@ -146,10 +146,10 @@ SMALL_BODY_BYTES = 64 * 1024
 class BodyLimit:
     """413 for a body over the limit (max_bytes for UPLOADS, SMALL_BODY_BYTES for every
     other route), told by Content-Length or counted while it streams, before any of it is
-    stored or parsed (what is left of it is read and thrown away first: see _drain). A gzip
-    body (`Content-Encoding: gzip`, a phone saving its data plan) is inflated as it
-    streams, the limit bounding what it inflates to as well; another encoding of a body is
-    a 415."""
+    stored or parsed. A gzip body (`Content-Encoding: gzip`, a phone saving its data plan)
+    is inflated as it streams, the limit bounding what it inflates to as well; another
+    encoding of a body is a 415. An answer given before the body was read to its end (these,
+    or any the app gives first) waits until the rest has been read: _answered_after_body."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -164,28 +164,35 @@ class BodyLimit:
             limit = min(limit, SMALL_BODY_BYTES)
         encoding = b"identity"
         declared = 0
-        waits_for_continue = False
+        has_body = waits_for_continue = False
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = 0
+                has_body = declared > 0
+            elif name == b"transfer-encoding":
+                has_body = True
             elif name == b"content-encoding" and scope["method"] in _WITH_BODY:
                 encoding = value.strip().lower()
             elif name == b"expect":
                 waits_for_continue = value.strip().lower() == b"100-continue"
-        drain = DRAIN_FACTOR * self.max_bytes
+        receive = _patient(receive)
+        if has_body and declared <= DRAIN_FACTOR * self.max_bytes:
+            receive, send = _answered_after_body(
+                receive,
+                send,
+                budget=DRAIN_FACTOR * self.max_bytes,
+                waits_for_continue=waits_for_continue,
+            )
         if declared > limit:
-            # A client waiting for "100 Continue" has sent nothing yet, and is told at once.
-            if declared <= drain and not waits_for_continue:
-                await _drain(_patient(receive), declared)
             await send_problem(send, _too_large(limit), close=True)
         elif encoding == b"identity":
-            await self.app(scope, _limited(_patient(receive), limit, drain), send)
+            await self.app(scope, _limited(receive, limit), send)
         elif encoding in (b"gzip", b"x-gzip"):
             scope["headers"] = [h for h in scope["headers"] if h[0] not in _INFLATED_AWAY]
-            await self.app(scope, _inflating(_patient(receive), limit, drain), send)
+            await self.app(scope, _inflating(receive, limit), send)
         else:
             detail = f"Content-Encoding {encoding.decode('latin-1')!r} is not supported; use gzip"
             await send_problem(send, UnsupportedEncoding(detail), close=True)
@@ -195,18 +202,51 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"Request body over {limit} bytes")
 
 
-# A body refused for its size is still read, and thrown away, up to DRAIN_FACTOR times the
-# upload limit, before the 413 is sent. Closed while the body is still coming, the
-# connection is reset under the client writing it (the kernel resets a socket closed with
-# unread bytes), which may then never read the answer: nginx, forwarding a 16.2 MB upload,
-# answered its own 502 (a 503 `unavailable` by deploy/nginx.conf), and a phone retries
-# that for ever. A body declared larger than that is answered at once.
+# An answer given while the body is still coming (a 413, a 415, a 400 for bad gzip, a 404
+# or 401 the app gives unread) waits until the rest of the body has been read, and thrown
+# away, up to DRAIN_FACTOR times the upload limit in all. Closed while the body is still
+# coming, the connection is reset under the client writing it (the kernel resets a socket
+# closed with unread bytes), which may then never read the answer: nginx, forwarding a
+# 16.2 MB upload, answered its own 502 (a 503 `unavailable` by deploy/nginx.conf), and a
+# phone retries that for ever. A body declared larger than that is answered at once, and so
+# is a client waiting for "100 Continue" (it has sent nothing, and nothing asks it to).
 DRAIN_FACTOR = 2
 
 
+def _answered_after_body(
+    receive: Receive, send: Send, *, budget: int, waits_for_continue: bool
+) -> tuple[Receive, Send]:
+    """receive, noting how much of the body it read and whether it ended, and send, which
+    reads the rest before an answer starts (see DRAIN_FACTOR)."""
+    read = 0
+    ended = asked = False
+
+    async def noting_receive() -> Message:
+        nonlocal read, ended, asked
+        asked = True
+        try:
+            message = await receive()
+        except RequestTimeout:
+            ended = True  # the client stopped sending: its 408 is not to wait for more
+            raise
+        read += len(message.get("body", b""))
+        ended = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    async def draining_send(message: Message) -> None:
+        nonlocal ended
+        if message["type"] == "http.response.start" and not ended:
+            ended = True
+            if asked or not waits_for_continue:
+                await _drain(receive, budget - read)
+        await send(message)
+
+    return noting_receive, draining_send
+
+
 async def _drain(receive: Receive, budget: int) -> None:
-    """Read what is left of a refused body, up to `budget` bytes (a pause of
-    BODY_IDLE_TIMEOUT ends it too: receive is _patient's)."""
+    """Read what is left of a body, up to `budget` bytes (a pause of BODY_IDLE_TIMEOUT ends
+    it too: receive is _patient's)."""
     try:
         while budget >= 0:
             message = await receive()
@@ -246,7 +286,7 @@ def _patient(receive: Receive) -> Receive:
     return patient_receive
 
 
-def _limited(receive: Receive, limit: int, drain: int) -> Receive:
+def _limited(receive: Receive, limit: int) -> Receive:
     seen = 0
 
     async def limited_receive() -> Message:
@@ -255,29 +295,24 @@ def _limited(receive: Receive, limit: int, drain: int) -> Receive:
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
-                if message.get("more_body", False):
-                    await _drain(receive, drain - seen)
                 raise _too_large(limit)
         return message
 
     return limited_receive
 
 
-def _inflating(receive: Receive, limit: int, drain: int) -> Receive:
+def _inflating(receive: Receive, limit: int) -> Receive:
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip's header and trailer
     seen = 0
-    arrived = 0  # bytes as sent, for _drain
     compressed = False  # any byte arrived: an empty body stays empty
 
     async def inflating_receive() -> Message:
-        nonlocal seen, arrived, compressed
+        nonlocal seen, compressed
         message = await receive()
         if message["type"] != "http.request":
             return message
         chunk = message.get("body", b"")
-        arrived += len(chunk)
         compressed = compressed or bool(chunk)
-        ended = not message.get("more_body", False)
         try:
             # One byte over the room left is enough to know the body is too large.
             body = inflater.decompress(chunk, limit - seen + 1)
@@ -285,9 +320,8 @@ def _inflating(receive: Receive, limit: int, drain: int) -> Receive:
             raise BadRequest("Malformed gzip body") from None
         seen += len(body)
         if seen > limit:
-            if not ended:
-                await _drain(receive, drain - arrived)
             raise _too_large(limit)
+        ended = not message.get("more_body", False)
         if ended and compressed and (not inflater.eof or inflater.unused_data):
             raise BadRequest("Malformed gzip body")  # cut short, or bytes after its end
         return {**message, "body": body}
