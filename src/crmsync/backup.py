@@ -30,7 +30,7 @@ class BackupError(Exception):
 # another name (`crmsync-before-upgrade.dump`) is the operator's, and sorted among them by
 # its name it would pass for the newest: the metric would take its age, and a --keep
 # would delete the backup just written in its stead.
-BACKUP_NAME = re.compile(r"crmsync-(\d{8}T\d{6}Z)(?:-(\d+))?\.dump")
+BACKUP_NAME = re.compile(re.escape(PREFIX) + r"(\d{8}T\d{6}Z)(?:-(\d+))?" + re.escape(SUFFIX))
 
 
 def backups(directory: Path) -> list[Path]:

@@ -179,12 +179,10 @@ class BodyLimit:
             elif name == b"expect":
                 waits_for_continue = value.strip().lower() == b"100-continue"
         receive = _patient(receive)
-        if has_body and declared <= DRAIN_FACTOR * self.max_bytes:
+        budget = DRAIN_FACTOR * self.max_bytes
+        if has_body and declared <= budget:
             receive, send = _answered_after_body(
-                receive,
-                send,
-                budget=DRAIN_FACTOR * self.max_bytes,
-                waits_for_continue=waits_for_continue,
+                receive, send, budget=budget, waits_for_continue=waits_for_continue
             )
         if declared > limit:
             await send_problem(send, _too_large(limit), close=True)
