@@ -112,7 +112,7 @@ async def test_totals_follow_every_write(
     await conn.execute("DELETE FROM sync_audit WHERE ctid IN (SELECT ctid FROM sync_audit LIMIT 1)")
     await assert_totals_exact(client, user, conn)
 
-    assert await maintain(conn, prune=True, idempotency_ttl_days=8)
+    assert await maintain(conn, prune=True, idempotency_ttl_days=8, login_window_seconds=900)
     # one row for the contacts, one for each direction of the user's calls, one for the
     # user's sync records
     assert await conn.fetchval("SELECT count(*) FROM row_counts") == 5
@@ -263,11 +263,13 @@ async def test_one_process_at_a_time_maintains(conn: asyncpg.Connection, databas
     try:
         async with other.transaction():  # another worker is in its maintenance round
             await other.fetchval("SELECT pg_advisory_xact_lock($1)", MAINTENANCE_LOCK_ID)
-            assert not await maintain(conn, prune=False, idempotency_ttl_days=8)
+            assert not await maintain(
+                conn, prune=False, idempotency_ttl_days=8, login_window_seconds=900
+            )
             assert await conn.fetchval("SELECT count(*) FROM row_counts") == 2
     finally:
         await other.close()
-    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8, login_window_seconds=900)
     assert await conn.fetch("SELECT name, n FROM row_counts") == [("calls", 3)]
 
 
@@ -276,10 +278,10 @@ async def test_a_folded_count_is_left_alone(conn: asyncpg.Connection) -> None:
     there is nothing to fold."""
     await conn.execute("INSERT INTO row_counts VALUES ('calls', 3), ('contacts', 1)")
     before = await conn.fetch("SELECT ctid, name, n FROM row_counts ORDER BY name")
-    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8, login_window_seconds=900)
     assert await conn.fetch("SELECT ctid, name, n FROM row_counts ORDER BY name") == before
     await conn.execute("INSERT INTO row_counts VALUES ('contacts', 2)")
-    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8, login_window_seconds=900)
     assert await conn.fetch("SELECT name, n FROM row_counts ORDER BY name") == [
         ("calls", 3),
         ("contacts", 3),
@@ -360,12 +362,12 @@ async def test_maintenance_keeps_idempotency_keys_seven_days_and_expired_auth_st
              ('stale@example.com', 3, now() - interval '25 hours', NULL),
              ('locked@example.com', 5, now() - interval '3 days', now() + interval '1 minute')"""
     )
-    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8, login_window_seconds=900)
     assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 2
     # CRMSYNC_IDEMPOTENCY_TTL_DAYS=30 keeps both; the default 8 only the week-old one
-    assert await maintain(conn, prune=True, idempotency_ttl_days=30)
+    assert await maintain(conn, prune=True, idempotency_ttl_days=30, login_window_seconds=900)
     assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 2
-    assert await maintain(conn, prune=True, idempotency_ttl_days=8)
+    assert await maintain(conn, prune=True, idempotency_ttl_days=8, login_window_seconds=900)
     assert [r[0] for r in await conn.fetch("SELECT key FROM idempotency_keys")] == ["kept"]
     assert [str(r[0]) for r in await conn.fetch("SELECT jti FROM revoked_tokens")] == [
         "00000000-0000-0000-0000-00000000000a"
@@ -414,9 +416,15 @@ async def test_sync_records_are_kept_forever_or_for_the_retention_set_but_each_u
         uuid.UUID((await make_user()).id),
     )
     state = (await client.get("/sync/state", headers=user.headers)).json()
-    assert await maintain(conn, prune=True, idempotency_ttl_days=8)
+    assert await maintain(conn, prune=True, idempotency_ttl_days=8, login_window_seconds=900)
     assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 10
-    assert await maintain(conn, prune=True, idempotency_ttl_days=8, sync_record_retention_days=30)
+    assert await maintain(
+        conn,
+        prune=True,
+        idempotency_ttl_days=8,
+        login_window_seconds=900,
+        sync_record_retention_days=30,
+    )
     left = await conn.fetch(
         "SELECT user_id, round(extract(epoch FROM now() - created_at) / 86400)::int AS days "
         "FROM sync_audit ORDER BY user_id, days"
@@ -484,7 +492,11 @@ async def test_every_prune_reads_its_rows_through_an_index(
     conn.add_query_logger(statements.append)
     try:
         assert await maintain(
-            conn, prune=True, idempotency_ttl_days=8, sync_record_retention_days=8
+            conn,
+            prune=True,
+            idempotency_ttl_days=8,
+            login_window_seconds=900,
+            sync_record_retention_days=8,
         )
     finally:
         await asyncio.sleep(0)

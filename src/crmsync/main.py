@@ -194,6 +194,7 @@ async def maintain(
     *,
     prune: bool,
     idempotency_ttl_days: int,
+    login_window_seconds: int,
     sync_record_retention_days: int | None = None,
     full_relink: bool = True,
 ) -> bool:
@@ -210,7 +211,7 @@ async def maintain(
         if linked:
             log.info("maintenance linked %d calls to contacts created while they uploaded", linked)
     if prune:
-        await auth_service.auth_prune(conn)
+        await auth_service.auth_prune(conn, login_window_seconds=login_window_seconds)
         await db.delete_in_batches(
             conn,
             "idempotency_keys",
@@ -233,6 +234,7 @@ async def _maintenance(pool: db.Pool, settings: Settings) -> None:
                     full_relink=rounds % RELINK_EVERY == 0,
                     prune=rounds % PRUNE_EVERY == 0,
                     idempotency_ttl_days=settings.idempotency_ttl_days,
+                    login_window_seconds=settings.login_window_seconds,
                     sync_record_retention_days=settings.sync_record_retention_days,
                 )
         except _UNAVAILABLE as exc:  # one line per round while the database is away

@@ -511,7 +511,7 @@ async def test_maintenance_keeps_live_revocations_and_lockouts_and_prunes_stale_
         "INSERT INTO login_throttle (email_key, failures, window_started_at)"
         " VALUES ('stale@example.com', 1, now() - interval '2 days')"
     )
-    assert await maintain(conn, prune=True, idempotency_ttl_days=8)
+    assert await maintain(conn, prune=True, idempotency_ttl_days=8, login_window_seconds=900)
     assert_problem(await client.get("/auth/me", headers=user.headers), 401, "unauthenticated")
     login = {"email": locked.email, "password": locked.password}
     assert_problem(await client.post("/auth/login", json=login), 429, "too_many_attempts")
@@ -521,6 +521,43 @@ async def test_maintenance_keeps_live_revocations_and_lockouts_and_prunes_stale_
     assert await conn.fetchval("SELECT array_agg(email_key) FROM login_throttle") == [
         locked.email.lower()
     ]
+
+
+async def test_the_hourly_prune_keeps_failures_inside_a_window_longer_than_a_day(
+    database_url: str, user: Account, conn: asyncpg.Connection
+) -> None:
+    """CRMSYNC_LOGIN_WINDOW_SECONDS may be up to 7 days: the prune forgets an account's
+    failures a day after its window (and lockout) ended, not a day after the window began."""
+    window = 3 * 24 * 3600
+    app = make_app(database_url, login_max_failures=3, login_window_seconds=window)
+    wrong = {"email": user.email, "password": "bad-pass"}
+    right = {"email": user.email, "password": user.password}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            for _ in range(2):
+                assert_problem(
+                    await client.post("/auth/login", json=wrong), 401, "invalid_credentials"
+                )
+            # Two days later, inside the window; beside it, a row whose window ended a day
+            # and a minute ago, and one that ended 23 hours ago.
+            await conn.execute(
+                """UPDATE login_throttle SET window_started_at = now() - interval '2 days';
+                   INSERT INTO login_throttle (email_key, failures, window_started_at) VALUES
+                     ('gone@example.com', 1, now() - interval '4 days 1 minute'),
+                     ('kept@example.com', 1, now() - interval '3 days 23 hours')"""
+            )
+            assert await maintain(
+                conn, prune=True, idempotency_ttl_days=8, login_window_seconds=window
+            )
+            assert sorted(
+                await conn.fetchval("SELECT array_agg(email_key) FROM login_throttle")
+            ) == [
+                "kept@example.com",
+                user.email.lower(),
+            ]
+            assert_problem(await client.post("/auth/login", json=wrong), 401, "invalid_credentials")
+            assert_problem(await client.post("/auth/login", json=right), 429, "too_many_attempts")
 
 
 PUBLIC = {("POST", "/auth/login"), ("GET", "/healthz"), ("GET", "/readyz")}

@@ -411,7 +411,7 @@ async def test_a_call_racing_its_contacts_creation_is_linked_by_maintenance(
     contact_id = await race(client, user, database_url, "+14155550150")
     assert await linked(conn, "+14155550150") is None
     with caplog.at_level(logging.INFO, logger="crmsync.main"):
-        assert await maintain(conn, prune=False, idempotency_ttl_days=8)
+        assert await maintain(conn, prune=False, idempotency_ttl_days=8, login_window_seconds=900)
     assert await linked(conn, "+14155550150") == contact_id
     assert "maintenance linked 1 calls" in caplog.text
 
@@ -428,11 +428,11 @@ async def test_relink_rounds_look_only_at_contacts_written_since_an_hour_before_
         " (now() - interval '1 minute', 0)"
     )
     new = await race(client, user, database_url, "+14155550152")
-    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8, login_window_seconds=900)
     assert await linked(conn, "+14155550151") is None  # written before the window
     assert await linked(conn, "+14155550152") == new
     await conn.execute("DELETE FROM relink_marks")
-    assert await maintain(conn, prune=False, idempotency_ttl_days=8)
+    assert await maintain(conn, prune=False, idempotency_ttl_days=8, login_window_seconds=900)
     assert await linked(conn, "+14155550151") == old
 
 
@@ -447,13 +447,19 @@ async def test_quick_rounds_link_a_race_of_the_last_seconds_and_leave_the_rest_t
         " pg_snapshot_xmin(pg_current_snapshot())::text::bigint FROM unnest('{15, 5}'::int[]) s"
     )
     new = await race(client, user, database_url, "+14155550152")
-    assert await maintain(conn, prune=False, idempotency_ttl_days=8, full_relink=False)
+    assert await maintain(
+        conn, prune=False, idempotency_ttl_days=8, login_window_seconds=900, full_relink=False
+    )
     assert await linked(conn, "+14155550152") == new
     assert await linked(conn, "+14155550151") is None  # written before the mark's xmin
     await conn.execute("DELETE FROM relink_marks")  # no mark to start from: nothing
-    assert await maintain(conn, prune=False, idempotency_ttl_days=8, full_relink=False)
+    assert await maintain(
+        conn, prune=False, idempotency_ttl_days=8, login_window_seconds=900, full_relink=False
+    )
     assert await linked(conn, "+14155550151") is None
-    assert await maintain(conn, prune=False, idempotency_ttl_days=8, full_relink=True)
+    assert await maintain(
+        conn, prune=False, idempotency_ttl_days=8, login_window_seconds=900, full_relink=True
+    )
     assert await linked(conn, "+14155550151") == old
 
 
@@ -467,7 +473,9 @@ async def test_a_round_relinks_contacts_written_by_the_transaction_that_is_its_m
         "INSERT INTO relink_marks SELECT now() - s * interval '1 second', (SELECT change_xid"
         " FROM contacts WHERE phone_normalized = '+14155550153') FROM unnest('{15, 5}'::int[]) s"
     )
-    assert await maintain(conn, prune=False, idempotency_ttl_days=8, full_relink=False)
+    assert await maintain(
+        conn, prune=False, idempotency_ttl_days=8, login_window_seconds=900, full_relink=False
+    )
     assert await linked(conn, "+14155550153") == contact_id
 
 
@@ -480,7 +488,9 @@ async def test_a_relink_round_keeps_its_mark_and_prunes_marks_older_than_the_one
         "INSERT INTO relink_marks SELECT now() - m * interval '1 minute', 1"
         " FROM unnest('{180, 120, 90, 30}'::int[]) m"
     )
-    assert await maintain(conn, prune=False, idempotency_ttl_days=8, full_relink=full)
+    assert await maintain(
+        conn, prune=False, idempotency_ttl_days=8, login_window_seconds=900, full_relink=full
+    )
     ages = await conn.fetch(
         "SELECT round(extract(epoch FROM now() - taken_at) / 60) AS minutes, snapshot_xmin"
         " FROM relink_marks ORDER BY taken_at"
@@ -510,7 +520,9 @@ async def test_maintenance_never_links_a_call_to_a_deleted_contact(
     body = (await upload(client, user, calls)).json()
     assert body["inserted"] == 2
     here = await add_contact(conn, "+14155550161", name="Here")  # unlinked until a round
-    assert await maintain(conn, prune=False, idempotency_ttl_days=8, full_relink=full)
+    assert await maintain(
+        conn, prune=False, idempotency_ttl_days=8, login_window_seconds=900, full_relink=full
+    )
     linked = await conn.fetch("SELECT phone_normalized, contact_id::text FROM call_logs")
     assert dict(linked) == {"+14155550160": None, "+14155550161": here}
 
@@ -867,7 +879,9 @@ async def test_a_key_pruned_between_its_conflict_and_its_read_is_claimed_again(
                 self.pruned = True
                 pruner = await asyncpg.connect(database_url)
                 try:
-                    assert await maintain(pruner, prune=True, idempotency_ttl_days=7)
+                    assert await maintain(
+                        pruner, prune=True, idempotency_ttl_days=7, login_window_seconds=900
+                    )
                 finally:
                     await pruner.close()
             return await self.inner.fetchrow(*args)

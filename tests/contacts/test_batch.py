@@ -369,7 +369,7 @@ async def test_idempotency_key_is_kept_at_least_seven_days_through_maintenance(
     await conn.execute(
         "UPDATE idempotency_keys SET created_at = now() - interval '7 days 23 hours'"
     )
-    assert await maintain(conn, prune=True, idempotency_ttl_days=8)
+    assert await maintain(conn, prune=True, idempotency_ttl_days=8, login_window_seconds=900)
     again = await upload(client, user, batch, **{"Idempotency-Key": "week-old"})
     assert again.content == first.content
     assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 1

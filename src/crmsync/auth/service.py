@@ -252,15 +252,21 @@ async def logout(conn: Connection, user: AuthedUser) -> None:
     )
 
 
-async def auth_prune(conn: Connection) -> None:
-    """Forget what can no longer matter: expired revocations, stale throttle rows. Outside a
-    transaction: each batch commits."""
+async def auth_prune(conn: Connection, *, login_window_seconds: int) -> None:
+    """Forget what can no longer matter: expired revocations, and throttle rows whose window
+    and lockout both ended a day ago (a lockout ends after its window starts, so the later
+    of the two is past once the row's coalesce is older than a window). The window is the
+    configured one: with a fixed day, a window of up to 7 days (CRMSYNC_LOGIN_WINDOW_SECONDS)
+    lost its failures to the hourly prune after one. Outside a transaction: each batch
+    commits."""
     await delete_in_batches(
         conn, "revoked_tokens", "t.expires_at < now()", oldest_first="t.expires_at"
     )
     await delete_in_batches(
         conn,
         "login_throttle",
-        "coalesce(t.locked_until, t.window_started_at) < now() - interval '1 day'",
+        "coalesce(t.locked_until, t.window_started_at)"
+        " < now() - interval '1 day' - make_interval(secs => $1)",
+        float(login_window_seconds),
         oldest_first="coalesce(t.locked_until, t.window_started_at)",
     )
