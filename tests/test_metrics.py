@@ -245,6 +245,22 @@ def test_metrics_total_across_two_workers(
         assert "crmsync_last_backup_timestamp_seconds" in text
 
 
+async def test_readyz_is_200_while_every_pooled_connection_is_busy(database_url: str) -> None:
+    """A busy pool (slow uploads, waits for row locks) is no database down: /readyz and
+    crmsync_database_up ask on a connection of their own, so a load balancer keeps a busy
+    server instead of moving its load onto the others."""
+    app = make_app(database_url, pool_min_size=1, pool_max_size=2)
+    async with app.router.lifespan_context(app):
+        pool: db.Pool = app.state.pool
+        async with pool.acquire(), pool.acquire():
+            assert pool.get_idle_size() == 0 and pool.get_size() == pool.get_max_size()
+            r = await get(app, "/readyz")
+            assert (r.status_code, r.json()) == (200, {"status": "ok"})
+            assert await app.state.probe.answers(within=2)
+            await observability.probe_database(app.state.probe)
+            assert REGISTRY.get_sample_value("crmsync_database_up") == 1
+
+
 async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None:
     """A dedicated PostgreSQL, stopped and started again under a running app."""
     from urllib.parse import parse_qs, urlsplit
@@ -274,7 +290,7 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
                 r = await client.post("/auth/login", json=login)
             assert_problem(r, 503, "unavailable")  # any route needing the database
             assert r.headers["Retry-After"] == "5"
-            await observability.probe_database(app.state.pool)
+            await observability.probe_database(app.state.probe)
             assert REGISTRY.get_sample_value("crmsync_database_up") == 0
             # The metrics token needs no database. (The gauge's value is not checked here:
             # the tests' other apps, on a live database, probe it in this process too.)
@@ -299,7 +315,7 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
             while (r := await get(app, "/readyz")).status_code != 200:
                 assert time.monotonic() < deadline, r.text
                 await asyncio.sleep(0.1)
-            await observability.probe_database(app.state.pool)
+            await observability.probe_database(app.state.probe)
             assert REGISTRY.get_sample_value("crmsync_database_up") == 1
     finally:
         server.cleanup()

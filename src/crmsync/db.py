@@ -314,6 +314,55 @@ async def create_pool(url: str, settings: Settings) -> Pool:
     return pool
 
 
+class DatabaseProbe:
+    """Does the database answer? Asked on a connection of the probe's own, not a pooled one:
+    a pool whose every connection serves a slow request (a 5,000-call upload, a wait for a
+    row lock) is a busy database, not a down one, and /readyz, which waited for a pooled
+    connection, said 503 then, taking a busy server out of its load balancer. One probe at
+    a time per process; one that fails or runs late closes its connection at once
+    (terminate: no cancel request sent to a database that may never answer, which asyncpg
+    would wait out, 36 s here), and the next probe opens a new one."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: asyncpg.Connection[asyncpg.Record] | None = None
+        self._lock = asyncio.Lock()
+
+    async def answers(self, *, within: float) -> bool:
+        try:
+            async with asyncio.timeout(within), self._lock:
+                if self._conn is not None:
+                    try:  # open since an earlier probe: the database may have restarted since
+                        return await self._select_1(self._conn)
+                    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                        self._drop()
+                self._conn = await asyncpg.connect(
+                    self._url, server_settings={"application_name": "crmsync probe"}
+                )
+                return await self._select_1(self._conn)
+        except Exception:
+            self._drop()
+            return False
+        except BaseException:  # cancelled mid-query: the connection's state is unknown
+            self._drop()
+            raise
+
+    @staticmethod
+    async def _select_1(conn: asyncpg.Connection[asyncpg.Record]) -> bool:
+        return bool(await conn.fetchval("SELECT true"))
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close(timeout=2)  # terminates it when that runs out
+            self._conn = None
+
+
 ACQUIRE_TIMEOUT_SECONDS = 10
 
 

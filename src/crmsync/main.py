@@ -112,16 +112,6 @@ async def on_validation_error(request: Request, exc: Exception) -> Response:
     return problem(ValidationFailed([e for e in errors if e["loc"][:1] != ["path"]]))
 
 
-# Readiness checks still winding down (see readyz): referenced until done.
-_probes: set[asyncio.Future[None]] = set()
-
-
-def _probe_done(probe: asyncio.Future[None]) -> None:
-    _probes.discard(probe)
-    if not probe.cancelled():
-        probe.exception()  # seen: one that failed while winding down is no "never retrieved"
-
-
 def _allowed_methods(request: Request) -> str:
     """Every method some route answers at this path, for a 405's Allow (RFC 9110). Starlette's
     own names only the first route matching the path (`/contacts`: GET, not POST)."""
@@ -280,11 +270,12 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         url = await asyncio.to_thread(db.database_url, settings)
         app.state.pool = await db.create_pool(url, settings)
+        app.state.probe = db.DatabaseProbe(url)
         app.state.pool_gate = asyncio.Semaphore(settings.pool_max_size)
         app.state.login_gate = asyncio.Semaphore(db.LOGIN_SLOTS)
         async with app.state.pool.acquire() as conn:
             app.state.changes_feed = await contacts_service.contact_feed(conn, app.state.cursor_key)
-        background = [asyncio.create_task(sample_pool(app.state.pool))]
+        background = [asyncio.create_task(sample_pool(app.state.pool, app.state.probe))]
         if maintenance:
             background.append(asyncio.create_task(_maintenance(app.state.pool, settings)))
         exit_with_the_supervisor()
@@ -294,6 +285,7 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         finally:
             for task in background:
                 task.cancel()
+            await app.state.probe.close()
             await app.state.pool.close()
 
     app = FastAPI(
@@ -338,22 +330,10 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         responses={503: {"description": "The database does not answer"}},
     )
     async def readyz(request: Request) -> Response:
-        pool: db.Pool = request.app.state.pool
-
-        async def check() -> None:
-            async with pool.acquire() as conn:
-                await conn.fetchval("SELECT 1")
-
         # Within 1.5 s, whatever the database does: a frozen one (a hung host, a stopped
-        # process) never answers, and undoing a cancelled query waits for it (asyncpg sends
-        # a cancel request, then releases the connection), 36 s here. A probe needs its
-        # answer now; the check winds down on its own.
-        probe = asyncio.ensure_future(check())
-        _probes.add(probe)
-        probe.add_done_callback(_probe_done)
-        done, _ = await asyncio.wait({probe}, timeout=1.5)
-        if not done or probe.exception() is not None:
-            probe.cancel()
+        # process) never answers, and a load balancer needs its answer now.
+        probe: db.DatabaseProbe = request.app.state.probe
+        if not await probe.answers(within=1.5):
             return problem(ServiceUnavailable("The database does not answer", retry_after=5))
         return Response(b'{"status":"ok"}', media_type="application/json")
 

@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from crmsync.errors import ApiError, ServiceUnavailable, send_problem
 
 if TYPE_CHECKING:
-    from crmsync.db import Pool
+    from crmsync.db import DatabaseProbe, Pool
 
 # prometheus_client picks in-memory or file-backed values when it is imported: `crmsync
 # serve --workers N` sets this before the workers import anything.
@@ -122,23 +122,17 @@ def _sample_pool(pool: Pool) -> None:
     POOL_MAX.set(pool.get_max_size())
 
 
-async def probe_database(pool: Pool) -> None:
-    try:
-        async with asyncio.timeout(2):
-            await pool.fetchval("SELECT 1")
-    except Exception:
-        DATABASE_UP.set(0)
-    else:
-        DATABASE_UP.set(1)
+async def probe_database(probe: DatabaseProbe) -> None:
+    DATABASE_UP.set(1 if await probe.answers(within=2) else 0)
 
 
-async def sample_pool(pool: Pool) -> None:
+async def sample_pool(pool: Pool, probe: DatabaseProbe) -> None:
     """Keeps the pool gauges current (every worker's, for a scrape that reaches one) and
     probes the database."""
     try:
         while True:
             _sample_pool(pool)
-            await probe_database(pool)
+            await probe_database(probe)
             await asyncio.sleep(POOL_SAMPLE_SECONDS)
     finally:
         if MULTIPROCESS:
