@@ -48,6 +48,32 @@ async def test_statement_timeout_cancels_a_long_query(database_url: str) -> None
         await pool.close()
 
 
+async def test_requests_run_read_committed_whatever_the_servers_default(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """The request SQL counts on READ COMMITTED (a conflicting writer's row is waited for and
+    then seen, not a serialization error): a DBA's default of REPEATABLE READ or
+    SERIALIZABLE for the database does not change it."""
+    database = await conn.fetchval("SELECT current_database()")
+    await conn.execute(
+        f'ALTER DATABASE "{database}" SET default_transaction_isolation = serializable'
+    )
+    try:
+        pool = await db.create_pool(database_url, make_settings(database_url))
+        try:
+            async with pool.acquire() as pooled, pooled.transaction():
+                assert await pooled.fetchval("SHOW transaction_isolation") == "read committed"
+        finally:
+            await pool.close()
+        outside = await asyncpg.connect(database_url)  # the setting took
+        try:
+            assert await outside.fetchval("SHOW transaction_isolation") == "serializable"
+        finally:
+            await outside.close()
+    finally:
+        await conn.execute(f'ALTER DATABASE "{database}" RESET default_transaction_isolation')
+
+
 def test_statement_timeout_0_is_no_limit_on_the_client_either() -> None:
     """0 is PostgreSQL's "no limit": asyncpg's own timeout must not cap statements then; else
     it stays past the server's, so the server's cancel is what a slow statement meets."""

@@ -308,6 +308,9 @@ async def create_pool(url: str, settings: Settings) -> Pool:
             "statement_timeout": str(settings.statement_timeout_ms),
             "idle_in_transaction_session_timeout": "60000",
             "jit": "off",
+            # What every request's SQL is written for (ON CONFLICT, the row locks and the
+            # statement snapshots they take), whatever the server's default.
+            "default_transaction_isolation": "read committed",
         },
     )
     assert pool is not None
