@@ -340,7 +340,7 @@ class DatabaseProbe:
                     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                         self._drop()
                 self._conn = await asyncpg.connect(
-                    self._url, server_settings={"application_name": "crmsync probe"}
+                    self._url, server_settings={"application_name": "crmsync"}
                 )
                 return await self._select_1(self._conn)
         except Exception:
