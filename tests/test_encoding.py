@@ -73,6 +73,15 @@ async def test_a_gzip_body_is_inflated_on_every_endpoint(
     assert_problem(r, 422, "validation_error")
 
 
+async def test_x_gzip_is_gzip(client: httpx.AsyncClient, user: Account) -> None:
+    # RFC 9110 8.4.1.3: a recipient SHOULD take "x-gzip" as "gzip".
+    headers = {**user.headers, "Content-Encoding": "x-gzip"}
+    r = await client.post(
+        "/contacts", content=_gzip({"name": "X", "phone_raw": "+14155550123"}), headers=headers
+    )
+    assert r.status_code == 201, r.text
+
+
 @pytest.mark.parametrize(
     ("body", "why"),
     [

@@ -163,6 +163,21 @@ async def test_unexpected_error_is_a_plain_500_problem(client: httpx.AsyncClient
         app.router.routes.pop()
 
 
+async def test_problems_have_the_type_about_blank(client: httpx.AsyncClient, user: Account) -> None:
+    """RFC 9457 4.2.1: no type of our own, so "about:blank" (docs/mobile.md shows it), from
+    the exception handlers and from the ASGI layers alike."""
+    answers = [
+        await client.get("/nope"),
+        await client.get("/auth/me"),
+        await client.get("/users", headers=user.headers),
+        await client.post("/auth/login", json={}),
+        await client.post("/auth/login", content=b"x" * (SMALL_BODY_BYTES + 1)),
+    ]
+    assert [r.status_code for r in answers] == [404, 401, 403, 422, 413]
+    for r in answers:
+        assert r.json()["type"] == "about:blank", r.text
+
+
 async def test_health_and_ready(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     assert (await client.get("/readyz")).status_code == 200

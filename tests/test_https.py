@@ -12,8 +12,10 @@ import pytest
 import trustme
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
-from crmsync.middleware import ProblemHttpProtocol
+from crmsync.config import Settings
+from crmsync.middleware import HttpsGuard, Peers, ProblemHttpProtocol
 from tests.conftest import api_routes, assert_problem, free_port, make_app, serving
 
 TRUSTED = "10.0.0.0/8, 192.168.1.7, fd00::/8"
@@ -41,6 +43,9 @@ async def call(
         ("203.0.113.9", {"X-Forwarded-Proto": "https"}),  # an untrusted client cannot claim it
         ("127.0.0.1", {"X-Forwarded-Proto": "https"}),  # loopback, but through a proxy not trusted
         ("127.0.0.1", {"X-Forwarded-For": "198.51.100.1"}),
+        ("127.0.0.1", {"Forwarded": "for=198.51.100.1;proto=https"}),  # RFC 7239's header
+        ("127.0.0.1", {"X-Real-IP": "198.51.100.1"}),  # nginx's
+        ("127.0.0.1", {"X-Forwarded-Host": "api.example"}),
         ("10.1.2.3", {"X-Forwarded-Proto": "http"}),  # trusted proxy says the client used http
         ("10.1.2.3", {}),  # trusted proxy's own plain request
         ("192.168.1.8", {"X-Forwarded-Proto": "https"}),  # next to, not in, the trusted list
@@ -216,3 +221,34 @@ def test_serve_refuses_tls_files_that_cannot_serve(tmp_path: Path, ca: trustme.C
         assert result.returncode == 2, (args, result.stderr)
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists()  # refused before the database started
+
+
+@pytest.mark.parametrize(
+    ("forwarded_for", "client"),
+    [
+        ("198.51.100.1", "198.51.100.1"),
+        ("198.51.100.1, 10.9.9.9", "198.51.100.1"),  # a second trusted proxy on the way
+        ("forged, 198.51.100.1", "198.51.100.1"),  # the left of the list is anyone's
+        ("10.9.9.9, 192.168.1.7", "10.9.9.9"),  # only trusted hops: the first of them
+    ],
+)
+async def test_a_trusted_proxy_names_the_client_the_rightmost_hop_it_cannot_vouch_for(
+    forwarded_for: str, client: str
+) -> None:
+    """Behind a trusted proxy the app sees the original client (as X-Forwarded-For names it)
+    and scheme, not the proxy's."""
+    seen: dict[str, object] = {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.update(client=scope["client"], scheme=scope["scheme"])
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    peers = Peers(Settings(trusted_proxies=TRUSTED).trusted_proxies)
+    guard = HttpsGuard(app, peers, require_https=True)
+    transport = httpx.ASGITransport(app=guard, client=("10.1.2.3", 4321))
+    async with httpx.AsyncClient(transport=transport, base_url="http://api.example") as c:
+        headers = {"X-Forwarded-Proto": "https", "X-Forwarded-For": forwarded_for}
+        r = await c.get("/auth/me", headers=headers)
+    assert r.status_code == 204
+    assert seen == {"client": (client, 0), "scheme": "https"}

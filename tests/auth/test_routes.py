@@ -6,14 +6,17 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import bcrypt
 import httpx
 import jwt
 import pytest
+from pydantic import ValidationError
 
 from crmsync import db
+from crmsync.config import Settings
 from crmsync.main import maintain
 from tests.conftest import (
     TEST_SECRET,
@@ -192,6 +195,12 @@ async def test_login_bad_bodies(client: httpx.AsyncClient) -> None:
     assert_problem(await client.post("/auth/login", json=[1, 2]), 422, "validation_error")
     nul = {"email": "a\x00@b.c", "password": "whatever1"}  # PostgreSQL text holds no NUL
     assert_problem(await client.post("/auth/login", json=nul), 422, "validation_error")
+    # The password's bounds in the OpenAPI schema (1..1024 characters) are enforced: an
+    # empty or overlong one is a 422, not a wrong password counted against the account.
+    for password in ("", "p" * 1025):
+        r = await client.post("/auth/login", json={"email": "a@b.c", "password": password})
+        body = assert_problem(r, 422, "validation_error")
+        assert body["errors"][0]["loc"] == ["body", "password"]
 
 
 async def test_a_password_longer_than_bcrypt_takes_is_just_wrong(
@@ -312,6 +321,8 @@ async def test_token_generation_claim(
     await conn.execute("UPDATE users SET token_generation = 1 WHERE id = $1", user.id)  # type: ignore[attr-defined]
     assert_problem(await me(before_generations), 401, "unauthenticated")
     assert (await me({**claims, "gen": 1})).status_code == 200
+    # true is no generation, although Python's True == 1
+    assert_problem(await me({**claims, "gen": True}), 401, "unauthenticated")
 
 
 async def test_concurrent_logins_all_succeed(
@@ -488,6 +499,14 @@ async def test_bearer_scheme_is_case_insensitive(client: httpx.AsyncClient, user
         assert r.status_code == 200, r.text
 
 
+async def test_the_token_may_follow_the_scheme_after_several_spaces(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    # RFC 9110 11.4: credentials = auth-scheme [ 1*SP token68 ]
+    r = await client.get("/auth/me", headers={"Authorization": f"Bearer   {user.token}"})
+    assert r.status_code == 200, r.text
+
+
 async def test_unauthenticated_answers_ask_for_a_bearer_token(client: httpx.AsyncClient) -> None:
     for headers in ({}, {"Authorization": "Bearer garbage"}):
         r = await client.get("/auth/me", headers=headers)
@@ -633,3 +652,97 @@ async def test_a_sign_in_that_waits_too_long_for_its_turn_is_told_sign_ins_are_b
         assert (await client.get("/auth/me", headers=user.headers)).status_code == 200
     r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
     assert r.status_code == 200
+
+
+async def test_a_locked_account_is_locked_in_every_spelling_of_its_email(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    """The lockout is looked up as the failures are counted, by the email lowercased: the
+    right password in another case must not slip past it."""
+    for _ in range(5):
+        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    for spelling in (user.email, user.email.upper(), user.email.title(), f" {user.email.upper()} "):
+        r = await client.post("/auth/login", json={"email": spelling, "password": user.password})
+        assert_problem(r, 429, "too_many_attempts")
+
+
+async def test_failures_within_the_15_minute_window_count_towards_the_lockout(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    for _ in range(4):
+        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    # The first failure was 14 minutes ago: still inside the window (900 s).
+    await conn.execute(
+        "UPDATE login_throttle SET window_started_at = now() - interval '14 minutes'"
+    )
+    r = await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    assert_problem(r, 401, "invalid_credentials")
+    r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    assert_problem(r, 429, "too_many_attempts")
+
+
+async def test_the_window_runs_from_the_first_failure_not_the_latest(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    """docs/mobile.md: a fixed window, from the first failure counted. Five failures over
+    16 minutes, four of them in the last 2, are two windows: no lockout."""
+    wrong = {"email": user.email, "password": "bad-pass"}
+    shift = "UPDATE login_throttle SET window_started_at = window_started_at - $1::interval"
+    await client.post("/auth/login", json=wrong)
+    await conn.execute(shift, timedelta(minutes=14))
+    for _ in range(3):
+        assert_problem(await client.post("/auth/login", json=wrong), 401, "invalid_credentials")
+    await conn.execute(shift, timedelta(minutes=2))  # the first failure: 16 minutes ago
+    assert_problem(await client.post("/auth/login", json=wrong), 401, "invalid_credentials")
+    r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    assert r.status_code == 200, r.text
+
+
+async def test_maintenance_keeps_the_failures_of_a_running_window(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    """Pruning forgets only throttle rows idle for a day: an hourly round must not hand an
+    account under attack a fresh count of guesses."""
+    for _ in range(4):
+        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    assert await maintain(conn, prune=True, idempotency_ttl_days=8, login_window_seconds=900)
+    await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    assert_problem(r, 429, "too_many_attempts")
+
+
+async def test_an_unknown_email_costs_one_bcrypt_check_as_a_known_one_does(
+    client: httpx.AsyncClient, user: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unknown email and wrong password answer alike in time too: both check a password
+    against a hash (a placeholder one for an unknown email). Counted, not timed."""
+    checks: list[bytes] = []
+    checkpw = bcrypt.checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        checks.append(hashed)
+        return checkpw(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
+    for email in (user.email, "nobody@example.com"):
+        checks.clear()
+        r = await client.post("/auth/login", json={"email": email, "password": "bad-pass"})
+        assert_problem(r, 401, "invalid_credentials")
+        assert len(checks) == 1, email
+
+
+def test_token_and_throttle_defaults_and_bounds_are_the_documented_ones() -> None:
+    """README: a token lives 7 days (60 s to 366 days); 5 failures within 900 s lock an
+    account for 300 s."""
+    settings = Settings(database_url="postgresql://x/y")
+    assert settings.token_ttl_seconds == 7 * 24 * 3600
+    assert (
+        settings.login_max_failures,
+        settings.login_window_seconds,
+        settings.login_lockout_seconds,
+    ) == (5, 900, 300)
+    for ttl in (60, 366 * 24 * 3600):
+        assert Settings(database_url="postgresql://x/y", token_ttl_seconds=ttl)
+    for ttl in (59, 366 * 24 * 3600 + 1):
+        with pytest.raises(ValidationError):
+            Settings(database_url="postgresql://x/y", token_ttl_seconds=ttl)
