@@ -315,6 +315,17 @@ def test_cursor_is_tamper_proof_and_bound_to_its_listing() -> None:
         decode_cursor(b"other" * 8, "users", cursor, 2)
 
 
+def test_a_signed_cursor_with_another_number_of_sort_keys_is_a_bad_request() -> None:
+    """A cursor of this listing's scope and key, but with more or fewer values than its
+    sort keys (made by a server whose listing had other keys): a 400, not a 500."""
+    key = b"k" * 32
+    cursor = encode_cursor(key, "users", ["2026-01-01 00:00:00+00", "x"])
+    assert decode_cursor(key, "users", cursor, (3, 2)) == ["2026-01-01 00:00:00+00", "x"]
+    for size in (1, 3, (3, 4)):
+        with pytest.raises(BadRequest):
+            decode_cursor(key, "users", cursor, size)
+
+
 @pytest.mark.parametrize(
     ("shape", "from_sql"),
     [

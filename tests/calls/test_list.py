@@ -169,6 +169,46 @@ async def test_a_cursor_only_follows_the_filters_it_was_made_with(
     assert_problem(r, 400, "bad_request")
 
 
+async def test_a_cursor_is_bound_to_its_time_window_and_its_contact(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    carla = await add_contact(conn, "+14155550150", name="Carla")
+    bruno = await add_contact(conn, "+14155550160", name="Bruno")
+    phones = ["+14155550150"] * 3 + ["+14155550160"] * 3
+    await upload(client, user, [call(i, phone_raw=phone) for i, phone in enumerate(phones)])
+
+    async def next_cursor(path: str, **params: Any) -> str:
+        body = (await client.get(path, params={"limit": 1, **params}, headers=user.headers)).json()
+        assert body["next_cursor"], body
+        return str(body["next_cursor"])
+
+    for made_with, used_with in (
+        ({"since": "2026-11-04T14:01:00Z"}, {"since": "2026-11-04T14:00:00Z"}),
+        ({"since": "2026-11-04T14:01:00Z"}, {}),
+        ({"until": "2026-11-04T14:05:00Z"}, {"until": "2026-11-04T14:04:00Z"}),
+        ({"contact_id": carla}, {"contact_id": bruno}),
+    ):
+        cursor = await next_cursor("/calls", **made_with)
+        r = await client.get(
+            "/calls", params={"limit": 1, "cursor": cursor, **used_with}, headers=user.headers
+        )
+        assert_problem(r, 400, "bad_request")
+    cursor = await next_cursor(f"/calls/{carla}")
+    r = await client.get(
+        f"/calls/{bruno}", params={"limit": 1, "cursor": cursor}, headers=user.headers
+    )
+    assert_problem(r, 400, "bad_request")
+    # The same instant in another offset is the same filter: the cursor follows on.
+    cursor = await next_cursor("/calls", since="2026-11-04T14:01:00Z")
+    r = await client.get(
+        "/calls",
+        params={"limit": 1, "cursor": cursor, "since": "2026-11-04T15:01:00+01:00"},
+        headers=user.headers,
+    )
+    assert r.status_code == 200, r.text
+    assert [c["timestamp"] for c in r.json()["items"]] == ["2026-11-04T14:04:00.000000Z"]
+
+
 @pytest.mark.parametrize(
     "params",
     [

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from crmsync.calls.service import INSERT_SQL
 from crmsync.idempotency import Answer, fingerprint, idempotent
 from crmsync.main import maintain
-from tests.conftest import Account, MakeUser, assert_problem, insert_sort_keys
+from tests.conftest import Account, MakeUser, assert_problem, insert_sort_keys, make_app
 
 T0 = datetime(2026, 11, 4, 14, 0, tzinfo=UTC)
 
@@ -337,6 +337,48 @@ async def test_a_number_spelled_in_more_than_64_characters_is_no_number(
         (at_limit, "+14155550123"),
         (over, None),
     ]
+
+
+async def test_a_spelling_of_256_characters_is_kept_and_one_of_257_is_a_rejected_item(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    """mobile.md: a phone_raw or phone_normalized longer than 256 characters makes the item
+    a rejected item (string_too_long); 256 is kept as sent, as no number."""
+    longest = "x" * 256
+    kept = [call(0, phone_raw=longest), call(1, phone_raw=..., phone_normalized=longest)]
+    body = (await upload(client, user, kept)).json()
+    assert (body["inserted"], body["rejected"]) == (2, []), body
+    rows = await conn.fetch("SELECT phone_raw, phone_normalized FROM call_logs")
+    assert [tuple(r) for r in rows] == [(longest, None), (longest, None)]
+    over = "x" * 257
+    batch = [call(2, phone_raw=over), call(3, phone_normalized=over), call(4, phone_raw=longest)]
+    body = (await upload(client, user, batch)).json()
+    assert body["inserted"] == 1, body
+    assert [
+        (r["index"], r["errors"][0]["loc"][-1], r["errors"][0]["type"]) for r in body["rejected"]
+    ] == [
+        (0, "phone_raw", "string_too_long"),
+        (1, "phone_normalized", "string_too_long"),
+    ]
+
+
+async def test_a_calls_number_is_read_in_the_default_region(
+    database_url: str, user: Account, conn: asyncpg.Connection
+) -> None:
+    """CRMSYNC_DEFAULT_REGION=GB: a call's national spelling is a UK number, linked to the
+    contact of that number."""
+    lena = await add_contact(conn, "+442079460958", name="Lena")
+    app = make_app(database_url, default_region="GB")
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as gb:
+            batch = [call(0, phone_raw="020 7946 0958"), call(1, phone_raw="(415) 555-0199")]
+            body = (await upload(gb, user, batch)).json()
+    assert body["inserted"] == 2, body
+    rows = await conn.fetch(
+        "SELECT phone_normalized, contact_id::text FROM call_logs ORDER BY timestamp"
+    )
+    assert [tuple(r) for r in rows] == [("+442079460958", lena), ("+444155550199", None)]
 
 
 async def test_call_without_contact_id_is_linked_to_the_live_contact_of_its_number(
@@ -716,6 +758,20 @@ async def test_non_admin_naming_another_user_in_an_invalid_item_is_403_too(
     not_an_id = call(1, user_id="someone else")  # only a validation error of its item
     body = (await upload(client, user, [call(0), not_an_id])).json()
     assert (body["inserted"], [r["index"] for r in body["rejected"]]) == (1, [1]), body
+
+
+async def test_non_admin_naming_itself_in_an_invalid_item_gets_that_item_rejected_not_403(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    # Its own id (in any spelling of the UUID) names no other user: only the invalid
+    # item's own errors count, and the rest of the batch is stored.
+    invalid = call(1, user_id=user.id.upper(), duration_seconds=-1)
+    r = await upload(client, user, [call(0, user_id=user.id), invalid])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["inserted"], [x["index"] for x in body["rejected"]]) == (1, [1]), body
+    assert body["rejected"][0]["errors"][0]["loc"] == ["body", 1, "duration_seconds"]
+    assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 1
 
 
 async def test_admin_uploads_for_another_user_and_unknown_or_deleted_users_are_rejected(

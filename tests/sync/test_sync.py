@@ -14,7 +14,7 @@ from crmsync.contacts.service import CHANGES_SCOPE, Feed
 from crmsync.pagination import encode_cursor
 from crmsync.sync.schemas import SyncOut
 from tests.calls.test_upload import call
-from tests.conftest import Account, assert_problem
+from tests.conftest import Account, assert_problem, make_app
 
 
 def contact(i: int, **fields: Any) -> dict[str, Any]:
@@ -238,6 +238,43 @@ async def test_a_non_admin_naming_another_user_is_403_and_nothing_is_stored(
     body = {"contacts": [contact(1)], "calls": [call(0, user_id=admin.id)]}
     assert_problem(await sync(client, user, body), 403, "forbidden")
     assert await counts(conn) == (0, 0, 0)
+
+
+async def test_an_admin_syncs_calls_of_another_user(
+    client: httpx.AsyncClient, user: Account, admin: Account, conn: asyncpg.Connection
+) -> None:
+    body = {"calls": [call(0, user_id=user.id), call(1, user_id=str(uuid.uuid4()))]}
+    r = await sync(client, admin, body)
+    assert r.status_code == 200, r.text
+    calls = r.json()["calls"]
+    assert calls["inserted"] == 1 and [x["index"] for x in calls["rejected"]] == [1], calls
+    assert calls["rejected"][0]["errors"][0]["loc"] == ["body", "calls", 1, "user_id"]
+    assert str(await conn.fetchval("SELECT user_id FROM call_logs")) == user.id
+    record = await conn.fetchrow("SELECT user_id, synced_calls FROM sync_audit")
+    assert record is not None
+    assert (str(record["user_id"]), record["synced_calls"]) == (admin.id, 1)
+
+
+async def test_a_sync_reads_numbers_in_the_default_region(
+    database_url: str, user: Account, conn: asyncpg.Connection
+) -> None:
+    """CRMSYNC_DEFAULT_REGION=GB: national spellings in a sync's contacts and calls are UK
+    numbers, and the call is linked to the contact of the same request."""
+    app = make_app(database_url, default_region="GB")
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as gb:
+            body = {
+                "contacts": [{"name": "Lena", "phone_raw": "020 7946 0958"}],
+                "calls": [call(0, phone_raw="020 7946 0958")],
+            }
+            r = await sync(gb, user, body)
+    assert r.status_code == 200, r.text
+    lena = r.json()["contacts"][0]["contact"]
+    assert lena["phone_normalized"] == "+442079460958"
+    row = await conn.fetchrow("SELECT phone_normalized, contact_id::text FROM call_logs")
+    assert row is not None
+    assert tuple(row) == ("+442079460958", lena["id"])
 
 
 async def test_same_idempotency_key_returns_the_first_answer_and_writes_nothing_more(
