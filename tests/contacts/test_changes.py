@@ -316,3 +316,19 @@ async def test_once_the_contacts_were_restored_cursors_that_name_no_table_restar
         page = await contact_changes_page(conn, cursor=made, limit=50, feed=restored)
         assert page.restarted is restarts
         assert len(orjson.loads(page.items_json)) == (len(ids) if restarts else 0)
+
+
+async def test_the_feed_pages_by_50_when_no_limit_is_given(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+) -> None:
+    """Contract, Pagination: `limit` defaults to 50."""
+    await conn.executemany(
+        INSERT_CONTACT.removesuffix(" RETURNING id::text"),
+        [(f"C{i:02d}", f"+1415555{i:04d}") for i in range(51)],
+    )
+    r = await client.get("/contacts/changes", headers=user.headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["limit"], len(body["items"]), body["has_more"]) == (50, 50, True)
+    rest = await pull(client, user, body["next_cursor"])
+    assert ([c["name"] for c in rest["items"]], rest["has_more"]) == (["C50"], False)

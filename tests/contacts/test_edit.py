@@ -731,6 +731,7 @@ async def test_a_write_that_loses_every_race_is_a_503_to_retry_and_writes_nothin
         {"phone_raw": ""},
         {"phone_raw": "12345"},
         {"phone_raw": 4155550123},
+        {"phone_raw": "(415) 555-0199\x00"},
         {"name": ""},
         {"name": "   "},
         {"name": "\u200b\u2060"},
@@ -759,3 +760,34 @@ async def test_null_fields_of_an_edit_are_left_as_they_are(
         f"/contacts/{created['id']}", json={"name": None, "phone_raw": None}, headers=user.headers
     )
     assert r.status_code == 200 and r.json() == created, r.text
+
+
+async def test_an_edited_name_is_stored_trimmed_and_the_same_name_with_spaces_is_no_change(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    c = await create(client, user, name="Bruno")
+    r = await put(client, user, c["id"], {"name": "  Carla Dias\t"})
+    assert (r.status_code, r.json()["name"]) == (200, "Carla Dias"), r.text
+    again = await put(client, user, c["id"], {"name": " Carla Dias "})
+    assert (again.json()["name"], again.headers["etag"]) == ("Carla Dias", r.headers["etag"])
+
+
+async def test_a_number_given_to_another_contact_after_the_put_looked_is_409_with_that_contact(
+    client: httpx.AsyncClient, user: Account, database_url: str, conn: asyncpg.Connection
+) -> None:
+    """Another transaction inserts a contact of the new number and commits while the PUT
+    waits for that number's index entry: the PUT's unique violation is the same 409
+    phone_taken, with the contact that took the number, and the PUT changes nothing."""
+    x = await create(client, user, phone=CURRENT)
+    r, taker = await racing(
+        database_url,
+        conn,
+        put(client, user, x["id"], {"phone_raw": NEW}),
+        "INSERT INTO contacts (name, phone_raw, phone_normalized) VALUES ('N', $1, $1)"
+        " RETURNING id::text",
+        NEW,
+    )
+    problem = assert_problem(r, 409, "phone_taken")
+    assert (problem["contact"]["id"], problem["contact"]["phone_normalized"]) == (taker, NEW)
+    now = (await client.get(f"/contacts/{x['id']}", headers=user.headers)).json()
+    assert now["phone_normalized"] == CURRENT

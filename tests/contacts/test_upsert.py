@@ -271,6 +271,7 @@ async def test_a_caller_id_lookup_of_a_blank_or_overlong_spelling_says_why(
     r = await client.get("/contacts/lookup", params={"phone": phone}, headers=user.headers)
     body = assert_problem(r, 422, "validation_error")
     assert body["errors"][0]["msg"] == "Not a possible phone number: " + why
+    assert (body["errors"][0]["loc"], body["errors"][0]["type"]) == (["query", "phone"], "phone")
 
 
 async def test_a_blank_phone_raw_without_a_hint_says_the_number_is_empty(
@@ -396,6 +397,8 @@ async def test_bad_names_and_times_are_422_and_nothing_is_written(
         (contact(created_at="2026-02-30T08:00:00Z"), "created_at"),  # no such day
         (contact(created_at="0001-01-01T00:00:00+01:00"), "created_at"),  # year 0 in UTC
         (contact(phone="1" * 65), "phone_raw"),
+        # Read as a number by libphonenumber, but PostgreSQL text cannot hold a NUL.
+        (contact(phone="(415) 555-0123\x00"), "phone_raw"),
         ({"name": "Bruno"}, "phone_raw"),
         (contact(created_at=0), "created_at"),  # not 1970: it would win every older-wins
         (contact(created_at=1762264800), "created_at"),
@@ -426,6 +429,21 @@ async def test_created_at_up_to_five_minutes_ahead_and_200_char_names_are_accept
     soon = (datetime.now(UTC) + timedelta(minutes=4)).isoformat()
     r = await post(client, user, contact(name="x" * 200, created_at=soon))
     assert r.status_code == 201, r.text
+
+
+async def test_names_are_stored_trimmed_and_counted_without_the_spaces_around_them(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    """docs/mobile.md: a name is "stored trimmed", and its 1..200 are counted once trimmed,
+    in POST /contacts and in a batch alike."""
+    r = await post(client, user, contact(name="  Bruno Costa \t", phone="(415) 555-0123"))
+    assert (r.status_code, r.json()["contact"]["name"]) == (201, "Bruno Costa"), r.text
+    r = await post(client, user, contact(name=" " + "x" * 200 + " ", phone="(415) 555-0124"))
+    assert (r.status_code, r.json()["contact"]["name"]) == (201, "x" * 200), r.text
+    batch = [contact(name="\u00a0Carla Dias  ", phone="(415) 555-0125")]
+    r = await client.post("/contacts/batch", json=batch, headers=user.headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["contact"]["name"] == "Carla Dias"
 
 
 async def test_malformed_json_is_400(client: httpx.AsyncClient, user: Account) -> None:
