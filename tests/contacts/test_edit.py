@@ -4,6 +4,7 @@ If-Match, phone_taken, soft delete)."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable
 from typing import Any
@@ -534,7 +535,10 @@ HOLD_OUT = "SET deadlock_timeout = '10s'"
 
 
 async def wait_for_a_lock_wait(conn: asyncpg.Connection) -> None:
-    for _ in range(500):
+    """Until the request sent just before waits for a lock: within 30 s, room for a machine
+    busy with other test runs."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         waiting = await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity"
             " WHERE wait_event_type = 'Lock' AND datname = current_database()"
