@@ -347,6 +347,29 @@ async def test_if_match_accepts_a_list_and_star(client: httpx.AsyncClient, user:
     assert r.status_code == 200, r.text
 
 
+async def test_if_match_and_if_none_match_read_every_field_line(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    """A header sent as two lines (OkHttp's addHeader twice) is one list (RFC 9110 5.3): the
+    current tag on the second line matches, as it does on one line."""
+    c = await create(client, user)
+    path = f"/contacts/{c['id']}"
+    tag = await etag_of(client, user, c["id"])
+    auth = list(user.headers.items())
+    r = await client.get(path, headers=[*auth, ("If-None-Match", '"1"'), ("If-None-Match", tag)])
+    assert r.status_code == 304, r.text
+    r = await client.put(
+        path, json={"name": "A"}, headers=[*auth, ("If-Match", '"1"'), ("If-Match", tag)]
+    )
+    assert r.status_code == 200, r.text
+    r = await client.put(
+        path, json={"name": "B"}, headers=[*auth, ("If-Match", '"1"'), ("If-Match", "*")]
+    )
+    assert r.status_code == 200, r.text
+    stale = [*auth, ("If-Match", '"1"'), ("If-Match", tag)]  # tag is A's version's, before B
+    assert_problem(await client.delete(path, headers=stale), 412, "precondition_failed")
+
+
 async def test_without_if_match_the_last_write_wins(
     client: httpx.AsyncClient, user: Account
 ) -> None:

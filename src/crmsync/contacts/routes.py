@@ -38,12 +38,14 @@ from crmsync.text import NO_NUL
 router = APIRouter(prefix="/contacts", tags=["contacts"], route_class=Route)
 
 
+# Lists: a header sent as several field lines is one comma-separated list (RFC 9110 5.3);
+# OkHttp's addHeader twice sends two lines.
 IfMatch = Annotated[
-    str | None,
+    list[str] | None,
     Header(description="The contact's ETag: a stale one is 412 and nothing changes"),
 ]
 IfNoneMatch = Annotated[
-    str | None,
+    list[str] | None,
     Header(description="An ETag the phone holds: 304 with no body while it is current"),
 ]
 
@@ -66,14 +68,18 @@ def etag(version: int) -> str:
 MAX_VERSION = 2**63 - 1  # change_seq is a bigint
 
 
-def if_match_versions(header: str | None) -> list[int] | None:
-    """The versions an If-Match header names; None when it sets no condition (absent, `*`).
-    An entity tag this server never made names no version, so it never matches."""
-    if header is None or header.strip() == "*":
+def if_match_versions(fields: list[str] | None) -> list[int] | None:
+    """The versions an If-Match header (every field line of it) names; None when it sets no
+    condition (absent, `*`). An entity tag this server never made names no version, so it
+    never matches."""
+    if fields is None:
+        return None
+    tags = [tag.strip() for field in fields for tag in field.split(",")]
+    if "*" in tags:
         return None
     versions = []
-    for tag in header.split(","):
-        tag = tag.strip().removeprefix("W/")
+    for tag in tags:
+        tag = tag.removeprefix("W/")
         digits = tag[1:-1]
         # ASCII digits only ("²".isdigit() is true) and within a bigint, like every version.
         quoted = len(tag) >= 3 and tag[0] == tag[-1] == '"'
