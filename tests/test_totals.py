@@ -308,18 +308,19 @@ async def test_rounds_fold_every_time_relink_every_minute_and_prune_every_hour(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     rounds: list[tuple[bool, bool]] = []
-    retention: set[int | None] = set()
+    retention: set[tuple[int | None, int]] = set()
 
     async def record(
         conn: object,
         *,
         prune: bool,
         idempotency_ttl_days: int,
+        login_window_seconds: int,
         sync_record_retention_days: int | None,
         full_relink: bool,
     ) -> bool:
         rounds.append((full_relink, prune))
-        retention.add(sync_record_retention_days)
+        retention.add((sync_record_retention_days, login_window_seconds))
         if len(rounds) == main.PRUNE_EVERY + 1:
             raise asyncio.CancelledError
         return True
@@ -332,10 +333,15 @@ async def test_rounds_fold_every_time_relink_every_minute_and_prune_every_hour(
     assert (every * main.RELINK_EVERY, every * main.PRUNE_EVERY) == (60, 3600)
     monkeypatch.setattr(main, "maintain", record)
     monkeypatch.setattr(main, "ROUND_INTERVAL_SECONDS", 0)
-    settings = make_settings("postgresql://unused/unused", sync_record_retention_days=90)
-    with pytest.raises(asyncio.CancelledError):
-        await main._maintenance(Pool(), settings)  # type: ignore[arg-type]
-    assert retention == {90}
+    settings = make_settings(
+        "postgresql://unused/unused", sync_record_retention_days=90, login_window_seconds=1200
+    )
+    # A round that fails (this stand-in called with other arguments) is logged and the loop
+    # goes on: bounded, so that such a failure fails the test instead of filling memory.
+    async with asyncio.timeout(20):
+        with pytest.raises(asyncio.CancelledError):
+            await main._maintenance(Pool(), settings)  # type: ignore[arg-type]
+    assert retention == {(90, 1200)}
     relinked = [i for i, (relink, _) in enumerate(rounds) if relink]
     pruned = [i for i, (_, prune) in enumerate(rounds) if prune]
     assert relinked == list(range(0, main.PRUNE_EVERY + 1, main.RELINK_EVERY))
