@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -236,6 +237,24 @@ def test_metrics_total_across_two_workers(
         scrapes = [
             httpx.get(base + "/metrics", headers={"Connection": "close", **AUTH}) for _ in range(6)
         ]
+        # A worker killed outright is replaced by uvicorn: its live gauges (pool sizes) go
+        # with it, what it counted stays.
+        workers = [pid for pid in _children(process.pid) if _is_worker(pid)]
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not (new := [p for p in _children(process.pid) if _is_worker(p) and p != workers[1]]):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        environ = Path(f"/proc/{new[0]}/environ").read_bytes().split(b"\0")
+        metrics_dir = next(v for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
+        gauges = Path(metrics_dir.partition(b"=")[2].decode()) / f"gauge_livesum_{new[0]}.db"
+        while _pool_max_in(gauges, tmp_path) != 3:  # the new worker's pool is open
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        after = [
+            httpx.get(base + "/metrics", headers={"Connection": "close", **AUTH}) for _ in range(4)
+        ]
         process.terminate()
         process.wait(30)
     for scrape in scrapes:
@@ -243,6 +262,37 @@ def test_metrics_total_across_two_workers(
         assert sample(text, "crmsync_http_requests_total", route="/readyz", status="200") == n
         assert sample(text, "crmsync_db_pool_max_connections") == 6  # 2 workers x 3
         assert "crmsync_last_backup_timestamp_seconds" in text
+    for scrape in after:
+        assert sample(scrape.text, "crmsync_db_pool_max_connections") == 6, scrape.text
+        assert (
+            sample(scrape.text, "crmsync_http_requests_total", route="/readyz", status="200") == n
+        )
+
+
+def _pool_max_in(gauges: Path, scratch: Path) -> float | None:
+    """The pool maximum one worker's file holds (read from a copy, alone in a directory)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    alone = scratch / "one-worker"
+    shutil.rmtree(alone, ignore_errors=True)
+    alone.mkdir()
+    try:
+        shutil.copy(gauges, alone)
+    except FileNotFoundError:
+        return None
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(alone))  # type: ignore[no-untyped-call]
+    return registry.get_sample_value("crmsync_db_pool_max_connections")
+
+
+def _is_worker(pid: int) -> bool:
+    """A uvicorn worker (multiprocessing's spawn), not its resource tracker."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"spawn_main" in cmdline
 
 
 async def test_readyz_is_200_while_every_pooled_connection_is_busy(database_url: str) -> None:

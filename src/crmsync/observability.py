@@ -33,6 +33,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from crmsync.db import process_alive
 from crmsync.errors import ApiError, ServiceUnavailable, send_problem
 
 if TYPE_CHECKING:
@@ -168,11 +169,27 @@ def metrics_response(request: Request) -> Response:
     if MULTIPROCESS:
         from prometheus_client import multiprocess
 
+        _forget_dead_workers(multiprocess)
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         body = generate_latest(registry)
     else:
         body = generate_latest(REGISTRY) + generate_latest(registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
+
+
+def _forget_dead_workers(multiprocess: Any) -> None:
+    """The live gauges (pool sizes, database_up) of workers that are gone: a worker stopped
+    gracefully removes its own, but one killed outright (and replaced by uvicorn) left its
+    files, and its last values were added in for good (a pool maximum of 30 with two
+    workers of 10). Counters and histograms stay: what a dead worker counted happened."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        match = _LIVE_GAUGE_FILE.fullmatch(path.name)
+        if match and not process_alive(int(match[1])):
+            multiprocess.mark_process_dead(int(match[1]), directory)
 
 
 # Bearer tokens (JWTs) and bcrypt hashes, should a library ever put one in a message.
