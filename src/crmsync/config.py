@@ -75,9 +75,23 @@ class Settings(BaseSettings):
         if parts.scheme not in ("postgresql", "postgres"):
             raise ValueError("must be a postgresql://user:password@host:port/database URL")
         # Each host of a multi-host URL (db1:5432,db2:5432, for a failover pair) may name a
-        # port; urlsplit raises ValueError for one that is no number in range.
-        for host in parts.netloc.rpartition("@")[2].split(","):
-            urlsplit(f"//{host}").port  # noqa: B018
+        # port; urlsplit raises ValueError for one that is no number in range. Its message
+        # quotes the "port", which for a password holding an unencoded /, # or ? (ending
+        # the URL's authority early) is the start of the password: it is not passed on.
+        # A password of digits up to such a character leaves a "port" that reads: an "@"
+        # after the authority, not in a query's key=value (?user=me@server), tells it.
+        after = value[len(f"{parts.scheme}://{parts.netloc}") :]
+        cut_short = "@" not in parts.netloc and "=" not in after.partition("@")[0]
+        try:
+            for host in parts.netloc.rpartition("@")[2].split(","):
+                urlsplit(f"//{host}").port  # noqa: B018
+            if cut_short and "@" in after:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                "the host or port of CRMSYNC_DATABASE_URL cannot be read (a port must be a"
+                " number up to 65535; percent-encode special characters in the password)"
+            ) from None
         return value
 
     @model_validator(mode="after")

