@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +19,9 @@ import asyncpg
 import pytest
 
 from crmsync import backup, db
+from crmsync.auth.service import authenticate, issue_token
 from crmsync.contacts.service import Feed, contact_feed
+from crmsync.errors import Unauthenticated
 from tests.conftest import execute
 from tests.test_cli import clean_env, run_cli
 
@@ -602,3 +605,106 @@ def test_restore_refuses_while_a_server_is_connected_to_the_database(
     assert "a crmsync server is running on this database (connections open: 1)" in refused.stderr
     restored = run_cli("restore", "--force", str(file), env=env, cwd=tmp_path)
     assert restored.returncode == 0, restored.stderr
+
+
+def test_a_backup_from_before_token_generations_restores_and_signs_everyone_out(
+    make_database: Callable[[str], Awaitable[str]], tmp_path: Path
+) -> None:
+    """A backup of a schema at migration 0006, without users.token_generation: it restores
+    (the sign-out updated that column in the load's transaction, which failed it), and a
+    token issued before the restore is refused afterwards (migrated, such a schema gives
+    every user generation 0, which the token names)."""
+    pid = os.getpid()
+    old = asyncio.run(make_database(f"crmsync_backup_0006_{pid}"))
+    db.migrate(old)
+    db.migrate(old, "0006")
+    ann = uuid.UUID("00000000-0000-0000-0000-0000000000a1")
+    asyncio.run(
+        execute(
+            old,
+            "INSERT INTO users (id, name, email, password_hash) VALUES"
+            f" ('{ann}', 'Ann', 'ann@example.com', 'x')",
+            "INSERT INTO contacts (name, phone_raw, phone_normalized, created_by)"
+            f" VALUES ('Old friend', '+14155550100', '+14155550100', '{ann}')",
+        )
+    )
+    file = backup.backup(old, tmp_path, keep=1, tool=backup.newest_tool("pg_dump"))
+    assert backup.archive_revision(file, tool=backup.newest_tool("pg_restore")) == "0006"
+
+    # The database replaced: this version's, where Ann holds a token of generation 0.
+    target = asyncio.run(make_database(f"crmsync_backup_0006_dst_{pid}"))
+    db.migrate(target)
+    asyncio.run(
+        execute(
+            target,
+            "INSERT INTO users (id, name, email, password_hash) VALUES"
+            f" ('{ann}', 'Ann', 'ann@example.com', 'y')",
+        )
+    )
+    secret = "s" * 32
+    token, _ = issue_token(ann, 0, secret=secret, ttl_seconds=3600)
+
+    async def signed_in() -> bool:
+        conn = await asyncpg.connect(target)
+        try:
+            await authenticate(conn, token, secret=secret)
+            return True
+        except Unauthenticated:
+            return False
+        finally:
+            await conn.close()
+
+    assert asyncio.run(signed_in())
+    env = clean_env(CRMSYNC_DATABASE_URL=target)
+    restored = run_cli("restore", "--force", str(file), env=env, cwd=tmp_path)
+    assert restored.returncode == 0, restored.stderr
+    assert "every user is signed out" in restored.stdout
+    migrated = run_cli("migrate", env=env, cwd=tmp_path)
+    assert migrated.returncode == 0, migrated.stderr
+    assert not asyncio.run(signed_in())
+    assert asyncio.run(fetchval(target, "SELECT password_hash FROM users")) == "x"
+    assert asyncio.run(fetchval(target, "SELECT name FROM contacts")) == "Old friend"
+
+
+def test_restore_refuses_a_backup_of_a_newer_crmsync_before_touching_anything(
+    source: str, make_database: Callable[[str], Awaitable[str]], tmp_path: Path
+) -> None:
+    """Its alembic_version names a revision this version does not know: loaded, neither
+    `serve` nor `migrate` could start on the database."""
+    asyncio.run(execute(source, "UPDATE alembic_version SET version_num = '0999'"))
+    file = backup.backup(source, tmp_path / "out", keep=1, tool=backup.newest_tool("pg_dump"))
+    empty = asyncio.run(make_database(f"crmsync_backup_newer_{os.getpid()}"))
+    kept = asyncio.run(make_database(f"crmsync_backup_newer_kept_{os.getpid()}"))
+    db.migrate(kept)
+    asyncio.run(execute(kept, SEED))
+    before = asyncio.run(snapshot(kept))
+    for url, force in ((empty, []), (kept, ["--force"])):
+        env = clean_env(CRMSYNC_DATABASE_URL=url)
+        refused = run_cli("restore", *force, str(file), env=env, cwd=tmp_path)
+        assert refused.returncode == 1, refused.stdout
+        assert refused.stderr.count("\n") == 1, refused.stderr
+        assert "comes from a newer crmsync (its schema is at revision 0999" in refused.stderr
+    assert asyncio.run(backup.public_relations(empty)) == []
+    assert asyncio.run(snapshot(kept)) == before
+
+
+def test_a_password_in_the_urls_query_reaches_the_tools_by_environment_only() -> None:
+    """libpq takes `?password=` too; on a tool's command line anyone could read it (ps)."""
+    url = (
+        "postgresql://crm@db.example:5432/crmsync?sslmode=require&password=s3cr%40t%26word+1"
+        "&application_name=crm%20sync&sslrootcert=/etc/ssl/ca.pem"
+    )
+    libpq_url, env = backup._libpq(url)
+    assert env["PGPASSWORD"] == "s3cr@t&word+1"
+    assert libpq_url == (
+        "postgresql://crm@db.example:5432/crmsync?sslmode=require"
+        "&application_name=crm%20sync&sslrootcert=/etc/ssl/ca.pem"
+    )
+    # Both: libpq takes the query's; a URL without a host keeps its `//` (a Unix socket).
+    libpq_url, env = backup._libpq("postgresql://crm:old@/crmsync?host=/run/pg&password=new")
+    assert (libpq_url, env["PGPASSWORD"]) == ("postgresql://crm@/crmsync?host=/run/pg", "new")
+    libpq_url, env = backup._libpq("postgresql:///crmsync?password=p&host=/run/pg")
+    assert (libpq_url, env["PGPASSWORD"]) == ("postgresql:///crmsync?host=/run/pg", "p")
+    assert backup._libpq("postgresql:///crmsync?host=/run/pg")[0] == (
+        "postgresql:///crmsync?host=/run/pg"
+    )

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from crmsync import db
 from crmsync.contacts.service import RESTORED_MARK
@@ -100,16 +100,28 @@ async def public_relations(url: str) -> list[str]:
 
 def _libpq(url: str) -> tuple[str, dict[str, str]]:
     """The URL without its password, and an environment carrying it, so the password
-    never shows in the process list."""
+    never shows in the process list: the one of `user:password@` and the one of the query
+    string (`?password=...`, which libpq reads too, and over the former; as here, its last
+    one). Every other query parameter stays as it was written."""
     env = dict(os.environ)
     parts = urlsplit(url)
+    parameters = parts.query.split("&") if parts.query else []
+    passwords = [p for p in parameters if unquote(p.partition("=")[0]) == "password"]
+    if parts.password is None and not passwords:
+        return url, env
     if parts.password is not None:
         env["PGPASSWORD"] = unquote(parts.password)
         host = parts.netloc.rpartition("@")[2]
         user = parts.username or ""
-        netloc = f"{user}@{host}" if user else host
-        url = urlunsplit(parts._replace(netloc=netloc))
-    return url, env
+        parts = parts._replace(netloc=f"{user}@{host}" if user else host)
+    if passwords:  # percent-decoded as libpq does it: a '+' stays a '+'
+        env["PGPASSWORD"] = unquote(passwords[-1].partition("=")[2])
+        parts = parts._replace(query="&".join(p for p in parameters if p not in passwords))
+    # Not urlunsplit, which writes a URL without a host (`postgresql:///crmsync?host=/run/
+    # postgresql`, a Unix socket) without its `//`, and libpq reads that otherwise.
+    url = f"{parts.scheme}://{parts.netloc}{parts.path}"
+    url += f"?{parts.query}" if parts.query else ""
+    return url + (f"#{parts.fragment}" if parts.fragment else ""), env
 
 
 def _run(command: list[str], url: str | None = None) -> str:
@@ -185,8 +197,39 @@ def check_archive(file: Path, *, tool: Path) -> int | None:
         raise BackupError(
             f"{file} is no crmsync backup: it has no table {', '.join(sorted(missing))}"
         )
+    # A newer crmsync's backup: loaded, neither `serve` nor `migrate` of this version could
+    # start on it (Alembic knows no such revision), and the database would be replaced.
+    revision = archive_revision(file, tool=tool)
+    if revision is not None and revision not in known_revisions():
+        raise BackupError(
+            f"{file} comes from a newer crmsync (its schema is at revision {revision}, which"
+            " this version does not know): restore it with that version or a later one"
+        )
     dumped_from = DUMPED_FROM.search(contents)
     return None if dumped_from is None else int(dumped_from[1])
+
+
+ALEMBIC_ROWS = re.compile(
+    r"^COPY public\.alembic_version \(version_num\) FROM stdin;\n(.*?)^\\\.$",
+    re.MULTILINE | re.DOTALL,
+)
+
+
+def archive_revision(file: Path, *, tool: Path) -> str | None:
+    """The migration revision the dump's schema is at (its alembic_version row; None if it
+    has none)."""
+    data = _run([str(tool), "--data-only", "--table=alembic_version", "--file=-", str(file)])
+    rows = ALEMBIC_ROWS.search(data)
+    versions = rows[1].split() if rows else []
+    return versions[0] if versions else None
+
+
+def known_revisions() -> set[str]:
+    """Every migration revision this version has."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory(str(db.MIGRATIONS_DIR))
+    return {revision.revision for revision in script.walk_revisions()}
 
 
 def check_server(file: Path, dumped_from: int | None, *, server_major: int) -> None:
@@ -299,6 +342,18 @@ MARK_RESTORED = f"COMMENT ON TABLE public.contacts IS '{RESTORED_MARK}'"
 # backup was taken is undone by the restore (the revoked token's row, the new hash, the
 # deleted_at are not in it); the tokens they had refused would be good again.
 SIGN_OUT_ALL = "UPDATE public.users SET token_generation = token_generation + 1"
+# A backup from before migration 0007 has no users.token_generation: there the sign-out
+# cannot be done in the restore's transaction (SIGN_OUT_ALL would fail it). Nor can it be
+# left out: migrated, such a schema gives every user generation 0, which every token of
+# that time names (no `gen` claim reads as 0), and so does every token of a user still
+# at generation 0 on the database being replaced. So the transaction signs out where the
+# column is (SIGN_OUT_IF_IT_CAN), and restore() then migrates a schema without it to this
+# version's head and signs out there (SIGN_OUT_ALL): `serve` would migrate it anyway. No
+# server runs meanwhile (`crmsync restore` refuses while one is connected).
+HAS_GENERATIONS = """SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = 'public' AND table_name = 'users'
+                     AND column_name = 'token_generation')"""
+SIGN_OUT_IF_IT_CAN = f"DO $$ BEGIN IF ({HAS_GENERATIONS}) THEN {SIGN_OUT_ALL}; END IF; END $$"
 # pg_restore 17 and later write this setting, which PostgreSQL 15 and 16 reject.
 TRANSACTION_TIMEOUT = b"\nSET transaction_timeout = 0;\n"
 
@@ -325,7 +380,8 @@ def restore(
 ) -> None:
     """Load a dump's schema public into the database at url, all in one transaction: with
     replace, the drop of the old schema public too, so a failure anywhere changes nothing.
-    Every user is signed out (SIGN_OUT_ALL) unless keep_sessions.
+    Every user is signed out (SIGN_OUT_ALL) unless keep_sessions: in that transaction, or
+    for a backup from before migration 0007 once it is migrated (SIGN_OUT_IF_IT_CAN).
 
     pg_restore writes the SQL to a private temporary file (it holds password hashes) and
     must finish, whole, before psql (the one of pg_restore's installation) runs it."""
@@ -358,13 +414,32 @@ def restore(
         command += ["--set=ON_ERROR_STOP=1", f"--command={first}", f"--file={sql}"]
         command += [f"--command={ADVANCE_CHANGE_SEQ}", f"--command={MARK_RESTORED}"]
         if not keep_sessions:
-            command.append(f"--command={SIGN_OUT_ALL}")
+            command.append(f"--command={SIGN_OUT_IF_IT_CAN}")
         try:
             _run(command, url)
         except BackupError as exc:
             raise BackupError(f"the restore failed and changed nothing: {exc}") from None
     finally:
         sql.unlink(missing_ok=True)
+    if not keep_sessions:
+        asyncio.run(_sign_out_after_migrating(url, file))
+
+
+async def _sign_out_after_migrating(url: str, file: Path) -> None:
+    """A backup from before token generations, restored: migrated to this version's head,
+    then every user signed out (see SIGN_OUT_IF_IT_CAN)."""
+    async with db.connect(url) as conn:
+        if await conn.fetchval(HAS_GENERATIONS):
+            return  # signed out in the restore's transaction
+    try:
+        await asyncio.to_thread(db.migrate, url)
+        async with db.connect(url) as conn:
+            await conn.execute(SIGN_OUT_ALL)
+    except Exception as exc:
+        raise BackupError(
+            f"{file} was restored, but migrating it to this version failed, and its users"
+            f" are not signed out yet: {exc}; fix that, then restore again with --force"
+        ) from None
 
 
 async def advance_transaction_ids(url: str) -> int:
