@@ -62,6 +62,13 @@ class NotFound(ApiError):
     status, code, title = 404, "not_found", "Not Found"
 
 
+class NoSuchRoute(NotFound):
+    """A path no endpoint has (a typo, a trailing slash, a wrong base URL): not `not_found`,
+    which tells the app that a contact is gone and its local copy may go too."""
+
+    code = "no_such_route"
+
+
 class MethodNotAllowed(ApiError):
     status, code, title = 405, "method_not_allowed", "Method Not Allowed"
 

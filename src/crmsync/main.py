@@ -36,6 +36,7 @@ from crmsync.errors import (
     ApiError,
     BadRequest,
     MethodNotAllowed,
+    NoSuchRoute,
     NotFound,
     ServiceUnavailable,
     ValidationFailed,
@@ -132,7 +133,7 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc.__cause__, ApiError):
         return problem(exc.__cause__)
     if exc.status_code == 404:
-        return problem(NotFound("No such route"))
+        return problem(NoSuchRoute("No such route: check the path (a trailing slash is another)"))
     if exc.status_code == 405:
         error: ApiError = MethodNotAllowed(f"{request.method} is not allowed here")
         error.headers["Allow"] = _allowed_methods(request)
