@@ -274,6 +274,19 @@ async def test_a_caller_id_lookup_of_a_blank_or_overlong_spelling_says_why(
     assert (body["errors"][0]["loc"], body["errors"][0]["type"]) == (["query", "phone"], "phone")
 
 
+async def test_a_lookup_with_its_plus_sent_unencoded_says_how_to_send_it(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    """`?phone=+442079460958` written into a URL by hand: the '+' arrives as a space."""
+    url = "/contacts/lookup?phone=+442079460958"
+    body = assert_problem(await client.get(url, headers=user.headers), 422, "validation_error")
+    assert body["errors"][0]["msg"].endswith("a '+' in a URL reads as a space: send it as %2B")
+    r = await client.get("/contacts/lookup?phone=%2B442079460958", headers=user.headers)
+    assert_problem(r, 404, "not_found")  # read, and no contact has it
+    r = await client.get("/contacts/lookup?phone=12345", headers=user.headers)
+    assert "%2B" not in r.json()["errors"][0]["msg"]  # nothing was lost there
+
+
 async def test_a_blank_phone_raw_without_a_hint_says_the_number_is_empty(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:

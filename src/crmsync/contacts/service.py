@@ -128,7 +128,10 @@ async def contact_lookup(conn: Connection, *, phone: str, region: str) -> str:
     """The live contact with this number in any spelling (caller ID)."""
     normalized = normalize(phone, region)
     if normalized is None:
-        raise ValidationFailed.one(["query", "phone"], why_not(phone, None, region), "phone")
+        why = why_not(phone, None, region)
+        if phone[:1] == " " and phone.lstrip()[:1].isdigit():  # +44... sent unencoded
+            why += "; a '+' in a URL reads as a space: send it as %2B"
+        raise ValidationFailed.one(["query", "phone"], why, "phone")
     json: str | None = await conn.fetchval(
         f"SELECT {CONTACT_JSON}::text FROM contacts c"
         " WHERE c.phone_normalized = $1 AND NOT c.deleted",
