@@ -29,6 +29,13 @@ from tests.conftest import (
 )
 
 
+async def fail_logins(client: httpx.AsyncClient, account: Account, times: int) -> None:
+    """`times` sign-ins of the account with a wrong password."""
+    for _ in range(times):
+        r = await client.post("/auth/login", json={"email": account.email, "password": "bad-pass"})
+        assert r.status_code in (401, 429), r.text
+
+
 async def test_login_returns_token_user_and_expiry(
     client: httpx.AsyncClient, user: Account
 ) -> None:
@@ -102,8 +109,7 @@ async def test_two_attempts_racing_at_the_last_allowed_failure_check_one_passwor
     # one after another, so the fifth failure locks the account before the other attempt
     # has its password checked. Raced past the lockout check, both would be checked:
     # six guesses, not five.
-    for _ in range(4):
-        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    await fail_logins(client, user, 4)
     async with conn.transaction():
         await conn.execute("SELECT 1 FROM login_throttle FOR UPDATE")
         attempts = [
@@ -173,12 +179,10 @@ async def test_throttle_is_shared_by_server_processes(
 
 
 async def test_success_resets_failure_count(client: httpx.AsyncClient, user: Account) -> None:
-    for _ in range(4):
-        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    await fail_logins(client, user, 4)
     ok = await client.post("/auth/login", json={"email": user.email, "password": user.password})
     assert ok.status_code == 200
-    for _ in range(4):
-        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    await fail_logins(client, user, 4)
     ok = await client.post("/auth/login", json={"email": user.email, "password": user.password})
     assert ok.status_code == 200
 
@@ -421,8 +425,7 @@ async def test_a_72_byte_password_followed_by_more_is_wrong(
 async def test_an_expired_lockout_lets_the_right_password_in(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
-    for _ in range(5):
-        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    await fail_logins(client, user, 5)
     login = {"email": user.email, "password": user.password}
     assert_problem(await client.post("/auth/login", json=login), 429, "too_many_attempts")
     await conn.execute(
@@ -436,8 +439,7 @@ async def test_one_locked_account_leaves_the_others_signing_in(
     client: httpx.AsyncClient, user: Account, make_user: MakeUser
 ) -> None:
     other = await make_user()
-    for _ in range(5):
-        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    await fail_logins(client, user, 5)
     login = {"email": user.email, "password": user.password}
     assert_problem(await client.post("/auth/login", json=login), 429, "too_many_attempts")
     r = await client.post("/auth/login", json={"email": other.email, "password": other.password})
@@ -447,8 +449,7 @@ async def test_one_locked_account_leaves_the_others_signing_in(
 async def test_failures_older_than_the_window_start_a_new_count(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
-    for _ in range(4):
-        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    await fail_logins(client, user, 4)
     # The window (900 s) has passed since the first of them.
     await conn.execute(
         "UPDATE login_throttle SET window_started_at = now() - interval '16 minutes'"
@@ -518,8 +519,7 @@ async def test_maintenance_keeps_live_revocations_and_lockouts_and_prunes_stale_
     client: httpx.AsyncClient, user: Account, make_user: MakeUser, conn: asyncpg.Connection
 ) -> None:
     locked = await make_user()
-    for _ in range(5):
-        await client.post("/auth/login", json={"email": locked.email, "password": "bad-pass"})
+    await fail_logins(client, locked, 5)
     assert (await client.post("/auth/logout", headers=user.headers)).status_code == 204
     expired_jti = uuid.uuid4()
     await conn.execute(
@@ -659,8 +659,7 @@ async def test_a_locked_account_is_locked_in_every_spelling_of_its_email(
 ) -> None:
     """The lockout is looked up as the failures are counted, by the email lowercased: the
     right password in another case must not slip past it."""
-    for _ in range(5):
-        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    await fail_logins(client, user, 5)
     for spelling in (user.email, user.email.upper(), user.email.title(), f" {user.email.upper()} "):
         r = await client.post("/auth/login", json={"email": spelling, "password": user.password})
         assert_problem(r, 429, "too_many_attempts")
@@ -669,8 +668,7 @@ async def test_a_locked_account_is_locked_in_every_spelling_of_its_email(
 async def test_failures_within_the_15_minute_window_count_towards_the_lockout(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
-    for _ in range(4):
-        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    await fail_logins(client, user, 4)
     # The first failure was 14 minutes ago: still inside the window (900 s).
     await conn.execute(
         "UPDATE login_throttle SET window_started_at = now() - interval '14 minutes'"
@@ -703,8 +701,7 @@ async def test_maintenance_keeps_the_failures_of_a_running_window(
 ) -> None:
     """Pruning forgets only throttle rows idle for a day: an hourly round must not hand an
     account under attack a fresh count of guesses."""
-    for _ in range(4):
-        await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
+    await fail_logins(client, user, 4)
     assert await maintain(conn, prune=True, idempotency_ttl_days=8, login_window_seconds=900)
     await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
     r = await client.post("/auth/login", json={"email": user.email, "password": user.password})
