@@ -269,11 +269,11 @@ STARTUP_WAIT_SECONDS = 30.0
 
 async def _open_pool(url: str, settings: Settings) -> tuple[db.Pool, contacts_service.Feed]:
     """The worker's pool, and the changes feed's identity (with the key that signs cursors,
-    migration 0017) read through it. A worker started
-    while the database is away (uvicorn replaces one that died, an OOM kill took PostgreSQL
-    too, a failover) waits for it, up to STARTUP_WAIT_SECONDS: uvicorn's supervisor takes a
-    worker that fails to start for a broken app and stops the whole server, with exit
-    status 0, which systemd's Restart=on-failure took for a wanted stop."""
+    migration 0017) read through it. A worker started while the database is away (uvicorn
+    replaces one that died, an OOM kill took PostgreSQL too, a failover) waits for it, up to
+    STARTUP_WAIT_SECONDS: uvicorn's supervisor takes a worker that fails to start for a
+    broken app and stops the whole server, with exit status 0, which systemd's
+    Restart=on-failure took for a wanted stop."""
     deadline = time.monotonic() + STARTUP_WAIT_SECONDS
     while True:
         try:
