@@ -36,10 +36,8 @@ from crmsync.tables import metadata
 
 TEST_SECRET = "test-secret-" + "x" * 40
 # Emptied before each database test: every table but row_counts, which the TRUNCATE
-# triggers of contacts and call_logs reset themselves (migration 0002), and server_keys,
-# which the migrations fill once (0017).
-KEPT = {"row_counts", "server_keys"}
-TABLES = ", ".join(t.name for t in metadata.sorted_tables if t.name not in KEPT)
+# triggers of contacts and call_logs reset themselves (migration 0002).
+TABLES = ", ".join(t.name for t in metadata.sorted_tables if t.name != "row_counts")
 
 
 @pytest.fixture(scope="session")

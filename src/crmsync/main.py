@@ -267,21 +267,20 @@ def _tune_gc() -> None:
 STARTUP_WAIT_SECONDS = 30.0
 
 
-async def _open_pool(url: str, settings: Settings) -> tuple[db.Pool, contacts_service.Feed]:
-    """The worker's pool, and the changes feed's identity (with the key that signs cursors,
-    migration 0017) read through it. A worker started while the database is away (uvicorn
-    replaces one that died, an OOM kill took PostgreSQL too, a failover) waits for it, up to
-    STARTUP_WAIT_SECONDS: uvicorn's supervisor takes a worker that fails to start for a
-    broken app and stops the whole server, with exit status 0, which systemd's
-    Restart=on-failure took for a wanted stop."""
+async def _open_pool(
+    url: str, settings: Settings, cursor_key: bytes
+) -> tuple[db.Pool, contacts_service.Feed]:
+    """The worker's pool, and the changes feed's identity read through it. A worker started
+    while the database is away (uvicorn replaces one that died, an OOM kill took PostgreSQL
+    too, a failover) waits for it, up to STARTUP_WAIT_SECONDS: uvicorn's supervisor takes a
+    worker that fails to start for a broken app and stops the whole server, with exit
+    status 0, which systemd's Restart=on-failure took for a wanted stop."""
     deadline = time.monotonic() + STARTUP_WAIT_SECONDS
     while True:
         try:
             pool = await db.create_pool(url, settings)
             try:
                 async with pool.acquire() as conn:
-                    key = await conn.fetchval("SELECT key FROM server_keys WHERE name = 'cursor'")
-                    cursor_key = hashlib.sha256(b"cursor:" + key).digest()
                     return pool, await contacts_service.contact_feed(conn, cursor_key)
             except BaseException:
                 pool.terminate()
@@ -302,8 +301,9 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         exit_with_the_supervisor()  # also while waiting for the database
         url = await asyncio.to_thread(db.database_url, settings)
-        app.state.pool, app.state.changes_feed = await _open_pool(url, settings)
-        app.state.cursor_key = app.state.changes_feed.key
+        app.state.pool, app.state.changes_feed = await _open_pool(
+            url, settings, app.state.cursor_key
+        )
         app.state.probe = db.DatabaseProbe(url)
         app.state.pool_gate = asyncio.Semaphore(settings.pool_max_size)
         app.state.login_gate = asyncio.Semaphore(db.LOGIN_SLOTS)
@@ -329,6 +329,7 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         redirect_slashes=False,
     )
     app.state.settings = settings
+    app.state.cursor_key = hashlib.sha256(b"cursor:" + settings.secret.encode()).digest()
 
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -198,15 +198,6 @@ relink_marks = Table(
     Column("snapshot_xmin", BigInteger, nullable=False),
 )
 
-# Keys the servers share (migration 0017): 'cursor' signs every cursor handed out.
-server_keys = Table(
-    "server_keys",
-    metadata,
-    Column("name", Text, primary_key=True),
-    Column("key", LargeBinary, nullable=False),
-    CheckConstraint("length(key) >= 32", name="key"),
-)
-
 sync_audit = Table(
     "sync_audit",
     metadata,
