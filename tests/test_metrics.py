@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -311,6 +312,28 @@ async def test_readyz_is_200_while_every_pooled_connection_is_busy(database_url:
             assert REGISTRY.get_sample_value("crmsync_database_up") == 1
 
 
+async def test_a_probe_that_times_out_waiting_leaves_the_running_one_alone(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/readyz (1.5 s) and the gauge's probe (2 s) share one connection per worker: one that
+    gives up while waiting for its turn must not close the connection the other is using."""
+    slow_select = db.DatabaseProbe._select_1
+
+    async def slow(conn: Any) -> bool:
+        await asyncio.sleep(1)  # a slow database, answering within the first probe's time
+        return await slow_select(conn)
+
+    monkeypatch.setattr(db.DatabaseProbe, "_select_1", staticmethod(slow))
+    probe = db.DatabaseProbe(database_url)
+    try:
+        first = asyncio.create_task(probe.answers(within=5))
+        await asyncio.sleep(0.1)
+        assert not await probe.answers(within=0.3)  # its turn did not come in time
+        assert await first
+    finally:
+        await probe.close()
+
+
 async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None:
     """A dedicated PostgreSQL, stopped and started again under a running app."""
     from urllib.parse import parse_qs, urlsplit
@@ -488,3 +511,25 @@ def test_every_upload_result_is_a_series_from_the_start() -> None:
         for result in results:
             assert sample(text, f"crmsync_{name}_uploaded_total", result=result) == 0
             assert f'crmsync_{name}_uploaded_total{{result="{result}"}}' in text
+
+
+def test_a_dead_workers_gauges_removed_by_another_scrape_first_are_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers answering scrapes at once both find a dead worker's files; the one that
+    comes second finds them gone (prometheus_client globs, then removes)."""
+    from prometheus_client import multiprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"gauge_livesum_{dead.pid}.db").write_bytes(b"")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    removed: list[int] = []
+
+    def removed_first(pid: int, path: str) -> None:
+        removed.append(pid)
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(multiprocess, "mark_process_dead", removed_first)
+    observability._forget_dead_workers(multiprocess)
+    assert removed == [dead.pid]

@@ -360,21 +360,24 @@ class DatabaseProbe:
     async def answers(self, *, within: float) -> bool:
         try:
             async with asyncio.timeout(within), self._lock:
-                if self._conn is not None:
-                    try:  # open since an earlier probe: the database may have restarted since
-                        return await self._select_1(self._conn)
-                    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                        self._drop()
-                self._conn = await asyncpg.connect(
-                    self._url, server_settings={"application_name": "crmsync"}
-                )
-                return await self._select_1(self._conn)
+                try:
+                    return await self._ask()
+                except BaseException:  # failed, late or cancelled: its state is unknown
+                    self._drop()  # (only the probe holding the lock touches the connection)
+                    raise
         except Exception:
-            self._drop()
             return False
-        except BaseException:  # cancelled mid-query: the connection's state is unknown
-            self._drop()
-            raise
+
+    async def _ask(self) -> bool:
+        if self._conn is not None:
+            try:  # open since an earlier probe: the database may have restarted since
+                return await self._select_1(self._conn)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                self._drop()
+        self._conn = await asyncpg.connect(
+            self._url, server_settings={"application_name": "crmsync"}
+        )
+        return await self._select_1(self._conn)
 
     @staticmethod
     async def _select_1(conn: asyncpg.Connection[asyncpg.Record]) -> bool:

@@ -4,6 +4,7 @@ sample per request, and the /metrics answer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import logging.config
@@ -189,7 +190,9 @@ def _forget_dead_workers(multiprocess: Any) -> None:
     for path in Path(directory).glob("gauge_live*_*.db"):
         match = _LIVE_GAUGE_FILE.fullmatch(path.name)
         if match and not process_alive(int(match[1])):
-            multiprocess.mark_process_dead(int(match[1]), directory)
+            # Another worker answering a scrape at the same moment may remove them first.
+            with contextlib.suppress(FileNotFoundError):
+                multiprocess.mark_process_dead(int(match[1]), directory)
 
 
 # Bearer tokens (JWTs) and bcrypt hashes, should a library ever put one in a message.
