@@ -699,8 +699,8 @@ async def test_the_window_runs_from_the_first_failure_not_the_latest(
 async def test_maintenance_keeps_the_failures_of_a_running_window(
     client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
 ) -> None:
-    """Pruning forgets only throttle rows idle for a day: an hourly round must not hand an
-    account under attack a fresh count of guesses."""
+    """Pruning forgets a throttle row only a day after its window ended: an hourly round
+    must not hand an account under attack a fresh count of guesses."""
     await fail_logins(client, user, 4)
     assert await maintain(conn, prune=True, idempotency_ttl_days=8, login_window_seconds=900)
     await client.post("/auth/login", json={"email": user.email, "password": "bad-pass"})
