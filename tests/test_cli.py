@@ -324,15 +324,7 @@ def test_workers_stop_when_their_supervisor_is_killed(
     workers: list[psutil.Process] = []
     try:
         with serving("--workers", "2", env=env, cwd=tmp_path) as (process, base):
-            deadline = time.monotonic() + 30
-            while len(workers) < 2 and time.monotonic() < deadline:
-                workers = [
-                    child
-                    for child in psutil.Process(process.pid).children()
-                    if "spawn_main" in " ".join(child.cmdline())
-                ]
-                time.sleep(0.1)
-            assert len(workers) == 2
+            workers = _workers(process, 2)
             time.sleep(2)  # both past start-up
             process.kill()
             process.wait(10)
@@ -346,6 +338,51 @@ def test_workers_stop_when_their_supervisor_is_killed(
         for worker in workers:
             with contextlib.suppress(psutil.NoSuchProcess):
                 worker.kill()
+
+
+def _workers(supervisor: subprocess.Popen[bytes], count: int) -> list[psutil.Process]:
+    """The worker processes of `serve --workers count`, once all have started."""
+    deadline = time.monotonic() + 30
+    while True:
+        workers = [
+            child
+            for child in psutil.Process(supervisor.pid).children()
+            if "spawn_main" in " ".join(child.cmdline())
+        ]
+        if len(workers) == count or time.monotonic() > deadline:
+            assert len(workers) == count
+            return workers
+        time.sleep(0.1)
+
+
+def test_workers_stopping_on_their_own_is_a_failure_exit_and_sigterm_a_clean_one(
+    tmp_path: Path, make_database: Callable[[str], Awaitable[str]], server_url: str
+) -> None:
+    """uvicorn's supervisor stops the whole server when a worker it starts in place of a
+    dead one fails to start (here: its database is gone; in life, away for longer than a
+    worker waits). `serve` exited 0 then, as after SIGTERM, so a service manager that
+    restarts only on failure left the service down."""
+    name = f"crmsync_cli_stop_{os.getpid()}"
+    url = asyncio.run(make_database(name))
+    env = clean_env(
+        CRMSYNC_DATABASE_URL=url,
+        CRMSYNC_JWT_SECRET=TEST_SECRET,
+        CRMSYNC_POOL_MIN_SIZE="1",
+        CRMSYNC_POOL_MAX_SIZE="2",
+    )
+    for stop in (signal.SIGTERM, signal.SIGINT):  # systemd's stop, and Ctrl-C
+        with serving("--workers", "2", env=env, cwd=tmp_path) as (process, _):
+            _workers(process, 2)
+            process.send_signal(stop)
+            assert process.wait(30) == 0, stop
+    with serving("--workers", "2", env=env, cwd=tmp_path) as (process, _):
+        worker = _workers(process, 2)[0]
+        asyncio.run(execute(server_url, f'DROP DATABASE "{name}" WITH (FORCE)'))
+        worker.kill()
+        assert process.wait(60) == 3
+    log = (tmp_path / "serve.log").read_text()
+    assert "crmsync: a worker could not start (the log above says why)" in log
+    assert f'database \\"{name}\\" does not exist' in log  # the worker's, in JSON
 
 
 def test_serve_removes_the_metrics_directories_of_dead_supervisors(

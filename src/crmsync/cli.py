@@ -19,9 +19,12 @@ from urllib.parse import urlsplit
 import asyncpg
 import orjson
 import typer
+import uvicorn
 from alembic.util import CommandError
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
 from crmsync import db
 from crmsync.config import SUPERVISOR_ENV, Settings
@@ -109,8 +112,6 @@ def serve(
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM)", **PEM)] = None,
 ) -> None:
     """Run the API (starting the embedded PostgreSQL when CRMSYNC_DATABASE_URL is unset)."""
-    import uvicorn
-
     if (ssl_certfile is None) != (ssl_keyfile is None):
         typer.echo("give both --ssl-certfile and --ssl-keyfile, or neither", err=True)
         raise typer.Exit(2)
@@ -146,7 +147,7 @@ def serve(
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exiting normally instead
     # lets atexit stop the embedded PostgreSQL.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(
+    config = uvicorn.Config(
         "crmsync.main:create_app",
         factory=True,
         host=host,
@@ -163,6 +164,39 @@ def serve(
         access_log=False,  # crmsync.access writes the request lines
         timeout_graceful_shutdown=20,
     )
+    if workers == 1:
+        server = uvicorn.Server(config)
+        server.run()
+        if not server.started:  # the log says why
+            raise typer.Exit(STARTUP_FAILURE)
+        return
+    supervisor = _Supervisor(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    if not supervisor.told_to_stop:
+        typer.echo(
+            "crmsync: a worker could not start (the log above says why), so the server "
+            f"stopped; exit status {STARTUP_FAILURE} lets a service manager start it again",
+            err=True,
+        )
+        raise typer.Exit(STARTUP_FAILURE)
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor of `serve --workers N`, remembering whether it was told to stop.
+    It also stops by itself when a worker it started in place of a dead one fails to start
+    (the database away longer than main.STARTUP_WAIT_SECONDS), and then returns as after
+    SIGTERM: `serve` would exit 0, and a service manager restarting only on failure (a
+    container's `restart: on-failure`) would leave the service down."""
+
+    told_to_stop = False
+
+    def handle_int(self) -> None:
+        self.told_to_stop = True
+        super().handle_int()
+
+    def handle_term(self) -> None:
+        self.told_to_stop = True
+        super().handle_term()
 
 
 METRICS_DIR_PREFIX = "crmsync-metrics-"

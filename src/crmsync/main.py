@@ -273,8 +273,8 @@ async def _open_pool(
     """The worker's pool, and the changes feed's identity read through it. A worker started
     while the database is away (uvicorn replaces one that died, an OOM kill took PostgreSQL
     too, a failover) waits for it, up to STARTUP_WAIT_SECONDS: uvicorn's supervisor takes a
-    worker that fails to start for a broken app and stops the whole server, with exit
-    status 0, which systemd's Restart=on-failure took for a wanted stop."""
+    worker that fails to start for a broken app and stops the whole server (`serve` then
+    exits 3, see cli._Supervisor)."""
     deadline = time.monotonic() + STARTUP_WAIT_SECONDS
     while True:
         try:
