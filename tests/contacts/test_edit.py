@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import asyncpg
@@ -551,10 +551,23 @@ async def test_if_match_accepts_the_etag_weakened_by_a_compressing_proxy(
 # wait after deadlock_timeout (1 s) by rolling back the side that waited first.
 
 NEW, CURRENT = "+14155550100", "+14155550199"
-# Each side looks for a deadlock deadlock_timeout after it began to wait, and the one that
-# looks first is rolled back: the server's side (1 s) waits first, but on a loaded machine
+# Each side looks for a deadlock deadlock_timeout after it began to wait, once, and the one
+# that looks first is rolled back: the server's side waits first, but on a loaded machine
 # its check can come late. The test's side looks only after 10 s, so it never wins the race.
 HOLD_OUT = "SET deadlock_timeout = '10s'"
+
+
+@pytest.fixture
+async def patient_client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A server whose connections look for a deadlock 3 s after they begin to wait, not 1 s:
+    the test's side must begin its own wait before that, and a machine busy with other
+    test runs took longer than 1 s (the server's check then found no deadlock yet, and
+    10 s later the test's side was rolled back instead)."""
+    app = make_app(database_url + ("&" if "?" in database_url else "?") + "deadlock_timeout=3s")
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            yield c
 
 
 async def wait_for_a_lock_wait(conn: asyncpg.Connection) -> None:
@@ -573,8 +586,9 @@ async def wait_for_a_lock_wait(conn: asyncpg.Connection) -> None:
 
 
 async def test_a_put_rolled_back_to_break_a_deadlock_is_run_again(
-    client: httpx.AsyncClient, user: Account, database_url: str, conn: asyncpg.Connection
+    patient_client: httpx.AsyncClient, user: Account, database_url: str, conn: asyncpg.Connection
 ) -> None:
+    client = patient_client
     x = await create(client, user, phone=CURRENT)
     other = await asyncpg.connect(database_url)
     await other.execute(HOLD_OUT)
@@ -602,8 +616,9 @@ async def test_a_put_rolled_back_to_break_a_deadlock_is_run_again(
 
 
 async def test_a_batch_rolled_back_to_break_a_deadlock_is_a_503_to_retry(
-    client: httpx.AsyncClient, user: Account, database_url: str, conn: asyncpg.Connection
+    patient_client: httpx.AsyncClient, user: Account, database_url: str, conn: asyncpg.Connection
 ) -> None:
+    client = patient_client
     x = await create(client, user, phone=CURRENT, created_at=at(10))
     batch = [contact("New", NEW), contact("Older", CURRENT, created_at=at(0))]
     other = await asyncpg.connect(database_url)
