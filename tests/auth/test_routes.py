@@ -178,6 +178,36 @@ async def test_throttle_is_shared_by_server_processes(
             )
 
 
+async def test_a_process_that_accepted_a_token_refuses_it_once_another_revokes_it(
+    client: httpx.AsyncClient, admin: Account, make_user: MakeUser, database_url: str
+) -> None:
+    """Contract: a signed-out token "is rejected from then on, by every server process"; a
+    deleted user's tokens, and a user's tokens after a new password, at once. A process
+    that has just accepted the token (so a per-process cache of signed-in tokens would keep
+    it in) refuses it on its very next request after another process revoked it."""
+    signed_out, deleted, new_password = [await make_user() for _ in range(3)]
+    other = make_app(database_url)
+    async with other.router.lifespan_context(other):
+        transport = httpx.ASGITransport(app=other)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as second:
+            for account in (signed_out, deleted, new_password):
+                assert (await second.get("/auth/me", headers=account.headers)).status_code == 200
+            r = await client.post("/auth/logout", headers=signed_out.headers)
+            assert r.status_code == 204
+            r = await client.delete(f"/users/{deleted.id}", headers=admin.headers)
+            assert r.status_code == 204
+            r = await client.patch(
+                f"/users/{new_password.id}",
+                json={"password": "another-password"},
+                headers=admin.headers,
+            )
+            assert r.status_code == 200
+            for account in (signed_out, deleted, new_password):
+                r = await second.get("/auth/me", headers=account.headers)
+                assert_problem(r, 401, "unauthenticated")
+            assert (await second.get("/auth/me", headers=admin.headers)).status_code == 200
+
+
 async def test_success_resets_failure_count(client: httpx.AsyncClient, user: Account) -> None:
     await fail_logins(client, user, 4)
     ok = await client.post("/auth/login", json={"email": user.email, "password": user.password})
@@ -221,6 +251,18 @@ async def test_me_returns_the_user(client: httpx.AsyncClient, user: Account) -> 
     assert r.json()["id"] == user.id
     assert r.json()["is_admin"] is False
     assert "password_hash" not in r.text
+
+
+async def test_me_answers_the_user_object_login_answered(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    """Contract: GET /auth/me is 200 with the user object, `{id, name, email, is_admin,
+    created_at, updated_at}`, the same one the login answered."""
+    login = await client.post("/auth/login", json={"email": user.email, "password": user.password})
+    r = await client.get("/auth/me", headers=user.headers)
+    assert r.status_code == 200
+    assert set(r.json()) == {"id", "name", "email", "is_admin", "created_at", "updated_at"}
+    assert r.json() == login.json()["user"]
 
 
 async def test_missing_and_malformed_tokens(client: httpx.AsyncClient) -> None:

@@ -424,3 +424,31 @@ async def test_two_admins_deleting_each_other_at_once_leave_one(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_patch_answers_the_whole_user_and_may_take_a_deleted_users_email(
+    client: httpx.AsyncClient, admin: Account, user: Account, make_user: MakeUser
+) -> None:
+    """Contract: PATCH /users/{id} answers 200 with the user object (never a password or
+    hash), and 409 `email_taken` is for an email another *live* user has: a deleted user's
+    email is free again, in any case."""
+    gone = await make_user()
+    assert (await client.delete(f"/users/{gone.id}", headers=admin.headers)).status_code == 204
+    r = await client.patch(
+        f"/users/{user.id}",
+        json={"email": gone.email.upper(), "password": "another-password"},
+        headers=admin.headers,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"id", "name", "email", "is_admin", "created_at", "updated_at"}
+    assert (body["id"], body["email"].lower(), body["is_admin"]) == (
+        user.id,
+        gone.email.lower(),
+        False,
+    )
+    login = await client.post(
+        "/auth/login", json={"email": gone.email, "password": "another-password"}
+    )
+    assert login.status_code == 200, login.text
+    assert login.json()["user"] == body
