@@ -338,7 +338,7 @@ async def test_a_batch_is_upserted_in_number_order(conn: asyncpg.Connection) -> 
     # takes the batch's numbers (uq_contacts_phone_normalized's key) in one order, so
     # concurrent batches lock them in one order. The rows reach the INSERT sorted by number.
     sort_keys = await insert_sort_keys(
-        conn, UPSERT_SQL, "contacts", "[]", "00000000-0000-0000-0000-000000000000"
+        conn, UPSERT_SQL, "contacts", "[]", "00000000-0000-0000-0000-000000000000", False
     )
     assert sort_keys.split(", ")[0].split(".")[-1] == "phone", sort_keys
 

@@ -519,8 +519,8 @@ async def test_an_upsert_finds_each_number_by_index_not_by_scanning_contacts(
         row = upsert._row(0, name="N", raw=phone, hint=None, created_at=None, region="US")
         rows_json = orjson.dumps([row]).decode()
         async with conn.transaction():
-            plan = await conn.fetch("EXPLAIN " + upsert.UPSERT_SQL, rows_json, user.id)
-            created = await conn.fetchval(upsert.UPSERT_SQL, rows_json, user.id)
+            plan = await conn.fetch("EXPLAIN " + upsert.UPSERT_SQL, rows_json, user.id, True)
+            created = await conn.fetchval(upsert.UPSERT_SQL, rows_json, user.id, False)
             args = (rows_json, user.id, created, "[]", False)
             plan += await conn.fetch("EXPLAIN " + upsert.RESULTS_SQL, *args)
             text = "\n".join(r[0] for r in plan)

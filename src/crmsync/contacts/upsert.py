@@ -35,7 +35,9 @@ from crmsync.times import as_utc
 #    left alone, but ON CONFLICT DO UPDATE locks it even when its WHERE is false. Calls
 #    waiting for a created or revived number are linked in the same statement.
 #    Rows go in in number order, so concurrent batches lock them in one order.
-UPSERT_SQL = """
+#    With $3, also the JSON of the contact created: a single contact that is created needs
+#    nothing of the second statement.
+UPSERT_SQL = f"""
 WITH item AS (
     SELECT * FROM json_to_recordset($1::json)
         AS i(i int, name text, phone_raw text, phone text, created_at timestamptz)
@@ -53,13 +55,14 @@ WITH item AS (
         SET name = excluded.name, phone_raw = excluded.phone_raw,
             created_by = excluded.created_by, created_at = excluded.created_at, deleted = false
         WHERE c.deleted
-    RETURNING c.id, c.phone_normalized
+    RETURNING c.id, c.phone_normalized, CASE WHEN $3::bool THEN {CONTACT_JSON}::text END AS json
 ), linked AS (
     UPDATE call_logs l SET contact_id = created.id FROM created
     WHERE l.contact_id IS NULL AND l.phone_normalized IS NOT NULL
       AND l.phone_normalized = created.phone_normalized
 )
-SELECT coalesce(array_agg(phone_normalized), '{}') FROM created"""
+SELECT coalesce(array_agg(phone_normalized), '{{}}') AS created, max(json) AS json
+FROM created"""
 
 # Both statements find each number's contact by one probe of uq_contacts_phone_normalized
 # (a LATERAL subquery, kept from being flattened by its LIMIT): joined as a table, the
@@ -205,7 +208,19 @@ async def _upsert(
         counts = {"created": 0, "replaced": 0, "existing": 0, "rejected": len(rejected)}
         return rejected_json, counts
     rows_json = orjson.dumps(rows).decode()
-    created = await conn.fetchval(UPSERT_SQL, rows_json, user_id)
+    created = await conn.fetchval(UPSERT_SQL, rows_json, user_id, False)
+    return await _results(conn, rows_json, created, rejected_json, user_id=user_id, indexed=indexed)
+
+
+async def _results(
+    conn: Connection,
+    rows_json: str,
+    created: list[str],
+    rejected_json: str,
+    *,
+    user_id: uuid.UUID,
+    indexed: bool,
+) -> tuple[str, dict[str, int]]:
     record = await conn.fetchrow(RESULTS_SQL, rows_json, user_id, created, rejected_json, indexed)
     assert record is not None
     counts = {k: int(record[k]) for k in ("created", "replaced", "existing", "rejected")}
@@ -243,7 +258,16 @@ async def contact_upsert(
     if row is None:
         why = why_not(phone_raw, phone_hint, region)
         raise ValidationFailed.one(["body", "phone_raw"], why, "phone")
-    results, counts = await _upsert(conn, [row], [], user_id=user_id, indexed=False)
+    assert conn.is_in_transaction(), "contacts are upserted inside a transaction"
+    rows_json = orjson.dumps([row]).decode()
+    upserted = await conn.fetchrow(UPSERT_SQL, rows_json, user_id, True)
+    assert upserted is not None
+    if upserted["json"] is not None:  # a new number, or a deleted contact's revived
+        contact = upserted["json"]
+        return ContactUpsert(result="created", json=f'{{"result":"created","contact":{contact}}}')
+    results, counts = await _results(
+        conn, rows_json, upserted["created"], "[]", user_id=user_id, indexed=False
+    )
     result: Result = next(r for r in ("created", "replaced", "existing") if counts[r])
     return ContactUpsert(result=result, json=results[1:-1])
 
