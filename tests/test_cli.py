@@ -924,3 +924,32 @@ def test_an_at_sign_in_a_query_parameter_is_no_password() -> None:
         "postgresql:///crmsync?host=/run/postgresql&user=me@server",
     ):
         assert Settings(database_url=url, jwt_secret=TEST_SECRET).database_url == url
+
+
+def test_settings_take_every_documented_edge_as_given() -> None:
+    """README: a statement timeout of 0 (no limit) or at least 100; a retention equal to
+    the Idempotency-Key TTL; the TLS proxies as a comma-separated list (blanks between
+    commas skipped); region and log level in any case; and the `postgres://` spelling of
+    the URL libpq and asyncpg take too."""
+    url = "postgresql://x/y"
+    for timeout in (0, 100):
+        assert Settings(database_url=url, statement_timeout_ms=timeout).statement_timeout_ms == (
+            timeout
+        )
+    with pytest.raises(ValidationError, match="must be 0 \\(no limit\\) or at least 100"):
+        Settings(database_url=url, statement_timeout_ms=99)
+    assert Settings(database_url=url, sync_record_retention_days=8).sync_record_retention_days == 8
+    proxies = Settings(database_url=url, trusted_proxies="10.0.0.0/8, ,192.168.1.7,")
+    assert [str(p) for p in proxies.trusted_proxies] == ["10.0.0.0/8", "192.168.1.7/32"]
+    assert Settings(database_url=url, default_region="gb").default_region == "GB"
+    assert Settings(database_url=url, log_level="debug").log_level == "DEBUG"
+    heroku = "postgres://u:p@db.internal:5432/crmsync"
+    assert Settings(database_url=heroku).database_url == heroku
+
+
+def test_a_metrics_token_padded_to_32_with_blanks_is_refused() -> None:
+    """Blanks are no part of a token, as they are no part of a JWT secret: all blanks are
+    no token at all (unset), and around a short one they do not make up its length."""
+    assert Settings(metrics_token=" " * 32).metrics_token is None
+    with pytest.raises(ValidationError, match="at least 32 characters"):
+        Settings(metrics_token=" " * 8 + "t" * 24 + "\t" * 8)

@@ -12,13 +12,15 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from fastapi.responses import StreamingResponse
 from prometheus_client import REGISTRY
+from starlette.types import Message
 
 from crmsync import db, middleware
 from crmsync.deps import Tx, raw_body
@@ -162,6 +164,64 @@ async def test_unexpected_error_is_a_plain_500_problem(client: httpx.AsyncClient
         assert len(r.headers["x-request-id"]) == 32  # what the logs name it by
     finally:
         app.router.routes.pop()
+
+
+async def test_an_error_after_the_answer_began_ends_it_and_is_logged_not_raised(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An answer whose body fails midway (its status and headers already sent) cannot
+    become a 500 problem: it is logged with the request id, and the server is handed no
+    second start (uvicorn raises on one, and logs its own traceback)."""
+    app = client.app  # type: ignore[attr-defined]
+
+    @app.get("/_fails_midway_for_test")
+    async def midway() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b'{"partial": '
+            raise RuntimeError("secret internals")
+
+        return StreamingResponse(chunks(), media_type="application/json")
+
+    # The server's side, as uvicorn keeps it: a second start is an error it raises.
+    sent: list[Message] = []
+    disconnected = asyncio.Event()
+
+    async def receive() -> Message:
+        if not sent and not disconnected.is_set():
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start" and sent:
+            raise RuntimeError("Unexpected ASGI message 'http.response.start' sent")
+        sent.append(message)
+
+    path = "/_fails_midway_for_test"
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},  # no disconnect listener
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"api")],
+        "client": ("127.0.0.1", 4321),
+        "server": ("api", 80),
+    }
+    try:
+        with caplog.at_level(logging.ERROR, logger="crmsync.errors"):
+            await app(scope, receive, send)  # nothing raised to the server
+    finally:
+        app.router.routes.pop()
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert (sent[0]["status"], sent[1]["body"]) == (200, b'{"partial": ')
+    assert [rec.getMessage() for rec in caplog.records if rec.name == "crmsync.errors"] == [
+        "unhandled error"
+    ]
 
 
 async def test_problems_have_the_type_about_blank(client: httpx.AsyncClient, user: Account) -> None:

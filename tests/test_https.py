@@ -252,3 +252,14 @@ async def test_a_trusted_proxy_names_the_client_the_rightmost_hop_it_cannot_vouc
         r = await c.get("/auth/me", headers=headers)
     assert r.status_code == 204
     assert seen == {"client": (client, 0), "scheme": "https"}
+
+
+def test_the_peers_remembered_are_bounded_whatever_the_hops_a_proxy_forwards() -> None:
+    """X-Forwarded-For hops are anyone's text, each classified and remembered: a stream of
+    new ones must not grow the process without end."""
+    peers = Peers(Settings(trusted_proxies=TRUSTED).trusted_proxies)
+    for i in range(Peers._CACHE_LIMIT * 2 + 10):
+        assert peers.classify(f"198.51.{i // 256 % 256}.{i % 256}-{i}") == (False, False)
+        assert len(peers._known) <= Peers._CACHE_LIMIT
+    assert peers.classify("10.1.2.3") == (False, True)  # still answered right after clearing
+    assert peers.classify("127.0.0.1") == (True, False)

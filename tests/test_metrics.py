@@ -175,6 +175,37 @@ async def test_last_backup_timestamp_comes_from_the_newest_file(
     assert sample(text, "crmsync_last_backup_timestamp_seconds") == 1_767_312_000
 
 
+async def test_a_backup_directory_not_made_yet_is_no_backup_not_a_failed_scrape(
+    database_url: str, tmp_path: Path
+) -> None:
+    """CRMSYNC_BACKUP_DIR is made by the first `crmsync backup`: until then /metrics
+    answers, with the timestamp at 0 so the age alert fires."""
+    app = make_app(database_url, metrics_token=METRICS_TOKEN, backup_dir=tmp_path / "none")
+    async with app.router.lifespan_context(app):
+        r = await get(app, "/metrics")
+    assert r.status_code == 200, r.text
+    assert "crmsync_last_backup_timestamp_seconds 0.0" in r.text.splitlines()
+
+
+async def test_an_answer_before_routing_is_counted_under_its_paths_route_whatever_the_method(
+    monitored: FastAPI,
+) -> None:
+    """A 403 https_required (given before routing) to a method the path's route lacks is
+    counted under that route, as the same request's 405 over HTTPS is, not as unmatched."""
+    labels = {"method": "DELETE", "route": "/auth/login", "status": "403"}
+    before = (await get(monitored, "/metrics")).text
+    r = await get(monitored, "/auth/login", peer="203.0.113.9")  # plain HTTP from outside
+    assert_problem(r, 403, "https_required")
+    transport = httpx.ASGITransport(app=monitored, client=("203.0.113.9", 4321))
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        assert_problem(await client.delete("/auth/login"), 403, "https_required")
+    text = (await get(monitored, "/metrics")).text
+    counted = "crmsync_http_requests_total"
+    assert sample(text, counted, **labels) - sample(before, counted, **labels) == 1
+    get_labels = {**labels, "method": "GET"}
+    assert sample(text, counted, **get_labels) - sample(before, counted, **get_labels) == 1
+
+
 @pytest.mark.parametrize(
     ("peer", "headers"),
     [
