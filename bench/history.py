@@ -94,7 +94,7 @@ def per_run_table(runs: list[dict[str, Any]]) -> None:
                 met = sum(r["ratio"] >= (needed_ratio(r["scenario"]) or 0.0) for r in rows_of)
                 cells[i].append(f"{met}/{len(rows_of)}")
             new = by_name.get("upload_1000_new")
-            cells[2].append(f"{new['crmsync']['units_per_s'] / copy:.0%}" if new and copy else "-")
+            cells[2].append(f"{new['crmsync']['units_per_s'] / copy:.1%}" if new and copy else "-")
             p99_met = sum(r["crmsync"]["p99_ms"] < READ_P99_MS for r in reads)
             cells[3].append(f"{p99_met}/{len(reads)}")
         commit = run.get("machine", {}).get("crmsync_commit", "")[:7]
@@ -168,7 +168,7 @@ def run_tables(run: dict[str, Any]) -> None:
         cells = [limits[key], f"{limit:,.0f} {'rows/s' if key == 'copy' else 'tps'}"]
         for workers in (1, 2):
             mine = by.get((scenario, workers), {}).get("crmsync", {}).get("units_per_s")
-            cells.append(f"{mine / limit:.0%}" if mine else "-")
+            cells.append(f"{mine / limit:.1%}" if mine else "-")
         print(f"| {' | '.join(cells)} |")
 
 

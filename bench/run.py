@@ -336,7 +336,7 @@ def print_table(summary: list[dict[str, Any]], cfg: Config, physical: dict[str, 
         for key, value in physical.items():
             if key == "fractions":
                 for label, frac in value.items():
-                    print(f"  crmsync {label}: {frac:.0%}")
+                    print(f"  crmsync {label}: {frac:.1%}")
             elif isinstance(value, dict) and "rows_per_s" in value:
                 print(f"  COPY {value['rows']} call rows: {value['rows_per_s']:.0f} rows/s")
             elif isinstance(value, dict) and "tps" in value:
