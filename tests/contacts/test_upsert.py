@@ -526,3 +526,21 @@ async def test_an_upsert_finds_each_number_by_index_not_by_scanning_contacts(
             text = "\n".join(r[0] for r in plan)
             assert "Seq Scan on contacts" not in text, (phone, text)
             assert "uq_contacts_phone_normalized on contacts" in text, (phone, text)
+
+
+async def test_a_created_or_revived_contact_is_answered_as_it_is_stored(
+    client: httpx.AsyncClient, user: Account
+) -> None:
+    """POST /contacts answers a contact it created (or revived) from the INSERT's own
+    RETURNING: the same object GET reads afterwards, `etag` and times included."""
+    first = (await post(client, user, contact("Old"))).json()["contact"]
+    assert (
+        await client.delete(f"/contacts/{first['id']}", headers=user.headers)
+    ).status_code == 204
+    for body in (contact("Revived"), contact("New", "+14155550177")):
+        r = await post(client, user, body)
+        assert (r.status_code, r.json()["result"]) == (201, "created"), r.text
+        answered = r.json()["contact"]
+        read = await client.get(f"/contacts/{answered['id']}", headers=user.headers)
+        assert read.json() == answered
+        assert read.headers["etag"] == answered["etag"]
