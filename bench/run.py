@@ -48,6 +48,15 @@ from seed import ADMIN_EMAIL, PASSWORD, DataSet, seed_server, verify_counts
 BENCH = ROOT / "bench"
 SERVERS = ("crmsync", "express")  # A B: A first in every round
 EXTRA = ("first_sync", "physical", "plans")
+# Database connections crmsync's workers share, as docs/operations.md advises for a database
+# on 2 cores: 10 at one worker (the default pool), 5 each at two. Twenty 1000-call uploads at
+# once cost PostgreSQL more CPU per batch than ten (bench/NOTES.md, "Pool size").
+CRMSYNC_CONNECTIONS = 10
+
+
+def crmsync_pool(workers: int) -> int:
+    """CRMSYNC_POOL_MAX_SIZE for `workers` workers."""
+    return max(2, CRMSYNC_CONNECTIONS // workers)
 
 
 @dataclass
@@ -199,7 +208,8 @@ class Servers:
                     "--workers",
                     str(workers),
                 ]
-                env, cwd = self.env[name], self.cfg.workdir
+                env = self.env[name] | {"CRMSYNC_POOL_MAX_SIZE": str(crmsync_pool(workers))}
+                cwd = self.cfg.workdir
             else:
                 argv = ["node", "server.js"]
                 env = self.env[name] | {"PORT": str(port), "WORKERS": str(workers)}
@@ -432,7 +442,7 @@ def _run(
     result["config"] = {
         k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v)
         for k, v in vars(cfg).items()
-    }
+    } | {"crmsync_pool_per_worker": {str(w): crmsync_pool(w) for w in cfg.workers}}
     servers = Servers(procs, pg, cfg, peer, secrets.token_hex(32))
     servers.create_admins()
     targets: dict[str, Target] = {}
