@@ -24,6 +24,15 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 PEER_SOURCE = ROOT.parent / "shared" / "peers" / "express"
+# Database connections crmsync's workers share, as docs/operations.md advises for a database
+# on 2 cores: 10 at one worker (the default pool), 5 each at two. Twenty 1000-call uploads at
+# once cost PostgreSQL more CPU per batch than ten (bench/NOTES.md, "Pool size").
+CRMSYNC_CONNECTIONS = 10
+
+
+def crmsync_pool(workers: int) -> int:
+    """CRMSYNC_POOL_MAX_SIZE for `workers` workers."""
+    return max(2, CRMSYNC_CONNECTIONS // workers)
 
 
 class BenchError(RuntimeError):

@@ -38,6 +38,7 @@ from procs import (
     CpuSample,
     Postgres,
     Processes,
+    crmsync_pool,
     free_port,
     log,
     stopping_on_signals,
@@ -48,15 +49,6 @@ from seed import ADMIN_EMAIL, PASSWORD, DataSet, seed_server, verify_counts
 BENCH = ROOT / "bench"
 SERVERS = ("crmsync", "express")  # A B: A first in every round
 EXTRA = ("first_sync", "physical", "plans")
-# Database connections crmsync's workers share, as docs/operations.md advises for a database
-# on 2 cores: 10 at one worker (the default pool), 5 each at two. Twenty 1000-call uploads at
-# once cost PostgreSQL more CPU per batch than ten (bench/NOTES.md, "Pool size").
-CRMSYNC_CONNECTIONS = 10
-
-
-def crmsync_pool(workers: int) -> int:
-    """CRMSYNC_POOL_MAX_SIZE for `workers` workers."""
-    return max(2, CRMSYNC_CONNECTIONS // workers)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from procs import (
     CpuSample,
     Postgres,
     Processes,
+    crmsync_pool,
     free_port,
     log,
     stopping_on_signals,
@@ -82,8 +83,9 @@ class Scale:
     def start(self, workers: int) -> str:
         port = free_port()
         argv = [str(VENV_BIN / "crmsync"), "serve", "--port", str(port), "--workers", str(workers)]
+        env = self.env | {"CRMSYNC_POOL_MAX_SIZE": str(crmsync_pool(workers))}
         proc = self.procs.start(
-            "crmsync", argv, env=self.env, cwd=self.work, log_path=self.work / "server.log"
+            "crmsync", argv, env=env, cwd=self.work, log_path=self.work / "server.log"
         )
         url = f"http://127.0.0.1:{port}"
         wait_until_up(url, proc, self.work / "server.log")
