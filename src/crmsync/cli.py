@@ -27,7 +27,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from crmsync import db
-from crmsync.config import SUPERVISOR_ENV, Settings
+from crmsync.config import SUPERVISOR_ENV, WORKERS_DIR_ENV, Settings
 from crmsync.errors import EmailTaken
 from crmsync.middleware import ProblemHttpProtocol
 from crmsync.observability import configure_logging, logging_config
@@ -144,6 +144,7 @@ def serve(
         metrics_dir = _metrics_dir()
         atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        os.environ[WORKERS_DIR_ENV] = metrics_dir  # see crmsync.balance
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exiting normally instead
     # lets atexit stop the embedded PostgreSQL.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -16,6 +16,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Set by `crmsync serve --workers N` for its workers: the supervisor's pid (not a setting).
 SUPERVISOR_ENV = "CRMSYNC_SERVE_SUPERVISOR_PID"
+# ... and the directory its workers share (metrics files, connection counts: balance.py).
+WORKERS_DIR_ENV = "CRMSYNC_SERVE_WORKERS_DIR"
 
 
 class Settings(BaseSettings):

@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -23,12 +24,12 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from crmsync import __version__, db, openapi
+from crmsync import __version__, balance, db, openapi
 from crmsync.auth import service as auth_service
 from crmsync.auth.routes import router as auth_router
 from crmsync.calls import service as calls_service
 from crmsync.calls.routes import router as calls_router
-from crmsync.config import SUPERVISOR_ENV, Settings
+from crmsync.config import SUPERVISOR_ENV, WORKERS_DIR_ENV, Settings
 from crmsync.contacts import service as contacts_service
 from crmsync.contacts.routes import router as contacts_router
 from crmsync.deps import metrics_reader
@@ -310,6 +311,8 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         background = [asyncio.create_task(sample_pool(app.state.pool, app.state.probe))]
         if maintenance:
             background.append(asyncio.create_task(_maintenance(app.state.pool, settings)))
+        if workers_dir := os.environ.get(WORKERS_DIR_ENV):
+            background.append(asyncio.create_task(balance.keep_balanced(Path(workers_dir))))
         _tune_gc()
         try:
             yield

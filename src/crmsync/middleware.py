@@ -15,6 +15,7 @@ from starlette.middleware.gzip import GZipResponder
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from crmsync import balance
 from crmsync.config import IPNetwork
 from crmsync.errors import (
     ApiError,
@@ -406,7 +407,9 @@ class ProblemHttpProtocol(HttpToolsProtocol):
 
     It also refuses a request head over MAX_HEAD_BYTES (httptools sets no bound and
     buffers all of it: 200 MiB of headers grew the process by 200 MiB), and one that takes
-    longer than HEAD_TIMEOUT (408; a connection that sent nothing is just closed)."""
+    longer than HEAD_TIMEOUT (408; a connection that sent nothing is just closed). And it
+    counts its connections for crmsync.balance, which has it close one after its answer
+    while this worker holds more than its share."""
 
     _in_head = True  # between requests or inside one's head: bytes are counted
     _head_bytes = 0
@@ -415,9 +418,11 @@ class ProblemHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        balance.opened()
         self._start_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        balance.closed()
         self._stop_head_timer()
         super().connection_lost(exc)
 
@@ -465,6 +470,9 @@ class ProblemHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._stop_head_timer()
         super().on_headers_complete()
+        cycle = self.cycle  # None or the last one when super() parsed no new request
+        if cycle is not None and not cycle.response_complete and balance.close_after_answer():
+            cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

@@ -79,6 +79,10 @@ HTTP_LATENCY = Histogram(
     ["method", "route", "status"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+CONNECTIONS_REBALANCED = Counter(
+    "crmsync_http_connections_rebalanced",
+    "Client connections closed after an answer to even out the workers' counts (balance.py)",
+)
 POOL_SIZE = Gauge(
     "crmsync_db_pool_connections", "Open database connections", multiprocess_mode="livesum"
 )
