@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import subprocess
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import orjson
@@ -241,7 +244,14 @@ def run_wrk(
         *wrk_args(s, target, epoch),
     ]
     env = {"BENCH_LUA_DIR": str(LUA_DIR), "PATH": "/usr/bin:/bin"}
+    split: list[int] = []
+    sampler = threading.Timer(
+        0.75 * seconds, lambda: split.extend(connections_per_process(target.base_url))
+    )
+    sampler.start()
     done = procs.run(f"wrk {s.name}", argv, timeout=seconds + 90, env=env)
+    sampler.cancel()
+    sampler.join()
     match = _BENCH_JSON.search(done.stdout)
     if done.returncode != 0 or not match:
         raise BenchError(f"wrk {s.name} failed ({done.returncode}): {done.stderr[-1000:]}")
@@ -258,7 +268,24 @@ def run_wrk(
         "max_ms": raw["max_us"] / 1000,
         "non_2xx": raw["status_errors"],
         "socket_errors": errors,
+        "connections_split": split,
     }
+
+
+def connections_per_process(base_url: str) -> list[int]:
+    """The server's established connections counted by the process holding them, most
+    first: how wrk's connections are split over the workers at that moment."""
+    port = urlsplit(base_url).port
+    try:
+        listed = subprocess.run(
+            ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+    except OSError:  # no ss (iproute2): not counted
+        return []
+    return sorted(Counter(re.findall(r"pid=(\d+)", listed)).values(), reverse=True)
 
 
 async def _first_sync(target: Target, data: DataSet) -> dict[str, Any]:

@@ -579,6 +579,8 @@ def measure(
                     continue
                 out.append(row | m)
                 flag = f"  non-2xx {m['non_2xx']}" if m["non_2xx"] else ""
+                if workers > 1:
+                    flag += f"  split {'/'.join(map(str, m['connections_split']))}"
                 log(
                     f"{s.name:<17} {name:<8} w{workers} r{round_}: {m['units_per_s']:9.0f} {s.unit}/s "
                     f"p50 {m['p50_ms']:.1f} ms p99 {m['p99_ms']:.1f} ms{flag}"
