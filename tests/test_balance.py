@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -43,6 +44,31 @@ def test_a_worker_closes_what_it_holds_over_its_share(
     own: int, counts: list[int], excess: int
 ) -> None:
     assert balance.excess(own, counts) == excess
+
+
+def test_a_worker_backs_off_while_closing_does_not_help() -> None:
+    rounds = balance.Rounds()
+    closed, waits, waited = 0, [], 0
+    for _ in range(400):  # the clients always come back: 19/13 whatever it closes
+        n = rounds.to_close(19, [19, 13], closed)
+        closed = n  # all closed by the next round, and reconnected to it
+        if n:
+            assert n == 3
+            waits.append(waited)
+            waited = 0
+        else:
+            waited += 1
+    assert waits[:9] == [0, 1, 2, 4, 8, 16, 32, 64, 64]
+    assert set(waits[9:]) == {64}  # at most every 16 s from then on
+    # Once closing helps (the next round finds it holding fewer), it tries again at once.
+    rounds = balance.Rounds()
+    assert rounds.to_close(19, [19, 13], 0) == 3
+    assert rounds.to_close(19, [19, 13], 3) == 0  # back: wait one round
+    assert rounds.to_close(19, [19, 13], 0) == 3
+    assert rounds.to_close(17, [17, 15], 3) == 1  # two went elsewhere
+    assert rounds.to_close(16, [16, 16], 1) == 0
+    assert rounds.to_close(18, [18, 14], 0) == 2  # new connections: no wait
+    assert rounds.backoff == 0
 
 
 def _rebalanced() -> float:
@@ -87,6 +113,43 @@ async def _ok(scope: Any, receive: Any, send: Any) -> None:
         headers = [(b"content-length", b"2")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def test_a_directory_gone_stops_the_balance_not_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A /tmp cleaner may remove the workers' directory under a server up for weeks.
+    monkeypatch.setattr(balance, "INTERVAL_SECONDS", 0.02)
+    monkeypatch.setattr(balance, "_counts", balance._Counts())
+    balance._counts.open = 6
+    directory = tmp_path / "workers"
+    own = directory / f"connections-{os.getpid()}"
+
+    async def until(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    def another_worker() -> None:
+        directory.mkdir()
+        (directory / "connections-1").write_text("0")
+
+    another_worker()
+    task = asyncio.create_task(balance.keep_balanced(directory))
+    await until(lambda: balance._counts.to_close == 3)
+    shutil.rmtree(directory)
+    await until(lambda: balance._counts.to_close == 0)
+    await asyncio.sleep(0.1)  # five rounds or so, all failing
+    warnings = [r for r in caplog.records if r.name == "crmsync.balance"]
+    assert len(warnings) == 1, warnings  # said once, not every round
+    assert not task.done()
+    another_worker()
+    await until(lambda: own.exists() and balance._counts.to_close == 3)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert not own.exists()
 
 
 @pytest.fixture

@@ -11,12 +11,14 @@ the directory `serve` made for its workers, and reads the others'. One holding m
 its share (the total over the workers, rounded up) answers that many next requests with
 `Connection: close`; HTTP clients reconnect, to whichever worker accepts first, and within
 a second or so the counts are even. A client sees a new connection now and then, and only
-while the counts are uneven.
+while the counts are uneven. When the clients come back to the same worker (both idle,
+whichever wakes first accepts) it waits longer and longer between tries, up to 16 s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import time
@@ -29,11 +31,19 @@ INTERVAL_SECONDS = 0.25
 # and the new one writes under its own pid).
 STALE_SECONDS = 3.0
 _PREFIX = "connections-"
+log = logging.getLogger("crmsync.balance")
+
+
+# While closing does not help (the clients reconnect to this worker again: with both
+# workers idle, whichever wakes first accepts), a worker waits 1, 2, 4 ... up to this many
+# rounds before it closes again, so that no client is made to reconnect over and over.
+MAX_HOLD_ROUNDS = 64  # 16 s
 
 
 class _Counts:
     open = 0  # client connections open in this process
     to_close = 0  # how many of them to close after their next answer
+    closed = 0  # how many were closed so, in all
 
 
 _counts = _Counts()
@@ -52,6 +62,7 @@ def close_after_answer() -> bool:
     if _counts.to_close <= 0:
         return False
     _counts.to_close -= 1
+    _counts.closed += 1
     CONNECTIONS_REBALANCED.inc()
     return True
 
@@ -61,6 +72,31 @@ def excess(own: int, counts: list[int]) -> int:
     live workers (itself among them) hold `counts`."""
     share = math.ceil(sum(counts) / len(counts)) if counts else own
     return max(0, own - share)
+
+
+class Rounds:
+    """How many connections a worker closes in each round, backing off while closing
+    does not bring its count down."""
+
+    def __init__(self) -> None:
+        self.before = 0  # the worker's count when it last decided to close some
+        self.hold = 0  # rounds left to wait
+        self.backoff = 0  # the last wait, in rounds
+
+    def to_close(self, own: int, counts: list[int], closed: int) -> int:
+        """This round's number, for a worker holding `own` of `counts` that closed
+        `closed` connections since the last round."""
+        if closed:
+            if own >= self.before:  # as many as before closing: they came back
+                self.backoff = min(2 * self.backoff or 1, MAX_HOLD_ROUNDS)
+                self.hold = self.backoff
+            else:
+                self.backoff = 0
+        if self.hold:
+            self.hold -= 1
+            return 0
+        self.before = own
+        return excess(own, counts)
 
 
 def _live_counts(directory: Path, now: float) -> list[int]:
@@ -84,12 +120,22 @@ async def keep_balanced(directory: Path) -> None:
     """The worker's side of the balance, until cancelled (its file is then removed)."""
     own = directory / f"{_PREFIX}{os.getpid()}"
     written = own.with_name(own.name + ".tmp")
+    failing, rounds, closed = False, Rounds(), _counts.closed
     try:
         while True:
             count = _counts.open
-            written.write_text(str(count))
-            written.replace(own)  # whole, for the others reading it
-            _counts.to_close = excess(count, _live_counts(directory, time.time()))
+            try:
+                written.write_text(str(count))
+                written.replace(own)  # whole, for the others reading it
+                counts = _live_counts(directory, time.time())
+                _counts.to_close = rounds.to_close(count, counts, _counts.closed - closed)
+                closed = _counts.closed
+                failing = False
+            except OSError as exc:  # the directory gone (a /tmp cleaner), a full disk
+                _counts.to_close = 0  # no balance then, and no harm: it tries again
+                if not failing:
+                    log.warning("connection counts not shared: %s", exc)
+                failing = True
             await asyncio.sleep(INTERVAL_SECONDS)
     finally:
         own.unlink(missing_ok=True)
