@@ -43,7 +43,7 @@ MAX_HOLD_ROUNDS = 64  # 16 s
 class _Counts:
     open = 0  # client connections open in this process
     to_close = 0  # how many of them to close after their next answer
-    closed = 0  # how many were closed so, in all
+    closed = 0  # how many close_after_answer has closed, in all
 
 
 _counts = _Counts()
