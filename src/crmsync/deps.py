@@ -19,7 +19,7 @@ from starlette.types import Scope
 
 from crmsync.auth.service import AuthedUser, authenticate, signed_claims
 from crmsync.config import Settings
-from crmsync.db import Connection, request_connection, request_transaction
+from crmsync.db import Connection, request_connection, request_transaction, upload_transaction
 from crmsync.errors import BadRequest, Forbidden, Unauthenticated
 from crmsync.pagination import DEFAULT_LIMIT, MAX_LIMIT, MAX_PAGE, PageRequest
 
@@ -31,6 +31,9 @@ from crmsync.pagination import DEFAULT_LIMIT, MAX_LIMIT, MAX_PAGE, PageRequest
 # commits on it.
 Conn = Annotated[Connection, Depends(request_connection, scope="function")]
 Tx = Annotated[Connection, Depends(request_transaction, scope="function")]
+# POST /calls: Tx when the upload has an Idempotency-Key, else no transaction for the one
+# statement it then is (db.upload_transaction).
+UploadTx = Annotated[Connection, Depends(upload_transaction, scope="function")]
 
 
 async def get_settings(request: Request) -> Settings:

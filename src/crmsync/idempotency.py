@@ -35,6 +35,7 @@ async def idempotent(
     `request` is (method, path, body): a repeat must send the same."""
     if key is None:
         return await produce()
+    assert conn.is_in_transaction(), "a key's claim, its work and its answer commit together"
     if not 1 <= len(key) <= MAX_KEY_LENGTH:
         raise ValidationFailed.one(
             ["header", "Idempotency-Key"], f"must be 1..{MAX_KEY_LENGTH} characters"

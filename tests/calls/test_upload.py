@@ -14,8 +14,10 @@ import asyncpg
 import httpx
 import pytest
 from prometheus_client import REGISTRY
+from starlette.requests import Request
 
 from crmsync.calls.service import INSERT_SQL
+from crmsync.db import upload_transaction
 from crmsync.idempotency import Answer, fingerprint, idempotent
 from crmsync.main import maintain
 from tests.conftest import Account, MakeUser, assert_problem, insert_sort_keys, make_app
@@ -945,12 +947,22 @@ async def test_a_key_pruned_between_its_conflict_and_its_read_is_claimed_again(
         async def execute(self, *args: Any) -> Any:
             return await self.inner.execute(*args)
 
+        def is_in_transaction(self) -> bool:
+            return self.inner.is_in_transaction()
+
     async def produce() -> Answer:
         return 200, b'{"new":true}'
 
     request = ("POST", "/calls", b"[]")
     wrapped = PrunedBeforeTheRead(conn)
-    answer = await idempotent(wrapped, user_id=user_id, key="old", request=request, produce=produce)  # type: ignore[arg-type]
+    async with conn.transaction():  # the request's, as db.upload_transaction opens it
+        answer = await idempotent(
+            wrapped,  # type: ignore[arg-type]
+            user_id=user_id,
+            key="old",
+            request=request,
+            produce=produce,
+        )
     assert wrapped.pruned
     assert answer == (200, b'{"new":true}')
     stored = await conn.fetchrow(
@@ -979,8 +991,13 @@ async def test_an_idempotency_key_reused_on_another_upload_endpoint_is_422(
     assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 1
 
 
+# With a key the upload is a transaction; without one, a single statement.
+KEYED = pytest.mark.parametrize("key", [{"Idempotency-Key": "boom"}, {}], ids=["key", "no-key"])
+
+
+@KEYED
 async def test_a_database_error_mid_batch_stores_nothing_and_no_sync_record(
-    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, key: dict[str, str]
 ) -> None:
     await conn.execute(
         """CREATE FUNCTION test_fail_on_4242() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -995,7 +1012,7 @@ async def test_a_database_error_mid_batch_stores_nothing_and_no_sync_record(
     )
     try:
         batch = [call(i) for i in range(10)] + [call(10, duration_seconds=4242), call(11)]
-        r = await upload(client, user, batch, **{"Idempotency-Key": "boom"})
+        r = await upload(client, user, batch, **key)
         assert r.status_code >= 500
         assert r.headers["content-type"].startswith("application/problem+json")
         assert await conn.fetchval("SELECT count(*) FROM call_logs") == 0
@@ -1004,8 +1021,78 @@ async def test_a_database_error_mid_batch_stores_nothing_and_no_sync_record(
     finally:
         await conn.execute("DROP TRIGGER test_fail_on_4242 ON call_logs")
         await conn.execute("DROP FUNCTION test_fail_on_4242()")
-    retry = await upload(client, user, batch, **{"Idempotency-Key": "boom"})
+    retry = await upload(client, user, batch, **key)
     assert retry.json()["inserted"] == 12
+
+
+@pytest.mark.parametrize(
+    ("headers", "in_transaction"),
+    [([(b"idempotency-key", b"k-1")], True), ([(b"idempotency-key", b"")], True), ([], False)],
+)
+async def test_an_upload_runs_in_a_transaction_only_with_an_idempotency_key(
+    conn: asyncpg.Connection, headers: list[tuple[bytes, bytes]], in_transaction: bool
+) -> None:
+    # Without a key the upload is one statement: BEGIN and COMMIT would be two round trips
+    # of five for nothing.
+    steps = upload_transaction(Request({"type": "http", "headers": headers}), conn)
+    given = await anext(steps)
+    assert given is conn and conn.is_in_transaction() is in_transaction
+    with pytest.raises(StopAsyncIteration):
+        await anext(steps)
+    assert not conn.is_in_transaction()
+
+
+@KEYED
+async def test_a_sync_record_that_cannot_be_written_stores_no_call(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, key: dict[str, str]
+) -> None:
+    # Without a key the calls and their record are one statement: it fails as a whole.
+    await conn.execute(
+        """CREATE FUNCTION test_fail_record() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN RAISE EXCEPTION 'boom'; END $$"""
+    )
+    await conn.execute(
+        "CREATE TRIGGER test_fail_record BEFORE INSERT ON sync_audit"
+        " FOR EACH ROW EXECUTE FUNCTION test_fail_record()"
+    )
+    try:
+        r = await upload(client, user, [call(0), call(1)], **key)
+        assert r.status_code >= 500
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert await conn.fetchval("SELECT count(*) FROM call_logs") == 0
+        assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0
+        assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 0
+    finally:
+        await conn.execute("DROP TRIGGER test_fail_record ON sync_audit")
+        await conn.execute("DROP FUNCTION test_fail_record()")
+
+
+@KEYED
+async def test_a_batch_of_only_rejected_calls_still_writes_its_sync_record(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, key: dict[str, str]
+) -> None:
+    r = await upload(client, user, [call(0, direction="sideways"), {}], **key)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["inserted"], body["duplicates"]) == (0, 0)
+    assert [item["index"] for item in body["rejected"]] == [0, 1]
+    record = await conn.fetchrow("SELECT id, synced_calls, details FROM sync_audit")
+    assert str(record["id"]) == body["sync_id"] and record["synced_calls"] == 0
+    assert json.loads(record["details"]) == {"inserted": 0, "duplicates": 0, "rejected": 2}
+    assert await conn.fetchval("SELECT count(*) FROM call_logs") == 0
+
+
+@KEYED
+async def test_the_sync_record_counts_duplicates_found_by_the_statement(
+    client: httpx.AsyncClient, user: Account, conn: asyncpg.Connection, key: dict[str, str]
+) -> None:
+    await upload(client, user, [call(0), call(1)])
+    r = await upload(client, user, [call(0), call(1), call(2), call(2)], **key)
+    assert (r.json()["inserted"], r.json()["duplicates"]) == (1, 3)
+    details = await conn.fetchval(
+        "SELECT details FROM sync_audit WHERE id = $1", uuid.UUID(r.json()["sync_id"])
+    )
+    assert json.loads(details) == {"inserted": 1, "duplicates": 3, "rejected": 0}
 
 
 async def test_concurrent_overlapping_uploads_never_store_a_duplicate(

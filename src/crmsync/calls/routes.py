@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Annotated
 
@@ -17,7 +18,7 @@ from crmsync.deps import (
     Page,
     RawBody,
     Route,
-    Tx,
+    UploadTx,
 )
 from crmsync.sync.service import Upload, batch_items, parse_json, upload
 from crmsync.times import Rfc3339
@@ -44,17 +45,28 @@ async def upload_calls(
     request: Request,
     body: RawBody,
     user: CurrentUser,
-    conn: Tx,
+    conn: UploadTx,
     settings: AppSettings,
     device_id: DeviceId,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     async def work() -> Upload:
+        # Outside a transaction (no Idempotency-Key) the INSERT writes the sync record too.
+        record = (
+            None
+            if conn.is_in_transaction()
+            else service.SyncRecord(device_id=device_id or None, started=time.perf_counter())
+        )
         items = batch_items(
             parse_json(body, max_items=MAX_CALLS), loc=("body",), max_items=MAX_CALLS
         )
         batch = await service.call_insert_many(
-            conn, items, user_id=user.id, is_admin=user.is_admin, region=settings.default_region
+            conn,
+            items,
+            user_id=user.id,
+            is_admin=user.is_admin,
+            region=settings.default_region,
+            record=record,
         )
         return Upload(
             synced_contacts=0,
@@ -69,6 +81,7 @@ async def upload_calls(
                 f'"duplicates":{batch.duplicates},"rejected":{batch.rejected_json}}}'
             ).encode(),
             count_metrics=lambda: service.call_count_metrics(batch),
+            sync_id=batch.sync_id,
         )
 
     uploaded = await upload(

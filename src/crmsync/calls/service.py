@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ CALL = Shape(
 # dedupe-key order, so concurrent uploads of overlapping batches wait on each other's keys
 # in one order and never deadlock. Within a key, request order: the first of repeats is
 # the one kept.
-INSERT_SQL = """
+_INSERT_CTE = """
 WITH ins AS (
     INSERT INTO call_logs AS l
         (user_id, contact_id, phone_raw, phone_normalized, direction, duration_seconds,
@@ -83,8 +84,31 @@ WITH ins AS (
     ON CONFLICT (user_id, "timestamp", coalesce(phone_normalized, phone_raw, ''), direction)
         DO NOTHING
     RETURNING 1
+)"""
+INSERT_SQL = _INSERT_CTE + "\nSELECT count(*) FROM ins"
+
+# The same INSERT writing the upload's sync record too, for an upload that is this one
+# statement (POST /calls without an Idempotency-Key: db.upload_transaction). $2 the
+# uploader, $3 the device id, $4 the calls sent to the INSERT, $5 the rejected ones, $6
+# the milliseconds the upload took before the statement.
+INSERT_RECORDED_SQL = (
+    _INSERT_CTE
+    + """, counted AS (
+    SELECT count(*)::int AS inserted FROM ins
+), record AS (
+    INSERT INTO sync_audit
+        (user_id, kind, synced_contacts, synced_calls, details, device_id, elapsed_ms)
+    SELECT $2::uuid, 'calls', 0, inserted,
+           jsonb_build_object('inserted', inserted, 'duplicates', $4::int - inserted,
+                              'rejected', $5::int),
+           $3::text,
+           round(($6::float8 + 1000 * extract(epoch FROM clock_timestamp() - statement_timestamp()))
+                 ::numeric, 1)
+    FROM counted
+    RETURNING id
 )
-SELECT count(*) FROM ins"""
+SELECT record.id, counted.inserted FROM record, counted"""
+)
 
 KNOWN_IDS_SQL = """
 SELECT (SELECT coalesce(array_agg(id), '{}') FROM users
@@ -99,6 +123,15 @@ class CallBatch:
     duplicates: int  # valid calls not stored: already there, or repeated in the batch
     rejected: int
     rejected_json: str  # JSON array text: [{"index", "errors": [{"loc", "msg", "type"}]}]
+    sync_id: uuid.UUID | None = None  # the sync record the INSERT wrote, given a SyncRecord
+
+
+@dataclass(frozen=True)
+class SyncRecord:
+    """The upload's sync record, for the calls INSERT to write in the same statement."""
+
+    device_id: str | None
+    started: float  # time.perf_counter() as the upload began
 
 
 # Calls left unlinked by a race: uploaded while their number's contact was being created
@@ -259,9 +292,12 @@ async def call_insert_many(
     is_admin: bool,
     region: str,
     loc: Loc = ("body",),
+    record: SyncRecord | None = None,
 ) -> CallBatch:
-    """Validate and store a batch of calls uploaded by `user_id`, in the caller's
-    transaction, in one INSERT. Writes no sync record."""
+    """Validate and store a batch of calls uploaded by `user_id` in one INSERT, in the
+    caller's transaction. With a `record`, that INSERT writes the upload's sync record too
+    (also when no call is left to store) and the batch carries its id: one statement, safe
+    outside a transaction."""
     loc = tuple(loc)
     indexes, calls, errors = _validate(items, loc)
     if indexes is None:
@@ -277,17 +313,32 @@ async def call_insert_many(
             conn, loc, indexes, calls, errors, named_users, named_contacts
         )
 
-    inserted = 0
-    if calls:
-        _as_stored(calls, user_id, region)
-        # One JSON parameter: orjson and PostgreSQL's JSON parser beat encoding 7 arrays.
-        inserted = await conn.fetchval(INSERT_SQL, orjson.dumps(calls).decode())
+    _as_stored(calls, user_id, region)
+    # One JSON parameter: orjson and PostgreSQL's JSON parser beat encoding 7 arrays.
+    rows = orjson.dumps(calls).decode()
+    inserted, sync_id = 0, None
+    if record is not None:
+        elapsed_ms = (time.perf_counter() - record.started) * 1000
+        written = await conn.fetchrow(
+            INSERT_RECORDED_SQL,
+            rows,
+            user_id,
+            record.device_id,
+            len(calls),
+            len(errors),
+            elapsed_ms,
+        )
+        assert written is not None
+        sync_id, inserted = written["id"], written["inserted"]
+    elif calls:
+        inserted = await conn.fetchval(INSERT_SQL, rows)
     rejected = [{"index": i, "errors": errors[i]} for i in sorted(errors)]
     return CallBatch(
         inserted=inserted,
         duplicates=len(calls) - inserted,
         rejected=len(rejected),
         rejected_json=orjson.dumps(rejected).decode(),
+        sync_id=sync_id,
     )
 
 

@@ -43,6 +43,9 @@ class Upload:
     details: dict[str, int]  # counts only (the contract's `details`)
     answer: Callable[[uuid.UUID], bytes]
     count_metrics: Callable[[], None]
+    # Its sync record, when the work wrote it in the statement that stored the batch: an
+    # upload outside a transaction is that one statement (db.upload_transaction).
+    sync_id: uuid.UUID | None = None
 
 
 # JSON values (keys counted) one batch item may hold: a call is 15, a contact 9; the rest
@@ -130,24 +133,30 @@ async def upload(
     work: Callable[[], Awaitable[Upload]],
 ) -> Uploaded:
     """How every upload (POST /contacts/batch, /calls, /sync) runs, in the request's
-    transaction: `work` stores the batch, one sync record is written beside it, and the
-    answer is kept under the Idempotency-Key. A repeat of the key gets the first answer
-    and runs nothing: no second record, nothing counted twice."""
+    transaction: `work` stores the batch, one sync record is written beside it (unless the
+    work's own statement wrote it), and the answer is kept under the Idempotency-Key. A
+    repeat of the key gets the first answer and runs nothing: no second record, nothing
+    counted twice. POST /calls without a key runs outside a transaction, as the one
+    statement that stores its batch and writes its record."""
     done: list[Upload] = []
 
     async def produce() -> Answer:
         started = time.perf_counter()
         result = await work()
-        sync_id = await _sync_record_create(
-            conn,
-            user_id=user_id,
-            kind=kind,
-            synced_contacts=result.synced_contacts,
-            synced_calls=result.synced_calls,
-            details=result.details,
-            device_id=device_id or None,  # an empty X-Device-Id is none
-            elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
-        )
+        sync_id = result.sync_id
+        if sync_id is None:
+            # A second statement: the work's and this one must commit together.
+            assert conn.is_in_transaction(), "an upload outside a transaction is one statement"
+            sync_id = await _sync_record_create(
+                conn,
+                user_id=user_id,
+                kind=kind,
+                synced_contacts=result.synced_contacts,
+                synced_calls=result.synced_calls,
+                details=result.details,
+                device_id=device_id or None,  # an empty X-Device-Id is none
+                elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
+            )
         done.append(result)
         return 200, result.answer(sync_id)
 
