@@ -991,6 +991,13 @@ async def test_an_idempotency_key_reused_on_another_upload_endpoint_is_422(
     assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 1
 
 
+async def assert_failed_and_stored_nothing(r: httpx.Response, conn: asyncpg.Connection) -> None:
+    assert r.status_code >= 500
+    assert r.headers["content-type"].startswith("application/problem+json")
+    for table in ("call_logs", "sync_audit", "idempotency_keys"):
+        assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0, table
+
+
 # With a key the upload is a transaction; without one, a single statement.
 KEYED = pytest.mark.parametrize("key", [{"Idempotency-Key": "boom"}, {}], ids=["key", "no-key"])
 
@@ -1013,11 +1020,7 @@ async def test_a_database_error_mid_batch_stores_nothing_and_no_sync_record(
     try:
         batch = [call(i) for i in range(10)] + [call(10, duration_seconds=4242), call(11)]
         r = await upload(client, user, batch, **key)
-        assert r.status_code >= 500
-        assert r.headers["content-type"].startswith("application/problem+json")
-        assert await conn.fetchval("SELECT count(*) FROM call_logs") == 0
-        assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0
-        assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 0
+        await assert_failed_and_stored_nothing(r, conn)
     finally:
         await conn.execute("DROP TRIGGER test_fail_on_4242 ON call_logs")
         await conn.execute("DROP FUNCTION test_fail_on_4242()")
@@ -1057,11 +1060,7 @@ async def test_a_sync_record_that_cannot_be_written_stores_no_call(
     )
     try:
         r = await upload(client, user, [call(0), call(1)], **key)
-        assert r.status_code >= 500
-        assert r.headers["content-type"].startswith("application/problem+json")
-        assert await conn.fetchval("SELECT count(*) FROM call_logs") == 0
-        assert await conn.fetchval("SELECT count(*) FROM sync_audit") == 0
-        assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 0
+        await assert_failed_and_stored_nothing(r, conn)
     finally:
         await conn.execute("DROP TRIGGER test_fail_record ON sync_audit")
         await conn.execute("DROP FUNCTION test_fail_record()")
