@@ -87,10 +87,10 @@ WITH ins AS (
 )"""
 INSERT_SQL = _INSERT_CTE + "\nSELECT count(*) FROM ins"
 
-# The same INSERT writing the upload's sync record too, for an upload that is this one
-# statement (POST /calls without an Idempotency-Key: db.upload_transaction). $2 the
-# uploader, $3 the device id, $4 the calls sent to the INSERT, $5 the rejected ones, $6
-# the milliseconds the upload took before the statement.
+# The same INSERT writing the upload's sync record too (POST /calls): without an
+# Idempotency-Key the whole upload is this one statement, outside a transaction
+# (db.upload_transaction). $2 the uploader, $3 the device id, $4 the calls sent to the
+# INSERT, $5 the rejected ones, $6 the milliseconds the upload took before the statement.
 INSERT_RECORDED_SQL = (
     _INSERT_CTE
     + """, counted AS (
