@@ -20,8 +20,7 @@ from crmsync import balance
 from crmsync.middleware import ProblemHttpProtocol
 from tests.conftest import free_port
 from tests.conftest import serving as serving_in_a_thread
-from tests.test_cli import clean_env, serving
-from tests.test_metrics import _children, _is_worker
+from tests.test_metrics import environ_of, two_workers, workers_of
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -213,20 +212,11 @@ def test_a_worker_over_its_share_answers_then_closes(served: int) -> None:
 def test_two_workers_publish_their_connection_counts(
     tmp_path: Path, make_database: Callable[[str], Awaitable[str]]
 ) -> None:
-    url = asyncio.run(make_database(f"crmsync_balance_{os.getpid()}"))
-    env = clean_env(
-        CRMSYNC_DATABASE_URL=url,
-        CRMSYNC_JWT_SECRET="b" * 40,
-        CRMSYNC_POOL_MIN_SIZE="1",
-        CRMSYNC_POOL_MAX_SIZE="2",
-    )
-    with serving("--workers", "2", env=env, cwd=tmp_path) as (process, base):
+    with two_workers(tmp_path, make_database, 2) as (process, base):
         port = int(base.rsplit(":", 1)[1])
-        workers = [pid for pid in _children(process.pid) if _is_worker(pid)]
+        workers = workers_of(process)
         assert len(workers) == 2, workers
-        environ = Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0")
-        value = next(v for v in environ if v.startswith(b"CRMSYNC_SERVE_WORKERS_DIR="))
-        directory = Path(value.partition(b"=")[2].decode())
+        directory = Path(environ_of(workers[0], "CRMSYNC_SERVE_WORKERS_DIR"))
         files = [directory / f"connections-{pid}" for pid in workers]
 
         def counts() -> list[int]:

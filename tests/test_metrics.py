@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -252,18 +252,42 @@ async def test_metrics_without_a_configured_token_are_for_admins(
     assert (await client.get("/metrics", headers=admin.headers)).status_code == 200
 
 
-def test_metrics_total_across_two_workers(
-    tmp_path: Path, make_database: Callable[[str], Awaitable[str]]
-) -> None:
-    url = asyncio.run(make_database(f"crmsync_workers_{os.getpid()}"))
+@contextlib.contextmanager
+def two_workers(
+    tmp_path: Path, make_database: Callable[[str], Awaitable[str]], pool: int, **settings: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`crmsync serve --workers 2` on a database of its own, `pool` connections a worker."""
+    url = asyncio.run(make_database(f"crmsync_workers_{uuid.uuid4().hex[:8]}"))
     env = clean_env(
         CRMSYNC_DATABASE_URL=url,
         CRMSYNC_JWT_SECRET="w" * 40,
         CRMSYNC_POOL_MIN_SIZE="1",
-        CRMSYNC_POOL_MAX_SIZE="3",
-        CRMSYNC_METRICS_TOKEN=METRICS_TOKEN,
+        CRMSYNC_POOL_MAX_SIZE=str(pool),
+        **settings,
     )
-    with serving("--workers", "2", env=env, cwd=tmp_path) as (process, base):
+    with serving("--workers", "2", env=env, cwd=tmp_path) as served:
+        yield served
+
+
+def workers_of(process: subprocess.Popen[bytes]) -> list[int]:
+    return [pid for pid in _children(process.pid) if _is_worker(pid)]
+
+
+def environ_of(pid: int, name: str) -> str:
+    """The value of one variable in a process's environment."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return (
+        next(v for v in environ if v.startswith(name.encode() + b"=")).partition(b"=")[2].decode()
+    )
+
+
+def test_metrics_total_across_two_workers(
+    tmp_path: Path, make_database: Callable[[str], Awaitable[str]]
+) -> None:
+    with two_workers(tmp_path, make_database, 3, CRMSYNC_METRICS_TOKEN=METRICS_TOKEN) as (
+        process,
+        base,
+    ):
         n = 40
         for _ in range(n):  # a new connection each time, so both workers take some
             assert httpx.get(base + "/readyz", headers={"Connection": "close"}).status_code == 200
@@ -272,16 +296,15 @@ def test_metrics_total_across_two_workers(
         ]
         # A worker killed outright is replaced by uvicorn: its live gauges (pool sizes) go
         # with it, what it counted stays.
-        workers = [pid for pid in _children(process.pid) if _is_worker(pid)]
+        workers = workers_of(process)
         assert len(workers) == 2, workers
         os.kill(workers[0], signal.SIGKILL)
         deadline = time.monotonic() + 60
-        while not (new := [p for p in _children(process.pid) if _is_worker(p) and p != workers[1]]):
+        while not (new := [p for p in workers_of(process) if p != workers[1]]):
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        environ = Path(f"/proc/{new[0]}/environ").read_bytes().split(b"\0")
-        metrics_dir = next(v for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
-        gauges = Path(metrics_dir.partition(b"=")[2].decode()) / f"gauge_livesum_{new[0]}.db"
+        metrics_dir = environ_of(new[0], "PROMETHEUS_MULTIPROC_DIR")
+        gauges = Path(metrics_dir) / f"gauge_livesum_{new[0]}.db"
         while _pool_max_in(gauges, tmp_path) != 3:  # the new worker's pool is open
             assert time.monotonic() < deadline
             time.sleep(0.1)
